@@ -1,0 +1,181 @@
+"""Static model configuration read from GGUF metadata, one reader per architecture family.
+
+The config is a frozen dataclass: hashable, so it is a static argument of every jitted step, and every field the
+forward pass branches on is decided here, from the file, not at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
+
+from imp_jax.errors import UnsupportedModel
+
+LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]
+QWEN2 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]
+QWEN3 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3]
+GEMMA3 = MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer kind. ``neox`` pairs dims (i, i+d/2); otherwise adjacent pairs (2i, 2i+1),
+    which is what llama.cpp's converter prepares llama Q/K weights for by permuting their rows."""
+
+    base: float
+    dim: int
+    neox: bool
+    scaling: str = "none"  # none | linear | llama3 (freq factors tensor) | yarn
+    factor: float = 1.0
+    original_context: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope: RopeConfig
+    # Per-layer attention window (0 = global) and, for layers with a window, their own rope (Gemma-3 local layers).
+    layer_window: tuple[int, ...]
+    rope_local: RopeConfig | None = None
+    attn_scale: float = 0.0
+    embed_scale: float = 1.0
+    final_softcap: float = 0.0
+    attn_softcap: float = 0.0
+    activation: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU)
+    post_norms: bool = False  # Gemma: norms after attention and after the MLP too
+    tied_output: bool = False
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return tuple("local" if w else "global" for w in self.layer_window)
+
+    @property
+    def n_rep(self) -> int:
+        return self.n_head // self.n_head_kv
+
+
+def _get(meta: Mapping[str, Any], key: str, arch: str, default: Any = None, *, required: bool = False) -> Any:
+    name = key.format(arch=arch)
+    if name in meta:
+        return meta[name]
+    if required:
+        raise UnsupportedModel(f"GGUF metadata lacks '{name}', which a {arch} model needs")
+    return default
+
+
+def _scalar(value: Any) -> Any:
+    """Per-layer arrays (some files store head counts per layer) collapse to one value when uniform."""
+    if hasattr(value, "__len__") and not isinstance(value, str):
+        values = set(int(v) for v in value)
+        if len(values) != 1:
+            raise UnsupportedModel(f"per-layer values {sorted(values)} that differ are not supported here")
+        return values.pop()
+    return value
+
+
+def _base(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> dict[str, Any]:
+    n_embd = int(_get(meta, Keys.LLM.EMBEDDING_LENGTH, arch, required=True))
+    n_head = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT, arch, required=True)))
+    n_head_kv = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT_KV, arch, n_head)))
+    head_dim = int(_get(meta, Keys.Attention.KEY_LENGTH, arch, n_embd // n_head))
+    n_layers = int(_get(meta, Keys.LLM.BLOCK_COUNT, arch, required=True))
+    vocab = _get(meta, Keys.LLM.VOCAB_SIZE, arch) or len(meta.get(Keys.Tokenizer.LIST, ()))
+    if not vocab:
+        raise UnsupportedModel(f"cannot tell the vocabulary size of this {arch} model")
+    if n_head % n_head_kv:
+        raise UnsupportedModel(f"{n_head} query heads are not a multiple of {n_head_kv} key/value heads")
+    scaling = str(_get(meta, Keys.Rope.SCALING_TYPE, arch, "none"))
+    if "rope_freqs.weight" in tensor_names:
+        scaling = "llama3"
+    if scaling not in ("none", "linear", "llama3"):
+        raise UnsupportedModel(f"rope scaling '{scaling}' is not supported for {arch} yet")
+    rope = RopeConfig(
+        base=float(_get(meta, Keys.Rope.FREQ_BASE, arch, 10000.0)),
+        dim=int(_get(meta, Keys.Rope.DIMENSION_COUNT, arch, head_dim)),
+        neox=arch != LLAMA,
+        scaling=scaling,
+        factor=float(_get(meta, Keys.Rope.SCALING_FACTOR, arch, 1.0) or 1.0),
+        original_context=int(_get(meta, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, 0) or 0),
+    )
+    return dict(
+        arch=arch,
+        n_layers=n_layers,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=int(_scalar(_get(meta, Keys.LLM.FEED_FORWARD_LENGTH, arch, required=True))),
+        vocab_size=int(vocab),
+        context_length=int(_get(meta, Keys.LLM.CONTEXT_LENGTH, arch, 4096)),
+        rms_eps=float(_get(meta, Keys.Attention.LAYERNORM_RMS_EPS, arch, 1e-6)),
+        rope=rope,
+        layer_window=(0,) * n_layers,
+        attn_scale=float(_get(meta, Keys.Attention.SCALE, arch, 0.0) or 1.0 / math.sqrt(head_dim)),
+        final_softcap=float(_get(meta, Keys.LLM.FINAL_LOGIT_SOFTCAPPING, arch, 0.0) or 0.0),
+        attn_softcap=float(_get(meta, Keys.LLM.ATTN_LOGIT_SOFTCAPPING, arch, 0.0) or 0.0),
+        tied_output="output.weight" not in tensor_names,
+    )
+
+
+def _dense(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
+    return ModelConfig(**_base(meta, arch, tensor_names))
+
+
+def _gemma3(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
+    """Gemma-3: sliding-window layers with every 6th layer global unless the file says otherwise; local layers use
+    rope base 10000 without scaling (as llama.cpp does); embeddings scaled by sqrt(n_embd); GeGLU; four norms."""
+    base = _base(meta, arch, tensor_names)
+    n_layers = base["n_layers"]
+    window = int(_get(meta, Keys.Attention.SLIDING_WINDOW, arch, 0) or 0)
+    pattern = _get(meta, Keys.Attention.SLIDING_WINDOW_PATTERN, arch)
+    if pattern is None:
+        is_local = [i % 6 < 5 for i in range(n_layers)]
+    elif hasattr(pattern, "__len__"):
+        is_local = [bool(p) for p in pattern]
+    else:
+        is_local = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n_layers)]
+    base_swa = float(_get(meta, Keys.Rope.FREQ_BASE_SWA, arch, 10000.0))
+    base.update(
+        layer_window=tuple(window if (loc and window) else 0 for loc in is_local),
+        rope_local=dataclasses.replace(base["rope"], base=base_swa, scaling="none", factor=1.0),
+        embed_scale=math.sqrt(base["n_embd"]),
+        activation="gelu_tanh",
+        post_norms=True,
+    )
+    return ModelConfig(**base)
+
+
+_READERS: dict[str, Callable[[Mapping[str, Any], str, frozenset[str]], ModelConfig]] = {
+    LLAMA: _dense,
+    QWEN2: _dense,
+    QWEN3: _dense,
+    GEMMA3: _gemma3,
+}
+
+
+def supported_architectures() -> tuple[str, ...]:
+    return tuple(_READERS)
+
+
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str] | set[str]) -> ModelConfig:
+    """ModelConfig for a file's metadata; UnsupportedModel names the architecture when there is no reader."""
+    arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
+    reader = _READERS.get(arch)
+    if reader is None:
+        raise UnsupportedModel(
+            f"architecture '{arch or '(missing)'}' is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    return reader(meta, arch, frozenset(tensor_names))

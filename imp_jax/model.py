@@ -1,0 +1,208 @@
+"""The public Python surface: ``load``, ``Model``, ``generate`` and ``Generation`` (API contract)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax import engine, registry
+from imp_jax.chat import render_chat
+from imp_jax.config import ModelConfig, config_from_gguf
+from imp_jax.errors import ContextOverflow, ImpError
+from imp_jax.gguf.reader import ModelFile, open_gguf
+from imp_jax.params import TensorSpec, load_params, param_specs
+from imp_jax.sampling import SamplingParams
+from imp_jax.tokenizer import Tokenizer
+
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    timings: engine.Timings
+
+
+class Model:
+    """A loaded model: config, weights on the device, tokenizer and chat template."""
+
+    def __init__(self, file: ModelFile, config: ModelConfig, params: Any, tokenizer: Tokenizer, *, dtype: str,
+                 max_context: int, batch: int):
+        self.file = file
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.max_context = max_context
+        self.batch = batch
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({self.file.path.name}: {c.arch}, {c.n_layers} layers, n_embd {c.n_embd}, "
+                f"dtype {self.dtype}, max_context {self.max_context})")
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation rendered with the GGUF's own template (ChatML when the file has none)."""
+        tok = self.tokenizer
+        return render_chat(
+            self.file.metadata.get("tokenizer.chat_template"),
+            list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else "",
+            eos_token=tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else "",
+            **kwargs,
+        )
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """[len(token_ids), vocab] f32: one causal forward of the whole sequence from an empty cache."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids)
+        logits, _ = engine.run_prefill(self.params, self.config, ids, engine.bucket(len(ids), self.max_context),
+                                       jnp.dtype(self.dtype), all_logits=True)
+        return np.asarray(logits[0, : len(ids)], np.float32)
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ImpError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(ids) > self.max_context:
+            raise ContextOverflow(f"{len(ids)} tokens do not fit the context of {self.max_context}; "
+                                  f"load with a larger max_context (the model allows {self.config.context_length})")
+
+
+def _parse_dtype(dtype: str) -> str:
+    name = str(jnp.dtype(dtype)) if dtype not in DTYPES else dtype
+    if name not in DTYPES:
+        raise ImpError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def open_model_file(path_or_name: str | os.PathLike[str]) -> ModelFile:
+    return open_gguf(registry.resolve(path_or_name))
+
+
+def load(path_or_name: str | os.PathLike[str], *, dtype: str = "bfloat16", max_context: int = 4096,
+         batch: int = 1, device_memory: int | str | None = None, progress: bool | None = None) -> Model:
+    """Open, validate and plan a model, then put its weights on the device.
+
+    ``path_or_name`` is a .gguf path or a registry name. ``max_context`` is capped at the model's own context.
+    """
+    dtype = _parse_dtype(dtype)
+    mf = open_model_file(path_or_name)
+    config = config_from_gguf(mf.metadata, set(mf.tensors))
+    tokenizer = Tokenizer.from_metadata(mf.metadata)
+    if max_context < 1 or batch < 1:
+        raise ImpError(f"max_context ({max_context}) and batch ({batch}) must be positive")
+    max_context = min(int(max_context), config.context_length)
+    specs = param_specs(mf, config, dtype)
+    params = load_params(mf, config, specs, on_leaf=_progress(mf, specs, progress))
+    return Model(mf, config, params, tokenizer, dtype=dtype, max_context=max_context, batch=batch)
+
+
+def _progress(mf: ModelFile, specs: Any, show: bool | None):
+    """A rich progress bar over weight bytes for loads long enough to want one."""
+    import jax
+
+    from imp_jax.params import is_spec
+
+    leaves = jax.tree.leaves(specs, is_leaf=is_spec)
+    total = sum(s.nbytes for s in leaves if isinstance(s, TensorSpec))
+    if show is None:
+        show = total > 512 * 2**20 and os.isatty(2)
+    if not show:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress("loading", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+    task = bar.add_task(mf.path.name, total=total)
+    bar.start()
+    done = {"n": 0}
+
+    def on_leaf(spec: TensorSpec) -> None:
+        bar.advance(task, spec.nbytes)
+        done["n"] += 1
+        if done["n"] == len(leaves):
+            bar.stop()
+
+    return on_leaf
+
+
+def generate(model: Model, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
+             seed: int | None = None, stop: Sequence[str] = (), stream: bool = False):
+    """Generate a continuation. Returns a Generation, or with stream=True an iterator of text pieces whose join
+    equals the final text. temperature=0 is greedy and bitwise deterministic."""
+    ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    model._check_ids(ids)
+    if max_tokens < 0:
+        raise ImpError(f"max_tokens must be >= 0, got {max_tokens}")
+    sp = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    sp.validate()
+    run = _Run(model, ids, sp, max_tokens, tuple(s for s in stop if s))
+    if stream:
+        return run.pieces()
+    for _ in run.pieces():
+        pass
+    return run.result()
+
+
+class _Run:
+    """One generation: drives the token stream, detokenizes incrementally, applies EOS and stop strings."""
+
+    def __init__(self, model: Model, ids: list[int], sp: SamplingParams, max_tokens: int, stop: tuple[str, ...]):
+        self.model, self.ids, self.sp, self.max_tokens, self.stop = model, ids, sp, max_tokens, stop
+        self.out_ids: list[int] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.times: dict[str, float] = {"prefill_s": 0.0, "decode_s": 0.0}
+
+    def pieces(self) -> Iterator[str]:
+        m = self.model
+        if self.max_tokens == 0:
+            return
+        decoder = m.tokenizer.stream()
+        emitted = 0
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        tokens = engine.token_stream(m.params, m.config, self.ids, m.max_context, jnp.dtype(m.dtype), self.sp,
+                                     self.max_tokens, self.times)
+        cut = None
+        for tok in tokens:
+            if tok in m.tokenizer.eos_ids:
+                self.finish_reason = "stop"
+                break
+            self.out_ids.append(tok)
+            self.text += decoder.feed(tok)
+            cut = self._stop_at()
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                break
+            safe = len(self.text) - hold
+            if safe > emitted:
+                yield self.text[emitted:safe]
+                emitted = safe
+        tokens.close()
+        if cut is None:
+            self.text += decoder.flush()
+        if len(self.text) > emitted:
+            yield self.text[emitted:]
+
+    def _stop_at(self) -> int | None:
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def result(self) -> Generation:
+        timings = engine.Timings(len(self.ids), len(self.out_ids), self.times["prefill_s"], self.times["decode_s"])
+        return Generation(self.text, self.out_ids, self.finish_reason, timings)

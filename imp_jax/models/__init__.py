@@ -1,0 +1,1 @@
+"""Pure forward functions of the supported model families."""

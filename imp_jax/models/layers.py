@@ -1,0 +1,57 @@
+"""Building blocks shared by every family: norms, rotary embeddings, gated MLPs. All pure jnp."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax import ops
+from imp_jax.config import RopeConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm in f32 (DESIGN rule 2); llama.cpp files already store zero-centred weights as w+1."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """Inverse frequencies [dim/2] in float64 on the host; the scaling kind folds in here, not at trace time."""
+    inv = 1.0 / rope.base ** (np.arange(0, rope.dim, 2, dtype=np.float64) / rope.dim)
+    if rope.scaling == "linear":
+        inv = inv / rope.factor
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, np.float64)
+    return inv
+
+
+def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: jax.Array, neox: bool) -> jax.Array:
+    """Rotate the first len(inv_freq)*2 dims of each head of x [B, T, H, D] at positions pos [B, T]."""
+    rot = inv_freq.shape[-1] * 2
+    ang = pos.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [B, T, rot/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    xr, rest = xf[..., :rot], xf[..., rot:]
+    if neox:
+        a, b = xr[..., : rot // 2], xr[..., rot // 2 :]
+        out = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(xr.shape)
+    return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
+
+
+def gated_mlp(x: jax.Array, w_gate, w_up, w_down, activation: str) -> jax.Array:
+    """SwiGLU (silu) or GeGLU (tanh-approximated gelu) feed-forward."""
+    g = ops.matmul(x, w_gate).astype(jnp.float32)
+    u = ops.matmul(x, w_up).astype(jnp.float32)
+    act = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=True)
+    return ops.matmul((act * u).astype(x.dtype), w_down)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    return cap * jnp.tanh(x / cap) if cap else x

@@ -75,8 +75,15 @@ def _sample_into(logits, state: DecodeState, p, greedy: bool, penalty: bool) -> 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "penalty"), donate_argnames=("cache", "state"))
 def decode_step(params: Transformer, cfg: ModelConfig, cache: KVCache, state: DecodeState, p, *, greedy, penalty):
     """Feed the last sampled token at its position; sample the next one. Returns (state, cache)."""
-    logits, cache = forward(params, cfg, state.token[:, None], state.pos[:, None], cache, decode=True,
-                            logits_at=jnp.zeros_like(state.token))
+    logits, cache = forward(
+        params,
+        cfg,
+        state.token[:, None],
+        state.pos[:, None],
+        cache,
+        decode=True,
+        logits_at=jnp.zeros_like(state.token),
+    )
     return _sample_into(logits[:, 0], state, p, greedy, penalty), cache
 
 
@@ -102,8 +109,10 @@ def run_prefill(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtyp
     if n == 0:
         raise ImpError("the prompt is empty: give at least one token")
     if n > max_len:
-        raise ContextOverflow(f"the prompt has {n} tokens but the context holds {max_len}; "
-                              f"shorten it or load the model with a larger max_context")
+        raise ContextOverflow(
+            f"the prompt has {n} tokens but the context holds {max_len}; "
+            f"shorten it or load the model with a larger max_context"
+        )
     t = bucket(n, max_len)
     tokens = np.zeros((1, t), np.int32)
     tokens[0, :n] = ids
@@ -111,8 +120,16 @@ def run_prefill(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtyp
     return prefill_step(params, cfg, jnp.asarray(tokens), jnp.asarray([n], jnp.int32), cache, all_logits=all_logits)
 
 
-def token_stream(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtype, sp: sampling.SamplingParams,
-                 max_new: int, timings: dict) -> Iterator[int]:
+def token_stream(
+    params,
+    cfg: ModelConfig,
+    ids: Sequence[int],
+    max_len: int,
+    dtype,
+    sp: sampling.SamplingParams,
+    max_new: int,
+    timings: dict,
+) -> Iterator[int]:
     """Yield generated token ids one by one (the caller stops iterating at EOS or a stop string).
 
     Records prefill and decode wall times into ``timings``.
@@ -127,8 +144,12 @@ def token_stream(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dty
     if tail:
         recent[0, -len(tail) :] = tail
     seed = sp.seed if sp.seed is not None else int.from_bytes(np.random.default_rng().bytes(4), "little")
-    state = DecodeState(jnp.zeros((1,), jnp.int32), jnp.asarray([len(ids) - 1], jnp.int32), jnp.asarray(recent),
-                        jax.random.key(seed))
+    state = DecodeState(
+        jnp.zeros((1,), jnp.int32),
+        jnp.asarray([len(ids) - 1], jnp.int32),
+        jnp.asarray(recent),
+        jax.random.key(seed),
+    )
     state = first_token(logits, state, p, greedy=greedy, penalty=penalty)
     token = int(state.token[0])
     timings["prefill_s"] = time.perf_counter() - t0

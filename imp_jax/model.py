@@ -11,11 +11,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine, registry
+from imp_jax import engine
 from imp_jax.chat import render_chat
 from imp_jax.config import ModelConfig, config_from_gguf
 from imp_jax.errors import ContextOverflow, ImpError
-from imp_jax.gguf.reader import ModelFile, open_gguf
+from imp_jax.files import open_model_file
+from imp_jax.gguf.reader import ModelFile
 from imp_jax.params import TensorSpec, load_params, param_specs
 from imp_jax.sampling import SamplingParams
 from imp_jax.tokenizer import Tokenizer
@@ -34,8 +35,17 @@ class Generation:
 class Model:
     """A loaded model: config, weights on the device, tokenizer and chat template."""
 
-    def __init__(self, file: ModelFile, config: ModelConfig, params: Any, tokenizer: Tokenizer, *, dtype: str,
-                 max_context: int, batch: int):
+    def __init__(
+        self,
+        file: ModelFile,
+        config: ModelConfig,
+        params: Any,
+        tokenizer: Tokenizer,
+        *,
+        dtype: str,
+        max_context: int,
+        batch: int,
+    ):
         self.file = file
         self.config = config
         self.params = params
@@ -46,8 +56,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({self.file.path.name}: {c.arch}, {c.n_layers} layers, n_embd {c.n_embd}, "
-                f"dtype {self.dtype}, max_context {self.max_context})")
+        return (
+            f"Model({self.file.path.name}: {c.arch}, {c.n_layers} layers, n_embd {c.n_embd}, "
+            f"dtype {self.dtype}, max_context {self.max_context})"
+        )
 
     @property
     def path(self) -> Path:
@@ -69,8 +81,14 @@ class Model:
         """[len(token_ids), vocab] f32: one causal forward of the whole sequence from an empty cache."""
         ids = [int(t) for t in token_ids]
         self._check_ids(ids)
-        logits, _ = engine.run_prefill(self.params, self.config, ids, engine.bucket(len(ids), self.max_context),
-                                       jnp.dtype(self.dtype), all_logits=True)
+        logits, _ = engine.run_prefill(
+            self.params,
+            self.config,
+            ids,
+            engine.bucket(len(ids), self.max_context),
+            jnp.dtype(self.dtype),
+            all_logits=True,
+        )
         return np.asarray(logits[0, : len(ids)], np.float32)
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -78,8 +96,10 @@ class Model:
         if bad:
             raise ImpError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         if len(ids) > self.max_context:
-            raise ContextOverflow(f"{len(ids)} tokens do not fit the context of {self.max_context}; "
-                                  f"load with a larger max_context (the model allows {self.config.context_length})")
+            raise ContextOverflow(
+                f"{len(ids)} tokens do not fit the context of {self.max_context}; "
+                f"load with a larger max_context (the model allows {self.config.context_length})"
+            )
 
 
 def _parse_dtype(dtype: str) -> str:
@@ -89,12 +109,15 @@ def _parse_dtype(dtype: str) -> str:
     return name
 
 
-def open_model_file(path_or_name: str | os.PathLike[str]) -> ModelFile:
-    return open_gguf(registry.resolve(path_or_name))
-
-
-def load(path_or_name: str | os.PathLike[str], *, dtype: str = "bfloat16", max_context: int = 4096,
-         batch: int = 1, device_memory: int | str | None = None, progress: bool | None = None) -> Model:
+def load(
+    path_or_name: str | os.PathLike[str],
+    *,
+    dtype: str = "bfloat16",
+    max_context: int = 4096,
+    batch: int = 1,
+    device_memory: int | str | None = None,
+    progress: bool | None = None,
+) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
     ``path_or_name`` is a .gguf path or a registry name. ``max_context`` is capped at the model's own context.
@@ -139,9 +162,20 @@ def _progress(mf: ModelFile, specs: Any, show: bool | None):
     return on_leaf
 
 
-def generate(model: Model, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
-             seed: int | None = None, stop: Sequence[str] = (), stream: bool = False):
+def generate(
+    model: Model,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repeat_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stream: bool = False,
+):
     """Generate a continuation. Returns a Generation, or with stream=True an iterator of text pieces whose join
     equals the final text. temperature=0 is greedy and bitwise deterministic."""
     ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -175,8 +209,16 @@ class _Run:
         decoder = m.tokenizer.stream()
         emitted = 0
         hold = max((len(s) for s in self.stop), default=1) - 1
-        tokens = engine.token_stream(m.params, m.config, self.ids, m.max_context, jnp.dtype(m.dtype), self.sp,
-                                     self.max_tokens, self.times)
+        tokens = engine.token_stream(
+            m.params,
+            m.config,
+            self.ids,
+            m.max_context,
+            jnp.dtype(m.dtype),
+            self.sp,
+            self.max_tokens,
+            self.times,
+        )
         cut = None
         for tok in tokens:
             if tok in m.tokenizer.eos_ids:

@@ -140,8 +140,11 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Transfor
     _require(mf, tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight"))
     embed = _spec(mf, [embed_name], compute_dtype, stacked=False)
     if embed.shape != (cfg.vocab_size, cfg.n_embd):
-        raise GGUFError(mf.path, f"shape {embed.shape} does not match vocab {cfg.vocab_size} x n_embd {cfg.n_embd}",
-                        tensor=embed_name)
+        raise GGUFError(
+            mf.path,
+            f"shape {embed.shape} does not match vocab {cfg.vocab_size} x n_embd {cfg.n_embd}",
+            tensor=embed_name,
+        )
     out_name = tensor_name(MODEL_TENSOR.OUTPUT, "weight")
     _check_block_shapes(mf, cfg)
     return Transformer(
@@ -149,8 +152,13 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Transfor
         segments=tuple(segments),
         output_norm=_spec(mf, [tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight")], compute_dtype, stacked=False),
         output=_spec(mf, [out_name], compute_dtype, stacked=False) if out_name in mf.tensors else None,
-        inv_freq=TensorSpec(("<rope>",), int(GGMLQuantizationType.F32),
-                            (cfg.n_layers, max(cfg.rope.dim, 2) // 2), "float32", stacked=False),
+        inv_freq=TensorSpec(
+            ("<rope>",),
+            int(GGMLQuantizationType.F32),
+            (cfg.n_layers, max(cfg.rope.dim, 2) // 2),
+            "float32",
+            stacked=False,
+        ),
     )
 
 
@@ -171,8 +179,11 @@ def _check_block_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
         for kind, shape in expected.items():
             name = tensor_name(kind, "weight", layer)
             if mf.tensors[name].shape != shape:
-                raise GGUFError(mf.path, f"shape {mf.tensors[name].shape}, expected {shape} from the metadata",
-                                tensor=name)
+                raise GGUFError(
+                    mf.path,
+                    f"shape {mf.tensors[name].shape}, expected {shape} from the metadata",
+                    tensor=name,
+                )
 
 
 def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
@@ -213,8 +224,7 @@ def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | 
 def abstract_leaf(spec: TensorSpec) -> QTensor | jax.ShapeDtypeStruct:
     """The ShapeDtypeStruct twin of ``materialize``: no bytes are read, nothing touches the device."""
     if spec.dtype is None:
-        data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),),
-                                    jnp.uint8)
+        data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),), jnp.uint8)
         scale = jax.ShapeDtypeStruct(spec.stack, jnp.float32) if spec.scale_names else None
         return QTensor(data, scale, spec.qtype, spec.shape)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
@@ -228,7 +238,9 @@ def map_specs(fn: Callable[[TensorSpec], object], specs: Transformer) -> Transfo
     return jax.tree.map(fn, specs, is_leaf=is_spec)
 
 
-def load_params(mf: ModelFile, cfg: ModelConfig, specs: Transformer, on_leaf: Callable[[TensorSpec], None] | None = None):
+def load_params(
+    mf: ModelFile, cfg: ModelConfig, specs: Transformer, on_leaf: Callable[[TensorSpec], None] | None = None
+):
     """Read every leaf from the memmap and put it on the device (``on_leaf`` reports progress)."""
 
     def load(spec: TensorSpec):

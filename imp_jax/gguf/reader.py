@@ -37,8 +37,10 @@ class _CheckedReader(GGUFReader):
         count = int(count)
         end = offset + np.dtype(dtype).itemsize * count
         if count < 0 or end > len(self.data):
-            raise _Corrupt(f"header ends early: a read of {end - offset} bytes at offset {offset} runs past the "
-                           f"end of the file ({len(self.data)} bytes)")
+            raise _Corrupt(
+                f"header ends early: a read of {end - offset} bytes at offset {offset} runs past the "
+                f"end of the file ({len(self.data)} bytes)"
+            )
         return super()._get(offset, dtype, count, override_order)
 
     def _check_count(self, count: int, offset: int, min_bytes: int, what: str) -> None:
@@ -222,16 +224,20 @@ def _tensor_table(path: Path, reader: _CheckedReader) -> dict[str, TensorInfo]:
         if any(d <= 0 for d in ne) or any(d >= 2**40 for d in ne):
             raise GGUFError(path, f"invalid dimensions {ne}", tensor=name)
         if ne[0] % block:
-            raise GGUFError(path, f"row length {ne[0]} is not a multiple of {qtype.name}'s block of {block}",
-                            tensor=name)
+            raise GGUFError(
+                path, f"row length {ne[0]} is not a multiple of {qtype.name}'s block of {block}", tensor=name
+            )
         n_elements = int(np.prod(ne, dtype=object))
         nbytes = n_elements // block * type_size
         start = int(reader.data_offset) + int(rel_offset[0])
         if int(rel_offset[0]) % alignment:
-            raise GGUFError(path, f"data offset {int(rel_offset[0])} is not aligned to {alignment} bytes",
-                            tensor=name)
+            raise GGUFError(path, f"data offset {int(rel_offset[0])} is not aligned to {alignment} bytes", tensor=name)
         if start + nbytes > size:
-            raise GGUFError(path, f"data [{start}, {start + nbytes}) runs past the end of the file ({size} bytes):"
-                            " the file is truncated or corrupt", tensor=name)
+            raise GGUFError(
+                path,
+                f"data [{start}, {start + nbytes}) runs past the end of the file ({size} bytes):"
+                " the file is truncated or corrupt",
+                tensor=name,
+            )
         tensors[name] = TensorInfo(name, int(qtype), tuple(reversed(ne)), start, nbytes)
     return tensors

@@ -1,0 +1,152 @@
+"""The ``imp-jax`` command line. Every ImpError becomes one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from imp_jax.errors import ImpError
+
+
+def _cmd_pull(args: argparse.Namespace) -> None:
+    from imp_jax import registry
+
+    print(registry.fetch(args.name, progress=True))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from imp_jax.files import open_model_file
+    from imp_jax.inspect import summarize
+
+    summary = summarize(open_model_file(args.model))
+    width = max(len(k) for k, _ in summary.rows())
+    for key, value in summary.rows():
+        print(f"{key:<{width}}  {value}")
+
+
+def _load(args: argparse.Namespace):
+    import imp_jax
+
+    return imp_jax.load(args.model, dtype=args.dtype, max_context=args.context)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import imp_jax
+
+    model = _load(args)
+    pieces = imp_jax.generate(model, args.prompt, stream=True, **_sampling(args))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    import imp_jax
+
+    model = _load(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"chatting with {model.path.name} (empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = model.chat_template(messages, add_generation_prompt=True)
+        ids = model.tokenizer.encode(prompt, add_special=False)
+        reply = []
+        for piece in imp_jax.generate(model, ids, stream=True, **_sampling(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_model(p: argparse.ArgumentParser, *, required: bool) -> None:
+    from imp_jax.registry import DEFAULT_MODEL
+
+    if required:
+        p.add_argument("--model", "-m", required=True, help="a .gguf path or a registry name")
+    else:
+        p.add_argument(
+            "--model",
+            "-m",
+            default=DEFAULT_MODEL,
+            help=f"a .gguf path or a registry name (default {DEFAULT_MODEL})",
+        )
+
+
+def _add_generation(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--context", type=int, default=4096, help="max context (prompt + generated tokens)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imp-jax", description="Run GGUF language models on JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a registry model into the cache and print its path")
+    p.add_argument("name")
+    p.set_defaults(run=_cmd_pull)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, bytes per quant type, key metadata")
+    p.add_argument("model", help="a .gguf path or a registry name")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("prompt")
+    _add_model(p, required=False)
+    _add_generation(p, max_tokens=128)
+    p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's own template")
+    _add_model(p, required=False)
+    p.add_argument("--system", default=None, help="system message")
+    _add_generation(p, max_tokens=512)
+    p.set_defaults(run=_cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ImpError as e:
+        print(f"imp-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imp-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The jitted steps: prefill then decode equals the full forward; buckets; sampling; determinism."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imp_jax import engine, sampling
+from imp_jax.cache import init_kv_cache
+from imp_jax.config import config_from_gguf
+from imp_jax.gguf import open_gguf
+from imp_jax.models.transformer import forward
+from imp_jax.params import load_params, param_specs
+
+
+def _load_raw(path, dtype):
+    mf = open_gguf(path)
+    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
+    return cfg, load_params(mf, cfg, param_specs(mf, cfg, dtype))
+
+
+def _incremental_logits(params, cfg, ids, split, max_len, dtype):
+    """Prefill ids[:split], then feed the rest one token at a time through the decode path."""
+    logits, cache = engine.run_prefill(params, cfg, ids[:split], max_len, dtype, all_logits=True)
+    out = [np.asarray(logits[0, :split])]
+    for i in range(split, len(ids)):
+        tok = jnp.asarray([[ids[i]]], jnp.int32)
+        pos = jnp.asarray([[i]], jnp.int32)
+        step, cache = forward(params, cfg, tok, pos, cache, decode=True)
+        out.append(np.asarray(step[0]))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("name", ["tinycoder", "smollm2-135m"])
+def test_prefill_then_decode_equals_full_forward(real_model, name):
+    cfg, params = _load_raw(real_model(name), "float32")
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, cfg.vocab_size, 21)]
+    full, _ = engine.run_prefill(params, cfg, ids, 32, jnp.float32, all_logits=True)
+    full = np.asarray(full[0, : len(ids)])
+    inc = _incremental_logits(params, cfg, ids, 5, 32, jnp.float32)
+    np.testing.assert_allclose(inc, full, atol=2e-4, rtol=2e-4)
+    assert (inc.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_padding_bucket_does_not_change_logits(real_model):
+    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    ids = [5, 17, 300, 12, 9]
+    a, _ = engine.run_prefill(params, cfg, ids, 16, jnp.float32, all_logits=True)
+    b, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
+    np.testing.assert_allclose(np.asarray(a[0, :5]), np.asarray(b[0, :5]), atol=1e-5)
+
+
+def test_bucket_sizes():
+    assert [engine.bucket(n, 4096) for n in (1, 16, 17, 100, 4000)] == [16, 16, 32, 128, 4096]
+    assert engine.bucket(5000, 4096) == 4096
+
+
+def test_new_prompt_length_in_same_bucket_does_not_recompile(real_model):
+    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    engine.run_prefill(params, cfg, [1, 2, 3], 64, jnp.float32)
+    before = engine.prefill_step._cache_size()
+    engine.run_prefill(params, cfg, [1, 2, 3, 4, 5, 6, 7], 64, jnp.float32)
+    assert engine.prefill_step._cache_size() == before
+
+
+def _stream(params, cfg, ids, sp, n):
+    timings: dict = {}
+    return list(engine.token_stream(params, cfg, ids, 64, jnp.float32, sp, n, timings)), timings
+
+
+def test_greedy_stream_matches_argmax_of_full_forward(real_model):
+    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    ids = [1, 450, 4996, 310]
+    out, timings = _stream(params, cfg, ids, sampling.SamplingParams(), 6)
+    assert len(out) == 6 and timings["prefill_s"] > 0
+    seq = list(ids)
+    for tok in out:
+        full, _ = engine.run_prefill(params, cfg, seq, 64, jnp.float32, all_logits=True)
+        assert tok == int(np.argmax(np.asarray(full[0, len(seq) - 1])))
+        seq.append(tok)
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_seed(real_model):
+    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    sp = sampling.SamplingParams(temperature=1.5, top_k=50, top_p=0.95, min_p=0.01, repeat_penalty=1.1, seed=3)
+    a, _ = _stream(params, cfg, [1, 2, 3], sp, 12)
+    b, _ = _stream(params, cfg, [1, 2, 3], sp, 12)
+    c, _ = _stream(params, cfg, [1, 2, 3], sampling.SamplingParams(temperature=1.5, seed=4), 12)
+    assert a == b
+    assert a != c
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+    keys = jax.random.split(jax.random.key(0), 200)
+
+    def draws(**kw):
+        p = sampling.SamplingParams(temperature=1.0, **kw).arrays()
+        return {int(sampling.sample(logits, k, p, greedy=False)[0]) for k in keys}
+
+    assert draws(top_k=1) == {0}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}
+    assert draws(min_p=0.4) == {0, 1}
+    assert draws() == {0, 1, 2, 3}
+    assert int(sampling.sample(logits, keys[0], {}, greedy=True)[0]) == 0
+
+
+def test_repeat_penalty_follows_llama_cpp_rule():
+    logits = jnp.asarray([[2.0, -2.0, 1.0]])
+    out = sampling.apply_repeat_penalty(logits, jnp.asarray([[-1, 0, 1]]), jnp.float32(2.0))
+    np.testing.assert_allclose(np.asarray(out), [[1.0, -4.0, 1.0]])
+
+
+def test_bf16_cache_and_compute_stay_close_to_f32(real_model):
+    path = real_model("smollm2-135m")
+    ids = [504, 3575, 282, 4649, 314]
+    cfg, p32 = _load_raw(path, "float32")
+    f32, _ = engine.run_prefill(p32, cfg, ids, 16, jnp.float32, all_logits=True)
+    _, p16 = _load_raw(path, "bfloat16")
+    b16, _ = engine.run_prefill(p16, cfg, ids, 16, jnp.bfloat16, all_logits=True)
+    f32, b16 = np.asarray(f32[0, :5]), np.asarray(b16[0, :5])
+    assert b16.dtype == np.float32
+    assert np.abs(b16 - f32).max() < 0.35 * np.abs(f32).max() / 10
+    assert (b16.argmax(-1) == f32.argmax(-1)).mean() >= 0.8
+
+
+def test_empty_prompt_and_overflow_raise_imp_errors(real_model):
+    from imp_jax.errors import ContextOverflow, ImpError
+
+    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    with pytest.raises(ImpError, match="empty"):
+        engine.run_prefill(params, cfg, [], 16, jnp.float32)
+    with pytest.raises(ContextOverflow, match="20 tokens but the context holds 16"):
+        engine.run_prefill(params, cfg, list(range(20)), 16, jnp.float32)
+
+
+def test_kv_cache_init_is_zero():
+    c = init_kv_cache(2, 1, 8, 2, 4, jnp.bfloat16)
+    assert c.k.shape == (2, 1, 8, 2, 4) and not np.asarray(c.k, np.float32).any()

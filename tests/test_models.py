@@ -1,0 +1,72 @@
+"""Model math against transformers (float32) on tiny random models written by llama.cpp's converter.
+
+Fixtures: tests/fixtures/<arch>/ made by scripts/make_fixtures.py (see tests/fixtures/README.md). ``reference.npz``
+holds one token sequence ``ids`` whose prefixes of ``lengths`` are each run as a separate prompt, and transformers'
+logits over the whole sequence: ``logits_f32`` for the F32 file and ``logits_q8_0`` for transformers run on the
+dequantized Q8_0 weights (causal, so a prefix's logits are the leading rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imp_jax import engine
+from imp_jax.config import config_from_gguf
+from imp_jax.gguf import open_gguf
+from imp_jax.params import load_params, param_specs
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+# bf16 compute (weights, activations and KV cache rounded to bf16; norms, softmax and logits in f32): on these
+# random models logits move by at most this fraction of the largest reference logit.
+BF16_REL_TOL = 0.05
+
+
+def _sequences(ref):
+    return [(ref["ids"][:n].tolist(), slice(0, n)) for n in ref["lengths"]]
+
+
+def _logits(path: Path, dtype: str, ids: list[int]) -> np.ndarray:
+    mf = open_gguf(path)
+    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
+    params = load_params(mf, cfg, param_specs(mf, cfg, dtype))
+    out, _ = engine.run_prefill(params, cfg, ids, engine.bucket(len(ids), 256), jnp.dtype(dtype), all_logits=True)
+    return np.asarray(out[0, : len(ids)])
+
+
+def _fixture(arch: str):
+    d = FIXTURES / arch
+    if not (d / "reference.npz").exists():
+        pytest.fail(f"fixture {d} is missing: run scripts/make_fixtures.py")
+    return d, np.load(d / "reference.npz")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_logits_match_transformers(arch):
+    d, ref = _fixture(arch)
+    for ids, rows in _sequences(ref):
+        got = _logits(d / "model-f32.gguf", "float32", ids)
+        want = ref["logits_f32"][rows]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=f"{arch}, {len(ids)} tokens")
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q8_0_logits_match_transformers_on_dequantized_weights(arch):
+    d, ref = _fixture(arch)
+    for ids, rows in _sequences(ref):
+        got = _logits(d / "model-q8_0.gguf", "float32", ids)
+        np.testing.assert_allclose(got, ref["logits_q8_0"][rows], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_logits_within_documented_tolerance(arch):
+    d, ref = _fixture(arch)
+    ids, rows = _sequences(ref)[-1]
+    got = _logits(d / "model-f32.gguf", "bfloat16", ids)
+    want = ref["logits_f32"][rows]
+    assert np.abs(got - want).max() <= BF16_REL_TOL * np.abs(want).max()

@@ -14,11 +14,19 @@ from typing import Any
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
 from imp_jax.errors import UnsupportedModel
+from imp_jax.models.moe import MoEConfig
 
 LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]
 QWEN2 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]
 QWEN3 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3]
 GEMMA3 = MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]
+QWEN3MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]
+QWEN35 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN35]
+QWEN35MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN35MOE]
+QWEN3NEXT = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3NEXT]
+
+ATTENTION = "attention"
+RECURRENT = "recurrent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,23 @@ class RopeConfig:
     scaling: str = "none"  # none | linear | llama3 (freq factors tensor) | yarn
     factor: float = 1.0
     original_context: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNConfig:
+    """Gated-DeltaNet mixer shape (gdn_spec.md §6.1). ``tiled``: qwen35* files tile the value heads (value head j
+    reads key head j % Hk); qwen3next files group them (j // (Hv/Hk))."""
+
+    n_k_heads: int
+    n_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+    tiled: bool
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.n_k_heads * self.head_k_dim + self.n_v_heads * self.head_v_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +82,30 @@ class ModelConfig:
     activation: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU)
     post_norms: bool = False  # Gemma: norms after attention and after the MLP too
     tied_output: bool = False
+    layer_types: tuple[str, ...] = ()  # ATTENTION or RECURRENT per layer; () means all attention
+    attn_gate: bool = False  # Qwen3.5/Next: q_proj interleaves [q | gate] per head, output *= sigmoid(gate)
+    gdn: GDNConfig | None = None
+    moe: MoEConfig | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.layer_types or (ATTENTION,) * self.n_layers
+
+    @property
+    def n_attention_layers(self) -> int:
+        return self.kinds.count(ATTENTION)
+
+    @property
+    def n_recurrent_layers(self) -> int:
+        return self.kinds.count(RECURRENT)
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        return tuple("local" if w else "global" for w in self.layer_window)
+        """Human-readable kind of each layer: recurrent, local (sliding-window) or global attention."""
+        return tuple(
+            RECURRENT if k == RECURRENT else ("local" if w else "global")
+            for k, w in zip(self.kinds, self.layer_window, strict=True)
+        )
 
     @property
     def n_rep(self) -> int:
@@ -86,12 +131,14 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _base(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> dict[str, Any]:
+def _base(
+    meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str], *, require_ff: bool = True, skip_layers: int = 0
+) -> dict[str, Any]:
     n_embd = int(_get(meta, Keys.LLM.EMBEDDING_LENGTH, arch, required=True))
     n_head = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT, arch, required=True)))
     n_head_kv = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT_KV, arch, n_head)))
     head_dim = int(_get(meta, Keys.Attention.KEY_LENGTH, arch, n_embd // n_head))
-    n_layers = int(_get(meta, Keys.LLM.BLOCK_COUNT, arch, required=True))
+    n_layers = int(_get(meta, Keys.LLM.BLOCK_COUNT, arch, required=True)) - skip_layers
     vocab = _get(meta, Keys.LLM.VOCAB_SIZE, arch) or len(meta.get(Keys.Tokenizer.LIST, ()))
     if not vocab:
         raise UnsupportedModel(f"cannot tell the vocabulary size of this {arch} model")
@@ -117,7 +164,7 @@ def _base(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> d
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ff=int(_scalar(_get(meta, Keys.LLM.FEED_FORWARD_LENGTH, arch, required=True))),
+        n_ff=int(_scalar(_get(meta, Keys.LLM.FEED_FORWARD_LENGTH, arch, 0, required=require_ff))),
         vocab_size=int(vocab),
         context_length=int(_get(meta, Keys.LLM.CONTEXT_LENGTH, arch, 4096)),
         rms_eps=float(_get(meta, Keys.Attention.LAYERNORM_RMS_EPS, arch, 1e-6)),
@@ -158,11 +205,62 @@ def _gemma3(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) ->
     return ModelConfig(**base)
 
 
+def _moe(meta: Mapping[str, Any], arch: str, *, shared: bool) -> MoEConfig:
+    return MoEConfig(
+        n_experts=int(_get(meta, Keys.LLM.EXPERT_COUNT, arch, required=True)),
+        top_k=int(_get(meta, Keys.LLM.EXPERT_USED_COUNT, arch, required=True)),
+        n_ff_exp=int(_get(meta, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, arch, required=True)),
+        norm_topk=bool(_get(meta, Keys.LLM.EXPERT_WEIGHTS_NORM, arch, True)),
+        has_shared=shared,
+        shared_gate=shared,
+    )
+
+
+def _qwen3moe(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
+    base = _base(meta, arch, tensor_names, require_ff=False)
+    return ModelConfig(**base, moe=_moe(meta, arch, shared=False))
+
+
+def _hybrid(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
+    """Qwen3.5 / Qwen3.5-MoE / Qwen3-Next: Gated-DeltaNet layers with a gated attention layer every
+    ``full_attention_interval``; MTP (nextn) blocks counted in block_count are not part of the main stack."""
+    nextn = int(_get(meta, Keys.LLM.NEXTN_PREDICT_LAYERS, arch, 0) or 0)
+    base = _base(meta, arch, tensor_names, require_ff=arch == QWEN35, skip_layers=nextn)
+    n = base["n_layers"]
+    recurrent = _get(meta, "{arch}.attention.recurrent_layers", arch)
+    if recurrent is not None:
+        is_rec = [bool(x) for x in recurrent][:n]
+    else:
+        interval = int(_get(meta, Keys.LLM.FULL_ATTENTION_INTERVAL, arch, 4) or 4)
+        is_rec = [(i + 1) % interval != 0 for i in range(n)]
+    n_v = int(_get(meta, Keys.SSM.TIME_STEP_RANK, arch, required=True))
+    gdn = GDNConfig(
+        n_k_heads=int(_get(meta, Keys.SSM.GROUP_COUNT, arch, required=True)),
+        n_v_heads=n_v,
+        head_k_dim=int(_get(meta, Keys.SSM.STATE_SIZE, arch, required=True)),
+        head_v_dim=int(_get(meta, Keys.SSM.INNER_SIZE, arch, required=True)) // n_v,
+        conv_kernel=int(_get(meta, Keys.SSM.CONV_KERNEL, arch, required=True)),
+        tiled=arch != QWEN3NEXT,
+    )
+    moe = _moe(meta, arch, shared=True) if arch != QWEN35 else None
+    return ModelConfig(
+        **base,
+        layer_types=tuple(RECURRENT if r else ATTENTION for r in is_rec),
+        attn_gate=True,
+        gdn=gdn,
+        moe=moe,
+    )
+
+
 _READERS: dict[str, Callable[[Mapping[str, Any], str, frozenset[str]], ModelConfig]] = {
     LLAMA: _dense,
     QWEN2: _dense,
     QWEN3: _dense,
     GEMMA3: _gemma3,
+    QWEN3MOE: _qwen3moe,
+    QWEN35: _hybrid,
+    QWEN35MOE: _hybrid,
+    QWEN3NEXT: _hybrid,
 }
 
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax import sampling
-from imp_jax.cache import KVCache, init_kv_cache
+from imp_jax.cache import Cache, init_cache
 from imp_jax.config import ModelConfig
 from imp_jax.errors import ContextOverflow, ImpError
-from imp_jax.models.transformer import Transformer, forward
+from imp_jax.models.decoder import Decoder, forward
 
 MIN_BUCKET = 16
 
@@ -35,13 +35,13 @@ def bucket(n: int, limit: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
-def prefill_step(params: Transformer, cfg: ModelConfig, tokens, lengths, cache: KVCache, *, all_logits=False):
+def prefill_step(params: Decoder, cfg: ModelConfig, tokens, lengths, cache: Cache, *, all_logits=False):
     """Tokens [B, T] (padded) from position 0. Returns logits at each row's last valid token [B, V]
     (or at every position [B, T, V] with all_logits) and the filled cache."""
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     at = None if all_logits else lengths - 1
-    logits, cache = forward(params, cfg, tokens, pos, cache, decode=False, logits_at=at)
+    logits, cache = forward(params, cfg, tokens, pos, cache, decode=False, valid_len=lengths, logits_at=at)
     return (logits if all_logits else logits[:, 0]), cache
 
 
@@ -73,7 +73,7 @@ def _sample_into(logits, state: DecodeState, p, greedy: bool, penalty: bool) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "penalty"), donate_argnames=("cache", "state"))
-def decode_step(params: Transformer, cfg: ModelConfig, cache: KVCache, state: DecodeState, p, *, greedy, penalty):
+def decode_step(params: Decoder, cfg: ModelConfig, cache: Cache, state: DecodeState, p, *, greedy, penalty):
     """Feed the last sampled token at its position; sample the next one. Returns (state, cache)."""
     logits, cache = forward(
         params,
@@ -116,7 +116,7 @@ def run_prefill(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtyp
     t = bucket(n, max_len)
     tokens = np.zeros((1, t), np.int32)
     tokens[0, :n] = ids
-    cache = init_kv_cache(cfg.n_layers, 1, max_len, cfg.n_head_kv, cfg.head_dim, dtype)
+    cache = init_cache(cfg, 1, max_len, dtype)
     return prefill_step(params, cfg, jnp.asarray(tokens), jnp.asarray([n], jnp.int32), cache, all_logits=all_logits)
 
 

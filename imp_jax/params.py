@@ -3,7 +3,11 @@
 ``param_specs`` builds the params tree once with ``TensorSpec`` leaves (names, stored qtype, logical shape,
 target dtype). The same tree is turned into ShapeDtypeStructs for the memory planner (``abstract_params``) and
 into device arrays for the model (``load_params``), so planning and loading cannot disagree. Quantized tensors
-stay packed (QTensor leaves); float matrices take the compute dtype; norms, biases and rope factors stay f32.
+stay packed (QTensor leaves); float matrices take the compute dtype; norms, biases, routers, the conv filter and
+rope factors stay f32.
+
+The layer stack is cut into repeating units (models/decoder.py) and units with identical tensors (names aside)
+into segments; every leaf of a segment is stacked over its units.
 """
 
 from __future__ import annotations
@@ -18,44 +22,83 @@ import ml_dtypes
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
-from imp_jax.config import ModelConfig
+from imp_jax.config import ATTENTION, ModelConfig
 from imp_jax.errors import GGUFError, UnsupportedModel
 from imp_jax.gguf.qtensor import QTensor, row_bytes
 from imp_jax.gguf.quant import SUPPORTED_QTYPES, is_quantized
 from imp_jax.gguf.reader import ModelFile
+from imp_jax.models.attention import Attention
+from imp_jax.models.decoder import Decoder, Layer
 from imp_jax.models.layers import rope_inv_freq
-from imp_jax.models.transformer import Block, Transformer
+from imp_jax.models.moe import MoE
+from imp_jax.models.recurrent import Recurrent
 
 _FLOAT_NP = {
     GGMLQuantizationType.F32: np.float32,
     GGMLQuantizationType.F16: np.float16,
     GGMLQuantizationType.BF16: ml_dtypes.bfloat16,
 }
+_M = MODEL_TENSOR
 
-# Block field -> (gguf tensor, suffix, required)
-_BLOCK_TENSORS: dict[str, tuple[MODEL_TENSOR, str, bool]] = {
-    "attn_norm": (MODEL_TENSOR.ATTN_NORM, "weight", True),
-    "wq": (MODEL_TENSOR.ATTN_Q, "weight", True),
-    "wk": (MODEL_TENSOR.ATTN_K, "weight", True),
-    "wv": (MODEL_TENSOR.ATTN_V, "weight", True),
-    "wo": (MODEL_TENSOR.ATTN_OUT, "weight", True),
-    "ffn_norm": (MODEL_TENSOR.FFN_NORM, "weight", True),
-    "w_gate": (MODEL_TENSOR.FFN_GATE, "weight", True),
-    "w_up": (MODEL_TENSOR.FFN_UP, "weight", True),
-    "w_down": (MODEL_TENSOR.FFN_DOWN, "weight", True),
-    "bq": (MODEL_TENSOR.ATTN_Q, "bias", False),
-    "bk": (MODEL_TENSOR.ATTN_K, "bias", False),
-    "bv": (MODEL_TENSOR.ATTN_V, "bias", False),
-    "q_norm": (MODEL_TENSOR.ATTN_Q_NORM, "weight", False),
-    "k_norm": (MODEL_TENSOR.ATTN_K_NORM, "weight", False),
-    "post_attn_norm": (MODEL_TENSOR.ATTN_POST_NORM, "weight", False),
-    "post_ffn_norm": (MODEL_TENSOR.FFN_POST_NORM, "weight", False),
+# field -> (tensor kind, suffix); suffix "" for the few tensors stored without one (ssm_a)
+_ATTENTION = {
+    "wq": (_M.ATTN_Q, "weight"),
+    "wk": (_M.ATTN_K, "weight"),
+    "wv": (_M.ATTN_V, "weight"),
+    "wo": (_M.ATTN_OUT, "weight"),
+    "bq": (_M.ATTN_Q, "bias"),
+    "bk": (_M.ATTN_K, "bias"),
+    "bv": (_M.ATTN_V, "bias"),
+    "q_norm": (_M.ATTN_Q_NORM, "weight"),
+    "k_norm": (_M.ATTN_K_NORM, "weight"),
 }
+_RECURRENT = {
+    "conv": (_M.SSM_CONV1D, "weight"),
+    "dt_bias": (_M.SSM_DT, "bias"),
+    "ssm_a": (_M.SSM_A, ""),
+    "norm": (_M.SSM_NORM, "weight"),
+    "w_out": (_M.SSM_OUT, "weight"),
+    "w_qkv": (_M.ATTN_QKV, "weight"),
+    "w_z": (_M.ATTN_GATE, "weight"),
+    "w_alpha": (_M.SSM_ALPHA, "weight"),
+    "w_beta": (_M.SSM_BETA, "weight"),
+    "w_ba": (_M.SSM_BETA_ALPHA, "weight"),
+    "w_in": (_M.SSM_IN, "weight"),
+}
+_MOE = {
+    "router": (_M.FFN_GATE_INP, "weight"),
+    "router_bias": (_M.FFN_GATE_INP, "bias"),
+    "down_exps": (_M.FFN_DOWN_EXP, "weight"),
+    "gate_exps": (_M.FFN_GATE_EXP, "weight"),
+    "up_exps": (_M.FFN_UP_EXP, "weight"),
+    "gate_up_exps": (_M.FFN_GATE_UP_EXP, "weight"),
+    "gate_bias": (_M.FFN_GATE_EXP, "bias"),
+    "up_bias": (_M.FFN_UP_EXP, "bias"),
+    "down_bias": (_M.FFN_DOWN_EXP, "bias"),
+    "shared_gate": (_M.FFN_GATE_SHEXP, "weight"),
+    "shared_up": (_M.FFN_UP_SHEXP, "weight"),
+    "shared_down": (_M.FFN_DOWN_SHEXP, "weight"),
+    "shared_router": (_M.FFN_GATE_INP_SHEXP, "weight"),
+}
+_LAYER = {
+    "attn_norm": (_M.ATTN_NORM, "weight"),
+    "w_gate": (_M.FFN_GATE, "weight"),
+    "w_up": (_M.FFN_UP, "weight"),
+    "w_down": (_M.FFN_DOWN, "weight"),
+    "post_ffn_norm": (_M.FFN_POST_NORM, "weight"),
+}
+_REQUIRED = {
+    "attention": ("wq", "wk", "wv", "wo"),
+    "recurrent": ("conv", "dt_bias", "ssm_a", "norm", "w_out"),
+    "moe": ("router", "down_exps"),
+}
+# Float tensors that feed f32 arithmetic and stay f32 whatever the compute dtype.
+_KEEP_F32 = {_M.FFN_GATE_INP, _M.FFN_GATE_INP_SHEXP, _M.SSM_CONV1D}
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """Where one params leaf comes from: one GGUF tensor, or one per layer stacked on a leading axis."""
+    """Where one params leaf comes from: one GGUF tensor, or one per unit stacked on a leading axis."""
 
     names: tuple[str, ...]
     qtype: int
@@ -69,6 +112,11 @@ class TensorSpec:
         return (len(self.names),) if self.stacked else ()
 
     @property
+    def qshape(self) -> tuple[int, ...]:
+        """The QTensor's matrix shape; leading axes (experts) become stack axes."""
+        return self.shape[-2:]
+
+    @property
     def nbytes(self) -> int:
         n = len(self.names)
         if self.dtype is None:
@@ -76,9 +124,77 @@ class TensorSpec:
         return n * int(np.prod(self.shape, dtype=np.int64)) * jnp.dtype(self.dtype).itemsize
 
 
+ROPE = "<rope>"  # the per-layer rope table is computed from the config, not read from the file
+
+
 def tensor_name(kind: MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
     base = TENSOR_NAMES[kind]
-    return f"{base.format(bid=layer) if layer is not None else base}.{suffix}"
+    base = base.format(bid=layer) if layer is not None else base
+    return f"{base}.{suffix}" if suffix else base
+
+
+def _present(mf: ModelFile, table: dict, layer: int) -> dict[str, str]:
+    names = {field: tensor_name(kind, suffix, layer) for field, (kind, suffix) in table.items()}
+    return {field: name for field, name in names.items() if name in mf.tensors}
+
+
+def _require(mf: ModelFile, found: dict[str, str], table: dict, fields: tuple[str, ...], layer: int) -> None:
+    for field in fields:
+        if field not in found:
+            kind, suffix = table[field]
+            raise GGUFError(mf.path, "tensor missing: the model needs it", tensor=tensor_name(kind, suffix, layer))
+
+
+def _layer_tensors(mf: ModelFile, cfg: ModelConfig, i: int) -> dict:
+    """Field -> tensor name for layer i, nested like Layer: {'mixer': {...}, 'moe': {...} | None, ...}."""
+    kind = cfg.kinds[i]
+    mixer_table = _ATTENTION if kind == ATTENTION else _RECURRENT
+    mixer = _present(mf, mixer_table, i)
+    _require(mf, mixer, mixer_table, _REQUIRED[kind], i)
+    if kind != ATTENTION and "w_in" not in mixer:
+        _require(mf, mixer, mixer_table, ("w_qkv", "w_z"), i)
+        if "w_ba" not in mixer:
+            _require(mf, mixer, mixer_table, ("w_alpha", "w_beta"), i)
+    layer: dict = _present(mf, _LAYER, i)
+    _require(mf, layer, _LAYER, ("attn_norm",), i)
+    ffn_norm, post_attn = tensor_name(_M.FFN_NORM, "weight", i), tensor_name(_M.ATTN_POST_NORM, "weight", i)
+    if ffn_norm in mf.tensors:  # Gemma: post_attention_norm is a sandwich norm after the mixer
+        layer["ffn_norm"] = ffn_norm
+        if post_attn in mf.tensors:
+            layer["post_mixer_norm"] = post_attn
+    elif post_attn in mf.tensors:  # Qwen3.5, Qwen3-Next, gpt-oss: it is the feed-forward's input norm
+        layer["ffn_norm"] = post_attn
+    else:
+        raise GGUFError(mf.path, "tensor missing: the model needs it", tensor=ffn_norm)
+    moe = _present(mf, _MOE, i)
+    if cfg.moe is not None:
+        _require(mf, moe, _MOE, _REQUIRED["moe"], i)
+        if "gate_up_exps" not in moe:
+            _require(mf, moe, _MOE, ("gate_exps", "up_exps"), i)
+    else:
+        _require(mf, layer, _LAYER, ("w_gate", "w_up", "w_down"), i)
+    layer["mixer"] = mixer
+    layer["moe"] = moe if cfg.moe is not None else None
+    return layer
+
+
+def _signature(mf: ModelFile, tree) -> object:
+    """The structure and storage of a layer's tensors, names aside: equal signatures can be stacked."""
+    if isinstance(tree, dict):
+        return tuple(sorted((k, _signature(mf, v)) for k, v in tree.items()))
+    if tree is None:
+        return None
+    info = mf.tensors[tree]
+    return (info.qtype, info.shape)
+
+
+def unit_length(cfg: ModelConfig) -> int:
+    """The shortest repeating pattern of layer kinds (1 for uniform stacks)."""
+    kinds = cfg.kinds
+    for p in range(1, len(kinds) + 1):
+        if len(kinds) % p == 0 and kinds == kinds[:p] * (len(kinds) // p):
+            return p
+    return len(kinds)
 
 
 def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) -> TensorSpec:
@@ -91,9 +207,10 @@ def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) ->
     scale_names: tuple[str, ...] = ()
     if first.qtype == GGMLQuantizationType.NVFP4:
         scale_names = tuple(_nvfp4_scale_name(mf, n) for n in names)
+    keep_f32 = any(f".{TENSOR_NAMES[k].split('.')[-1]}." in f".{first.name}" for k in _KEEP_F32)
     if is_quantized(first.qtype):
         dtype = None
-    elif len(first.shape) >= 2:
+    elif len(first.shape) >= 2 and not keep_f32:
         dtype = compute_dtype
     else:
         dtype = "float32"
@@ -107,37 +224,35 @@ def _nvfp4_scale_name(mf: ModelFile, name: str) -> str:
     raise GGUFError(mf.path, "NVFP4 tensor has no per-tensor '.scale' tensor", tensor=name)
 
 
-def _block_signature(mf: ModelFile, layer: int) -> tuple:
-    sig = []
-    for field, (kind, suffix, _) in _BLOCK_TENSORS.items():
-        info = mf.tensors.get(tensor_name(kind, suffix, layer))
-        sig.append((field, None) if info is None else (field, info.qtype, info.shape))
-    return tuple(sig)
+def _stack(mf: ModelFile, trees: list, cls, compute_dtype: str):
+    """One dataclass whose leaves stack the same field of every unit."""
+    if trees[0] is None:
+        return None
+    fields = {}
+    for field, value in trees[0].items():
+        if isinstance(value, dict) or value is None:
+            sub = {"mixer": Attention if "wq" in (value or {}) else Recurrent, "moe": MoE}[field]
+            fields[field] = _stack(mf, [t[field] for t in trees], sub, compute_dtype)
+        else:
+            fields[field] = _spec(mf, [t[field] for t in trees], compute_dtype, stacked=True)
+    return cls(**fields)
 
 
-def _require(mf: ModelFile, name: str) -> None:
-    if name not in mf.tensors:
-        raise GGUFError(mf.path, "tensor missing: the model needs it", tensor=name)
-
-
-def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Transformer:
+def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
     """The params tree with TensorSpec leaves, validating that every needed tensor is there with a sane shape."""
-    for layer in range(cfg.n_layers):
-        for kind, suffix, required in _BLOCK_TENSORS.values():
-            if required:
-                _require(mf, tensor_name(kind, suffix, layer))
+    layers = [_layer_tensors(mf, cfg, i) for i in range(cfg.n_layers)]
+    _check_shapes(mf, cfg)
+    p = unit_length(cfg)
+    units = [layers[u * p : (u + 1) * p] for u in range(cfg.n_layers // p)]
     segments = []
-    layers = range(cfg.n_layers)
-    for _, group in groupby(layers, key=lambda i: _block_signature(mf, i)):
-        ids = list(group)
-        fields = {}
-        for field, (kind, suffix, _) in _BLOCK_TENSORS.items():
-            names = [tensor_name(kind, suffix, i) for i in ids]
-            fields[field] = _spec(mf, names, compute_dtype, stacked=True) if names[0] in mf.tensors else None
-        segments.append(Block(**fields))
-    embed_name = tensor_name(MODEL_TENSOR.TOKEN_EMBD, "weight")
-    _require(mf, embed_name)
-    _require(mf, tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight"))
+    for _, group in groupby(units, key=lambda unit: tuple(_signature(mf, layer) for layer in unit)):
+        members = list(group)
+        segments.append(tuple(_stack(mf, [m[i] for m in members], Layer, compute_dtype) for i in range(p)))
+    embed_name = tensor_name(_M.TOKEN_EMBD, "weight")
+    norm_name = tensor_name(_M.OUTPUT_NORM, "weight")
+    for name in (embed_name, norm_name):
+        if name not in mf.tensors:
+            raise GGUFError(mf.path, "tensor missing: the model needs it", tensor=name)
     embed = _spec(mf, [embed_name], compute_dtype, stacked=False)
     if embed.shape != (cfg.vocab_size, cfg.n_embd):
         raise GGUFError(
@@ -145,44 +260,55 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Transfor
             f"shape {embed.shape} does not match vocab {cfg.vocab_size} x n_embd {cfg.n_embd}",
             tensor=embed_name,
         )
-    out_name = tensor_name(MODEL_TENSOR.OUTPUT, "weight")
-    _check_block_shapes(mf, cfg)
-    return Transformer(
+    out_name = tensor_name(_M.OUTPUT, "weight")
+    return Decoder(
         embed=embed,
         segments=tuple(segments),
-        output_norm=_spec(mf, [tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight")], compute_dtype, stacked=False),
+        output_norm=_spec(mf, [norm_name], compute_dtype, stacked=False),
         output=_spec(mf, [out_name], compute_dtype, stacked=False) if out_name in mf.tensors else None,
         inv_freq=TensorSpec(
-            ("<rope>",),
-            int(GGMLQuantizationType.F32),
-            (cfg.n_layers, max(cfg.rope.dim, 2) // 2),
-            "float32",
-            stacked=False,
+            (ROPE,), int(GGMLQuantizationType.F32), (cfg.n_layers, max(cfg.rope.dim, 2) // 2), "float32", False
         ),
     )
 
 
-def _check_block_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
+def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
     """Catch a misshapen tensor here, with its name, instead of as a shape error deep inside jit."""
     q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    expected = {
-        MODEL_TENSOR.ATTN_Q: (q_out, cfg.n_embd),
-        MODEL_TENSOR.ATTN_K: (kv_out, cfg.n_embd),
-        MODEL_TENSOR.ATTN_V: (kv_out, cfg.n_embd),
-        MODEL_TENSOR.ATTN_OUT: (cfg.n_embd, q_out),
-        MODEL_TENSOR.FFN_GATE: (cfg.n_ff, cfg.n_embd),
-        MODEL_TENSOR.FFN_UP: (cfg.n_ff, cfg.n_embd),
-        MODEL_TENSOR.FFN_DOWN: (cfg.n_embd, cfg.n_ff),
-        MODEL_TENSOR.ATTN_NORM: (cfg.n_embd,),
+    attention = {
+        _M.ATTN_Q: (q_out * (2 if cfg.attn_gate else 1), cfg.n_embd),
+        _M.ATTN_K: (kv_out, cfg.n_embd),
+        _M.ATTN_V: (kv_out, cfg.n_embd),
+        _M.ATTN_OUT: (cfg.n_embd, q_out),
     }
-    for layer in range(cfg.n_layers):
-        for kind, shape in expected.items():
-            name = tensor_name(kind, "weight", layer)
-            if mf.tensors[name].shape != shape:
+    common = {_M.ATTN_NORM: (cfg.n_embd,)}
+    if cfg.moe is None:
+        common.update(
+            {
+                _M.FFN_GATE: (cfg.n_ff, cfg.n_embd),
+                _M.FFN_UP: (cfg.n_ff, cfg.n_embd),
+                _M.FFN_DOWN: (cfg.n_embd, cfg.n_ff),
+            }
+        )
+    else:
+        m = cfg.moe
+        common.update(
+            {_M.FFN_GATE_INP: (m.n_experts, cfg.n_embd), _M.FFN_DOWN_EXP: (m.n_experts, cfg.n_embd, m.n_ff_exp)}
+        )
+    recurrent = {}
+    if cfg.gdn is not None:
+        g = cfg.gdn
+        recurrent = {
+            _M.SSM_CONV1D: (g.conv_channels, g.conv_kernel),
+            _M.SSM_OUT: (cfg.n_embd, g.n_v_heads * g.head_v_dim),
+        }
+    for layer, kind in enumerate(cfg.kinds):
+        expected = {**common, **(attention if kind == ATTENTION else recurrent)}
+        for tensor, shape in expected.items():
+            name = tensor_name(tensor, "weight", layer)
+            if name in mf.tensors and mf.tensors[name].shape != shape:
                 raise GGUFError(
-                    mf.path,
-                    f"shape {mf.tensors[name].shape}, expected {shape} from the metadata",
-                    tensor=name,
+                    mf.path, f"shape {mf.tensors[name].shape}, expected {shape} from the metadata", tensor=name
                 )
 
 
@@ -198,7 +324,7 @@ def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
 
 
 def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
-    factors_name = tensor_name(MODEL_TENSOR.ROPE_FREQS, "weight")
+    factors_name = tensor_name(_M.ROPE_FREQS, "weight")
     factors = np.asarray(mf.raw(factors_name)).view(np.float32) if factors_name in mf.tensors else None
     rows = []
     for window in cfg.layer_window:
@@ -209,15 +335,19 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
 
 def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | jax.Array:
     """One leaf on the device."""
-    if spec.names == ("<rope>",):
+    if spec.names == (ROPE,):
         return jnp.asarray(_rope_table(mf, cfg))
+    if spec.dtype is not None and is_quantized(spec.qtype):  # the dequantized fallback (imp_jax.fallback)
+        from imp_jax.fallback import packed_spec, to_dense
+
+        return to_dense(materialize(mf, cfg, packed_spec(spec)), spec.dtype)
     host = _host_array(mf, spec)
     if spec.dtype is None:
         scale = None
         if spec.scale_names:
             s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
             scale = jnp.asarray(s if spec.stacked else s[0])
-        return QTensor(jnp.asarray(host), scale, spec.qtype, spec.shape)
+        return QTensor(jnp.asarray(host), scale, spec.qtype, spec.qshape)
     return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
 
 
@@ -226,7 +356,7 @@ def abstract_leaf(spec: TensorSpec) -> QTensor | jax.ShapeDtypeStruct:
     if spec.dtype is None:
         data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),), jnp.uint8)
         scale = jax.ShapeDtypeStruct(spec.stack, jnp.float32) if spec.scale_names else None
-        return QTensor(data, scale, spec.qtype, spec.shape)
+        return QTensor(data, scale, spec.qtype, spec.qshape)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 
@@ -234,13 +364,11 @@ def is_spec(x) -> bool:
     return isinstance(x, TensorSpec)
 
 
-def map_specs(fn: Callable[[TensorSpec], object], specs: Transformer) -> Transformer:
+def map_specs(fn: Callable[[TensorSpec], object], specs: Decoder) -> Decoder:
     return jax.tree.map(fn, specs, is_leaf=is_spec)
 
 
-def load_params(
-    mf: ModelFile, cfg: ModelConfig, specs: Transformer, on_leaf: Callable[[TensorSpec], None] | None = None
-):
+def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_leaf: Callable[[TensorSpec], None] | None = None):
     """Read every leaf from the memmap and put it on the device (``on_leaf`` reports progress)."""
 
     def load(spec: TensorSpec):
@@ -252,5 +380,5 @@ def load_params(
     return map_specs(load, specs)
 
 
-def abstract_params(specs: Transformer):
+def abstract_params(specs: Decoder):
     return map_specs(abstract_leaf, specs)

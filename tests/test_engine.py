@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from imp_jax import engine, sampling
-from imp_jax.cache import init_kv_cache
+from imp_jax.cache import init_cache
 from imp_jax.config import config_from_gguf
 from imp_jax.gguf import open_gguf
-from imp_jax.models.transformer import forward
+from imp_jax.models.decoder import forward
 from imp_jax.params import load_params, param_specs
 
 
@@ -137,6 +137,8 @@ def test_empty_prompt_and_overflow_raise_imp_errors(real_model):
         engine.run_prefill(params, cfg, list(range(20)), 16, jnp.float32)
 
 
-def test_kv_cache_init_is_zero():
-    c = init_kv_cache(2, 1, 8, 2, 4, jnp.bfloat16)
-    assert c.k.shape == (2, 1, 8, 2, 4) and not np.asarray(c.k, np.float32).any()
+def test_cache_init_is_zero_and_sized_from_config(real_model):
+    cfg, _ = _load_raw(real_model("tinycoder"), "float32")
+    c = init_cache(cfg, 1, 8, jnp.bfloat16)
+    assert c.k.shape == (cfg.n_layers, 1, 8, cfg.n_head_kv, cfg.head_dim) and not np.asarray(c.k, np.float32).any()
+    assert c.ssm.shape[0] == 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from imp_jax import ops
-from imp_jax.config import RopeConfig
+
+if TYPE_CHECKING:
+    from imp_jax.config import RopeConfig
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:

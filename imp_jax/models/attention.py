@@ -1,0 +1,92 @@
+"""The attention mixer: projections, QK norms, rotary embedding, the KV cache write, and ops.attention.
+
+Covers plain GQA (Llama, Qwen2 with QKV bias, Qwen3 and Gemma-3 with QK norms) and the gated attention of the
+Qwen3.5 / Qwen3-Next hybrids, whose q projection interleaves [q | gate] per head and whose output is multiplied
+by sigmoid(gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from imp_jax import ops
+from imp_jax.config import ModelConfig
+from imp_jax.models.layers import apply_rope, rms_norm
+
+Weight = ops.Weight
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    wq: Weight
+    wk: Weight
+    wv: Weight
+    wo: Weight
+    bq: jax.Array | None = None
+    bk: jax.Array | None = None
+    bv: jax.Array | None = None
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+
+
+def _add(x: jax.Array, b: jax.Array | None) -> jax.Array:
+    return x if b is None else x + b.astype(x.dtype)
+
+
+def head_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over each head; a weight shorter than head_dim applies to each chunk of its length (imp's fix for
+    files whose norm covers part of the head)."""
+    n = weight.shape[-1]
+    if n == x.shape[-1]:
+        return rms_norm(x, weight, eps)
+    return rms_norm(x.reshape(*x.shape[:-1], -1, n), weight, eps).reshape(x.shape)
+
+
+def attention_mixer(
+    p: Attention,
+    cfg: ModelConfig,
+    x: jax.Array,
+    pos: jax.Array,
+    inv_freq: jax.Array,
+    window: jax.Array,
+    kv: tuple[jax.Array, jax.Array],
+    layer: jax.Array,
+    decode: bool,
+):
+    """x [B, T, D] at positions pos [B, T]; kv = (k, v) caches [L_attn, B, S, Hkv, hd] written at ``layer``.
+
+    Prefill (chunk from position 0) attends within the chunk; decode attends over the cache.
+    """
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    q = _add(ops.matmul(x, p.wq), p.bq)
+    gate = None
+    if cfg.attn_gate:
+        q = q.reshape(b, t, cfg.n_head, 2 * hd)
+        q, gate = q[..., :hd], q[..., hd:]
+    q = q.reshape(b, t, cfg.n_head, hd)
+    k = _add(ops.matmul(x, p.wk), p.bk).reshape(b, t, cfg.n_head_kv, hd)
+    v = _add(ops.matmul(x, p.wv), p.bv).reshape(b, t, cfg.n_head_kv, hd)
+    if p.q_norm is not None:
+        q = head_norm(q, p.q_norm, cfg.rms_eps)
+    if p.k_norm is not None:
+        k = head_norm(k, p.k_norm, cfg.rms_eps)
+    q = apply_rope(q, pos, inv_freq, cfg.rope.neox)
+    k = apply_rope(k, pos, inv_freq, cfg.rope.neox)
+    k_cache, v_cache = kv
+    rows = jnp.arange(b)[:, None]
+    k_cache = k_cache.at[layer, rows, pos].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, rows, pos].set(v.astype(v_cache.dtype), mode="drop")
+    if decode:
+        keys, values = k_cache[layer], v_cache[layer]
+        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+    else:
+        keys, values, k_pos = k, v, pos
+    o = ops.attention(q, keys, values, pos, k_pos, scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap)
+    if gate is not None:
+        o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(x.dtype)
+    return ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), (k_cache, v_cache)

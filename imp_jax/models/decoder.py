@@ -1,0 +1,138 @@
+"""Every supported family as one decoder-only forward function over a params pytree.
+
+Layers differ in their mixer (attention or Gated-DeltaNet recurrence) and their feed-forward (gated MLP or
+mixture of experts). The stack is a repetition of a *unit* of layers (one layer for dense models; three
+recurrent + one attention for the Qwen3.5 hybrids); consecutive units with identical structure and storage
+formats form a segment that runs under ``lax.scan`` (a Q4_K_M file mixes qtypes across layers, and a packed
+weight's qtype is static). Family differences are config fields decided from the file, or the presence of
+optional weights, never a check of the architecture name at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from imp_jax import ops
+from imp_jax.cache import Cache
+from imp_jax.config import ATTENTION, ModelConfig
+from imp_jax.models.attention import Attention, attention_mixer
+from imp_jax.models.layers import gated_mlp, rms_norm, softcap
+from imp_jax.models.moe import MoE, moe_ffn
+from imp_jax.models.recurrent import Recurrent, recurrent_mixer
+
+Weight = ops.Weight
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer's weights; inside a segment every leaf carries a leading unit axis.
+
+    ``post_mixer_norm`` is Gemma's sandwich norm after attention; ``ffn_norm`` is the norm before the
+    feed-forward (llama.cpp calls it ``post_attention_norm`` in the Qwen3.5 and gpt-oss files).
+    """
+
+    attn_norm: jax.Array
+    mixer: Attention | Recurrent
+    ffn_norm: jax.Array
+    w_gate: Weight | None = None
+    w_up: Weight | None = None
+    w_down: Weight | None = None
+    moe: MoE | None = None
+    post_mixer_norm: jax.Array | None = None
+    post_ffn_norm: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    embed: Weight
+    segments: tuple[tuple[Layer, ...], ...]  # per segment: one Layer per position in the unit, stacked over units
+    output_norm: jax.Array
+    output: Weight | None  # None: tied to the embedding
+    inv_freq: jax.Array  # [L, rot/2] per-layer rope inverse frequencies (local and global layers differ)
+
+
+def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    if p.moe is not None:
+        return moe_ffn(p.moe, cfg.moe, h)
+    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation)
+
+
+def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], decode: bool, pos: jax.Array, valid_len: jax.Array):
+    """Scan body over units: carry (x, cache arrays); xs = (unit params, cache indices, rope, windows)."""
+
+    def body(carry, xs):
+        x, kv, rec = carry
+        unit, attn_ids, rec_ids, inv_freq, windows = xs
+        for i, (p, kind) in enumerate(zip(unit, kinds, strict=True)):
+            h = rms_norm(x, p.attn_norm, cfg.rms_eps)
+            if kind == ATTENTION:
+                a, kv = attention_mixer(p.mixer, cfg, h, pos, inv_freq[i], windows[i], kv, attn_ids[i], decode)
+            else:
+                state = (rec[0][rec_ids[i]], rec[1][rec_ids[i]])
+                a, (conv, ssm) = recurrent_mixer(p.mixer, cfg, h, state, valid_len, decode)
+                rec = (rec[0].at[rec_ids[i]].set(conv), rec[1].at[rec_ids[i]].set(ssm))
+            if p.post_mixer_norm is not None:
+                a = rms_norm(a, p.post_mixer_norm, cfg.rms_eps)
+            x = x + a
+            m = _ffn(p, cfg, rms_norm(x, p.ffn_norm, cfg.rms_eps))
+            if p.post_ffn_norm is not None:
+                m = rms_norm(m, p.post_ffn_norm, cfg.rms_eps)
+            x = x + m
+        return (x, kv, rec), None
+
+    return body
+
+
+def _layer_indices(kinds: tuple[str, ...], start: int, n_units: int, cfg: ModelConfig):
+    """Per unit and position: the global layer id, and the index into the attention / recurrent caches."""
+    all_kinds = cfg.kinds
+    attn_before = [all_kinds[:i].count(ATTENTION) for i in range(cfg.n_layers)]
+    layer = start + jnp.arange(n_units)[:, None] * len(kinds) + jnp.arange(len(kinds))[None, :]
+    attn = jnp.asarray(attn_before, jnp.int32)[layer]
+    return layer, attn, layer - attn
+
+
+def forward(
+    params: Decoder,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    pos: jax.Array,
+    cache: Cache,
+    *,
+    decode: bool,
+    valid_len: jax.Array | None = None,
+    logits_at: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
+    """Run tokens [B, T] at positions pos [B, T] and update the cache.
+
+    Prefill (decode=False) starts at position 0 and attends within the chunk; ``valid_len`` [B] marks right
+    padding, which the recurrent state must not see. Decode attends over the cache. ``logits_at`` [B] picks one
+    position per row for the output head (generation); None returns all positions. Logits are f32.
+    """
+    b, t = tokens.shape
+    if valid_len is None:
+        valid_len = jnp.full((b,), t, jnp.int32)
+    x = ops.embed(params.embed, tokens, jnp.float32)
+    x = (x * cfg.embed_scale if cfg.embed_scale != 1.0 else x).astype(cache.dtype)
+    windows = jnp.asarray(cfg.layer_window, jnp.int32)
+    kv, rec = cache.kv_arrays(), cache.recurrent_arrays()
+    start = 0
+    for unit in params.segments:
+        kinds = tuple(ATTENTION if isinstance(p.mixer, Attention) else "recurrent" for p in unit)
+        n_units = jax.tree.leaves(unit)[0].shape[0]
+        layer, attn_ids, rec_ids = _layer_indices(kinds, start, n_units, cfg)
+        xs = (unit, attn_ids, rec_ids, params.inv_freq[layer], windows[layer])
+        body = _unit_body(cfg, kinds, decode, pos, valid_len)
+        (x, kv, rec), _ = jax.lax.scan(body, (x, kv, rec), xs)
+        start += n_units * len(kinds)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+    x = rms_norm(x, params.output_norm, cfg.rms_eps)
+    head = params.embed if params.output is None else params.output
+    logits = softcap(ops.matmul(x, head, jnp.float32), cfg.final_softcap)
+    return logits, cache.replace(kv, rec)

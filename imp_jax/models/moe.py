@@ -1,0 +1,262 @@
+"""Mixture-of-experts feed-forward (Qwen3-MoE, Qwen3.5-MoE, Qwen3-Next, gpt-oss) as pure JAX.
+
+Layout follows llama.cpp's GGUF files: router ``ffn_gate_inp`` [E, D] (+ bias for gpt-oss), expert stacks
+``ffn_{gate,up}_exps`` [E, F, D] and ``ffn_down_exps`` [E, D, F] (+ per-expert biases for gpt-oss), or gate and
+up fused as ``ffn_gate_up_exps`` [E, 2F, D] with the gate rows first (the converter's ``torch.cat([gate, up])``
+and ``build_moe_ffn``'s views), and a shared expert ``ffn_*_shexp`` with a per-token sigmoid gate
+``ffn_gate_inp_shexp`` [D]. A quantized stack is one ``QTensor`` whose data has a leading expert axis.
+
+Router logits, routing weights, activations and the weighted sum of the experts are f32 (DESIGN rule 2).
+
+Expert matmuls go through ``expert_matmul``, which has two paths picked from static shapes by ``expert_path``:
+
+* ``gather``: each (token, slot) row gathers its expert's packed rows and dequantizes only those, so a decode
+  step reads top_k experts per token and never the rest of the stack.
+* ``grouped``: rows are sorted by expert, the stack is dequantized once and ``lax.ragged_dot_general`` multiplies
+  each group with its expert.
+
+The gather path dequantizes one expert matrix per row and the grouped path every expert once, so gather is
+picked while the rows (tokens x top_k) are no more than the experts; beyond that most experts are hit anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from imp_jax.errors import KernelError, UnsupportedModel
+from imp_jax.gguf.qtensor import QTensor
+from imp_jax.models.layers import gated_mlp
+
+Weight = QTensor | jax.Array
+
+GATHER = "gather"
+GROUPED = "grouped"
+GATINGS = ("softmax", "topk_softmax")
+ACTIVATIONS = ("silu", "swiglu_oai")
+
+# x [M, K] rows against the stack [E, N, K]: contract K with K, rows of x are ragged over the expert axis.
+_GROUPED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Static MoE settings, read from the file's ``expert_*`` keys.
+
+    ``gating``: "softmax" takes the top-k of a softmax over all experts (renormalised over the k when
+    ``norm_topk``; llama.cpp always does for qwen3moe, qwen35moe and qwen3next); "topk_softmax" (gpt-oss) takes
+    the top-k logits and a softmax over those k. ``activation``: "silu" is SwiGLU; "swiglu_oai" is gpt-oss's
+    clamped variant ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
+    """
+
+    n_experts: int
+    top_k: int
+    n_ff_exp: int
+    gating: str = "softmax"
+    norm_topk: bool = True
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    has_shared: bool = False
+    shared_gate: bool = False
+
+    def __post_init__(self):
+        if self.gating not in GATINGS:
+            raise UnsupportedModel(f"expert gating '{self.gating}' is not supported (supported: {GATINGS})")
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModel(f"expert activation '{self.activation}' is not supported ({ACTIVATIONS})")
+        if not 0 < self.top_k <= self.n_experts:
+            raise UnsupportedModel(f"{self.top_k} experts used per token out of {self.n_experts} is not valid")
+        if self.shared_gate and not self.has_shared:
+            raise UnsupportedModel("a shared-expert gate without a shared expert")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoE:
+    """One layer's MoE weights (inside a layer scan, so no layer axis). Either ``gate_exps`` and ``up_exps`` or
+    the fused ``gate_up_exps`` is set; biases are f32, ``*_bias`` of the experts are per expert ([E, F] / [E, D])."""
+
+    router: Weight  # ffn_gate_inp [E, D]
+    down_exps: Weight  # [E, D, F]
+    gate_exps: Weight | None = None  # [E, F, D]
+    up_exps: Weight | None = None  # [E, F, D]
+    gate_up_exps: Weight | None = None  # [E, 2F, D], gate rows first
+    router_bias: jax.Array | None = None  # [E]
+    gate_bias: jax.Array | None = None  # [E, F]
+    up_bias: jax.Array | None = None  # [E, F]
+    down_bias: jax.Array | None = None  # [E, D]
+    shared_gate: Weight | None = None  # ffn_gate_shexp [Fs, D]
+    shared_up: Weight | None = None  # ffn_up_shexp [Fs, D]
+    shared_down: Weight | None = None  # ffn_down_shexp [D, Fs]
+    shared_router: Weight | None = None  # ffn_gate_inp_shexp [D] (or [1, D]): one gate logit per token
+
+
+# --- the expert matmul --------------------------------------------------------------------------------------
+
+
+def expert_path(n_rows: int, n_experts: int) -> str:
+    """The path ``moe_ffn`` takes for ``n_rows`` = tokens x top_k rows (static, so visible to the memory plan)."""
+    return GATHER if n_rows <= n_experts else GROUPED
+
+
+def _dense(w: Weight, dtype) -> jax.Array:
+    return w.dequantize(dtype) if isinstance(w, QTensor) else w.astype(dtype)
+
+
+def _take_experts(w: Weight, ids: jax.Array) -> Weight:
+    """The experts ``ids`` of a stack, still packed: only their blocks are read."""
+    if isinstance(w, QTensor):
+        scale = None if w.scale is None else jnp.take(w.scale, ids, axis=0)
+        return QTensor(jnp.take(w.data, ids, axis=0), scale, w.qtype, w.shape)
+    return jnp.take(w, ids, axis=0)
+
+
+def _stack_shape(w: Weight) -> tuple[int, ...]:
+    return w.full_shape if isinstance(w, QTensor) else tuple(w.shape)
+
+
+def expert_matmul(
+    x: jax.Array, w: Weight, expert_ids: jax.Array, group_sizes: jax.Array | None = None, out_dtype=None
+) -> jax.Array:
+    """Row m of ``x`` [M, K] times expert ``expert_ids[m]`` of the stack ``w`` [E, N, K]: ``x[m] @ W[e].T``.
+
+    The expert counterpart of ``ops.matmul``: weights dequantized to x.dtype, f32 accumulation, result in
+    ``out_dtype`` (default x.dtype). Without ``group_sizes`` every row gathers its own expert (gather path).
+    With ``group_sizes`` [E] the rows are sorted by expert, ``group_sizes[e]`` rows for expert e, and one grouped
+    matmul runs over the whole dequantized stack (grouped path).
+    """
+    shape = _stack_shape(w)
+    if len(shape) != 3 or x.ndim != 2 or shape[2] != x.shape[1] or expert_ids.shape != x.shape[:1]:
+        raise KernelError(
+            f"expert_matmul: x {x.shape} {x.dtype}, experts {expert_ids.shape} against a stack {shape} "
+            "(want x [M, K], expert ids [M], stack [E, N, K])"
+        )
+    if group_sizes is None:
+        wd = _dense(_take_experts(w, expert_ids), x.dtype)
+        y = jnp.einsum("mk,mnk->mn", x, wd, preferred_element_type=jnp.float32)
+    else:
+        y = jax.lax.ragged_dot_general(
+            x, _dense(w, x.dtype), group_sizes, _GROUPED_DIMS, preferred_element_type=jnp.float32
+        )
+    return y.astype(out_dtype or x.dtype)
+
+
+# --- routing ------------------------------------------------------------------------------------------------
+
+
+def router_logits(p: MoE, x: jax.Array) -> jax.Array:
+    """f32 logits [..., E] at full f32 precision: a TF32 or bf16 router would flip near-tied expert choices."""
+    w = _dense(p.router, jnp.float32)
+    logits = jnp.einsum("...d,ed->...e", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return logits if p.router_bias is None else logits + p.router_bias.astype(jnp.float32)
+
+
+def route(logits: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """Routing weights (f32) and expert ids (int32), both [..., top_k], best expert first."""
+    logits = logits.astype(jnp.float32)
+    if cfg.gating == "softmax":
+        weights, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.top_k)
+        if cfg.norm_topk:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    else:
+        top, ids = jax.lax.top_k(logits, cfg.top_k)
+        weights = jax.nn.softmax(top, axis=-1)
+    return weights, ids.astype(jnp.int32)
+
+
+def activate(gate: jax.Array, up: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """The gated activation of the experts, in f32."""
+    gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
+    if cfg.activation == "silu":
+        return jax.nn.silu(gate) * up
+    gate = jnp.minimum(gate, cfg.swiglu_limit)
+    up = jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
+    return gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (up + 1.0)
+
+
+# --- the layer ----------------------------------------------------------------------------------------------
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None, ids: jax.Array) -> jax.Array:
+    return y if bias is None else y + jnp.take(bias, ids, axis=0).astype(jnp.float32)
+
+
+def _experts(p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: jax.Array | None) -> jax.Array:
+    """Down-projected expert outputs [M, D] (f32, biases added) for rows x [M, D] routed to experts ids [M]."""
+    if p.gate_up_exps is not None:
+        gate_up = expert_matmul(x, p.gate_up_exps, ids, group_sizes, jnp.float32)
+        gate, up = gate_up[:, : cfg.n_ff_exp], gate_up[:, cfg.n_ff_exp :]
+    else:
+        gate = expert_matmul(x, p.gate_exps, ids, group_sizes, jnp.float32)
+        up = expert_matmul(x, p.up_exps, ids, group_sizes, jnp.float32)
+    gate, up = _add_bias(gate, p.gate_bias, ids), _add_bias(up, p.up_bias, ids)
+    h = activate(gate, up, cfg).astype(x.dtype)
+    return _add_bias(expert_matmul(h, p.down_exps, ids, group_sizes, jnp.float32), p.down_bias, ids)
+
+
+def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
+    """The always-on expert (f32), scaled per token by ``sigmoid(x . w)`` when the file has that gate."""
+    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu").astype(jnp.float32)
+    if cfg.shared_gate:
+        w = _dense(p.shared_router, jnp.float32).reshape(-1)
+        logit = jnp.einsum("...d,d->...", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+        y = y * jax.nn.sigmoid(logit)[..., None]
+    return y
+
+
+def moe_ffn(p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None) -> jax.Array:
+    """The MoE feed-forward of x [B, T, D] -> [B, T, D], touching only the routed experts' weights on the gather
+    path. ``path`` pins the expert path (tests, debugging); default ``expert_path`` of the static shapes."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    weights, ids = route(router_logits(p, xf), cfg)  # [N, k]
+    rows = ids.reshape(-1)  # token-major: row n * k + j is token n's j-th expert
+    token = jnp.arange(rows.size) // cfg.top_k
+    path = path or expert_path(rows.size, cfg.n_experts)
+    if path == GATHER:
+        y = _experts(p, cfg, xf[token], rows, None)
+    elif path == GROUPED:
+        order = jnp.argsort(rows, stable=True)
+        group_sizes = jnp.bincount(rows, length=cfg.n_experts).astype(jnp.int32)
+        y_sorted = _experts(p, cfg, xf[token[order]], rows[order], group_sizes)
+        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    else:
+        raise KernelError(f"moe_ffn: unknown expert path '{path}' (use '{GATHER}' or '{GROUPED}')")
+    out = jnp.sum(y.reshape(b * t, cfg.top_k, d) * weights[..., None], axis=1)
+    if cfg.has_shared:
+        out = out + _shared_expert(p, cfg, xf)
+    return out.astype(x.dtype).reshape(b, t, d)
+
+
+def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
+    """Reference: every expert on every token, weighted by the routing weights scattered over all E experts
+    (zero for the experts not chosen). Reads every weight; for tests only."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    weights, ids = route(router_logits(p, xf), cfg)
+    n = xf.shape[0]
+    mix = jnp.zeros((n, cfg.n_experts), jnp.float32).at[jnp.arange(n)[:, None], ids].set(weights)
+
+    def project(w: Weight, h: jax.Array) -> jax.Array:  # h [N, K] through every expert -> [N, E, Nout]
+        return jnp.einsum("nk,eok->neo", h, _dense(w, h.dtype), preferred_element_type=jnp.float32)
+
+    def per_expert(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+        return y if bias is None else y + bias.astype(jnp.float32)[None]
+
+    if p.gate_up_exps is not None:
+        gate_up = project(p.gate_up_exps, xf)
+        gate, up = gate_up[..., : cfg.n_ff_exp], gate_up[..., cfg.n_ff_exp :]
+    else:
+        gate, up = project(p.gate_exps, xf), project(p.up_exps, xf)
+    h = activate(per_expert(gate, p.gate_bias), per_expert(up, p.up_bias), cfg).astype(x.dtype)
+    down = _dense(p.down_exps, h.dtype)
+    y = per_expert(jnp.einsum("nef,edf->ned", h, down, preferred_element_type=jnp.float32), p.down_bias)
+    out = jnp.einsum("ne,ned->nd", mix, y)
+    if cfg.has_shared:
+        out = out + _shared_expert(p, cfg, xf)
+    return out.astype(x.dtype).reshape(b, t, d)

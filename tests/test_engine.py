@@ -9,43 +9,22 @@ import pytest
 
 from imp_jax import engine, sampling
 from imp_jax.cache import init_cache
-from imp_jax.config import config_from_gguf
-from imp_jax.gguf import open_gguf
-from imp_jax.models.decoder import forward
-from imp_jax.params import load_params, param_specs
-
-
-def _load_raw(path, dtype):
-    mf = open_gguf(path)
-    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
-    return cfg, load_params(mf, cfg, param_specs(mf, cfg, dtype))
-
-
-def _incremental_logits(params, cfg, ids, split, max_len, dtype):
-    """Prefill ids[:split], then feed the rest one token at a time through the decode path."""
-    logits, cache = engine.run_prefill(params, cfg, ids[:split], max_len, dtype, all_logits=True)
-    out = [np.asarray(logits[0, :split])]
-    for i in range(split, len(ids)):
-        tok = jnp.asarray([[ids[i]]], jnp.int32)
-        pos = jnp.asarray([[i]], jnp.int32)
-        step, cache = forward(params, cfg, tok, pos, cache, decode=True)
-        out.append(np.asarray(step[0]))
-    return np.concatenate(out)
+from tests.helpers import incremental_logits, load_raw
 
 
 @pytest.mark.parametrize("name", ["tinycoder", "smollm2-135m"])
 def test_prefill_then_decode_equals_full_forward(real_model, name):
-    cfg, params = _load_raw(real_model(name), "float32")
+    cfg, params = load_raw(real_model(name), "float32")
     ids = [int(i) for i in np.random.default_rng(0).integers(3, cfg.vocab_size, 21)]
     full, _ = engine.run_prefill(params, cfg, ids, 32, jnp.float32, all_logits=True)
     full = np.asarray(full[0, : len(ids)])
-    inc = _incremental_logits(params, cfg, ids, 5, 32, jnp.float32)
+    inc = incremental_logits(params, cfg, ids, 5, 32, jnp.float32)
     np.testing.assert_allclose(inc, full, atol=2e-4, rtol=2e-4)
     assert (inc.argmax(-1) == full.argmax(-1)).all()
 
 
 def test_padding_bucket_does_not_change_logits(real_model):
-    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    cfg, params = load_raw(real_model("tinycoder"), "float32")
     ids = [5, 17, 300, 12, 9]
     a, _ = engine.run_prefill(params, cfg, ids, 16, jnp.float32, all_logits=True)
     b, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
@@ -58,7 +37,7 @@ def test_bucket_sizes():
 
 
 def test_new_prompt_length_in_same_bucket_does_not_recompile(real_model):
-    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    cfg, params = load_raw(real_model("tinycoder"), "float32")
     engine.run_prefill(params, cfg, [1, 2, 3], 64, jnp.float32)
     before = engine.prefill_step._cache_size()
     engine.run_prefill(params, cfg, [1, 2, 3, 4, 5, 6, 7], 64, jnp.float32)
@@ -71,7 +50,7 @@ def _stream(params, cfg, ids, sp, n):
 
 
 def test_greedy_stream_matches_argmax_of_full_forward(real_model):
-    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    cfg, params = load_raw(real_model("tinycoder"), "float32")
     ids = [1, 450, 4996, 310]
     out, timings = _stream(params, cfg, ids, sampling.SamplingParams(), 6)
     assert len(out) == 6 and timings["prefill_s"] > 0
@@ -83,7 +62,7 @@ def test_greedy_stream_matches_argmax_of_full_forward(real_model):
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(real_model):
-    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    cfg, params = load_raw(real_model("tinycoder"), "float32")
     sp = sampling.SamplingParams(temperature=1.5, top_k=50, top_p=0.95, min_p=0.01, repeat_penalty=1.1, seed=3)
     a, _ = _stream(params, cfg, [1, 2, 3], sp, 12)
     b, _ = _stream(params, cfg, [1, 2, 3], sp, 12)
@@ -117,9 +96,9 @@ def test_repeat_penalty_follows_llama_cpp_rule():
 def test_bf16_cache_and_compute_stay_close_to_f32(real_model):
     path = real_model("smollm2-135m")
     ids = [504, 3575, 282, 4649, 314]
-    cfg, p32 = _load_raw(path, "float32")
+    cfg, p32 = load_raw(path, "float32")
     f32, _ = engine.run_prefill(p32, cfg, ids, 16, jnp.float32, all_logits=True)
-    _, p16 = _load_raw(path, "bfloat16")
+    _, p16 = load_raw(path, "bfloat16")
     b16, _ = engine.run_prefill(p16, cfg, ids, 16, jnp.bfloat16, all_logits=True)
     f32, b16 = np.asarray(f32[0, :5]), np.asarray(b16[0, :5])
     assert b16.dtype == np.float32
@@ -130,7 +109,7 @@ def test_bf16_cache_and_compute_stay_close_to_f32(real_model):
 def test_empty_prompt_and_overflow_raise_imp_errors(real_model):
     from imp_jax.errors import ContextOverflow, ImpError
 
-    cfg, params = _load_raw(real_model("tinycoder"), "float32")
+    cfg, params = load_raw(real_model("tinycoder"), "float32")
     with pytest.raises(ImpError, match="empty"):
         engine.run_prefill(params, cfg, [], 16, jnp.float32)
     with pytest.raises(ContextOverflow, match="20 tokens but the context holds 16"):
@@ -138,7 +117,7 @@ def test_empty_prompt_and_overflow_raise_imp_errors(real_model):
 
 
 def test_cache_init_is_zero_and_sized_from_config(real_model):
-    cfg, _ = _load_raw(real_model("tinycoder"), "float32")
+    cfg, _ = load_raw(real_model("tinycoder"), "float32")
     c = init_cache(cfg, 1, 8, jnp.bfloat16)
     assert c.k.shape == (cfg.n_layers, 1, 8, cfg.n_head_kv, cfg.head_dim) and not np.asarray(c.k, np.float32).any()
     assert c.ssm.shape[0] == 0

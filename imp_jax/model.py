@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax import engine
-from imp_jax.chat import render_chat
+from imp_jax.chat import ChatTemplate
 from imp_jax.config import ModelConfig, config_from_gguf
 from imp_jax.errors import ContextOverflow, ImpError
 from imp_jax.files import open_model_file
@@ -53,6 +53,7 @@ class Model:
         self.dtype = dtype
         self.max_context = max_context
         self.batch = batch
+        self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
 
     def __repr__(self) -> str:
         c = self.config
@@ -66,16 +67,8 @@ class Model:
         return self.file.path
 
     def chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
-        """The conversation rendered with the GGUF's own template (ChatML when the file has none)."""
-        tok = self.tokenizer
-        return render_chat(
-            self.file.metadata.get("tokenizer.chat_template"),
-            list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else "",
-            eos_token=tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else "",
-            **kwargs,
-        )
+        """The conversation rendered with the GGUF's own template (ChatML when the file has none, as llama.cpp)."""
+        return self._chat.render(list(messages), add_generation_prompt=add_generation_prompt, **kwargs)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """[len(token_ids), vocab] f32: one causal forward of the whole sequence from an empty cache."""
@@ -225,7 +218,7 @@ class _Run:
                 self.finish_reason = "stop"
                 break
             self.out_ids.append(tok)
-            self.text += decoder.feed(tok)
+            self.text += decoder.push(tok)
             cut = self._stop_at()
             if cut is not None:
                 self.text = self.text[:cut]
@@ -237,7 +230,7 @@ class _Run:
                 emitted = safe
         tokens.close()
         if cut is None:
-            self.text += decoder.flush()
+            self.text += decoder.finish()
         if len(self.text) > emitted:
             yield self.text[emitted:]
 

@@ -1,0 +1,50 @@
+"""CPU prefill/decode speed of the real registry models, beside llama.cpp's figures on the same 2-core machine.
+
+Usage: python benchmarks/cpu_models.py [--models smollm2-135m,gemma3-270m,qwen2.5-0.5b] [--tokens 64]
+llama.cpp figures: llama-cpp-python 0.3.36 built from its sdist, 2 threads, greedy decode (from models.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import imp_jax
+
+LLAMA_CPP_DECODE = {"smollm2-135m": "112-117", "gemma3-270m": "60-67", "qwen2.5-0.5b": "38-42"}
+PROMPT = "The history of the printing press begins in"
+
+
+def measure(name: str, tokens: int, reps: int, dtype: str) -> dict:
+    t0 = time.perf_counter()
+    model = imp_jax.load(name, dtype=dtype, max_context=512)
+    load_s = time.perf_counter() - t0
+    imp_jax.generate(model, PROMPT, max_tokens=tokens)  # compile
+    runs = [imp_jax.generate(model, PROMPT, max_tokens=tokens) for _ in range(reps)]
+    return dict(
+        model=name,
+        load_s=load_s,
+        prompt=runs[0].timings.prompt_tokens,
+        prefill=statistics.median(r.timings.prefill_tok_s for r in runs),
+        decode=statistics.median(r.timings.decode_tok_s for r in runs),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(LLAMA_CPP_DECODE))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    rows = [measure(m, args.tokens, args.reps, args.dtype) for m in args.models.split(",")]
+    print(f"\n| model | dtype | load s | prompt tok | prefill tok/s | decode tok/s | llama.cpp decode tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {args.dtype} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
+              f"{r['decode']:.1f} | {LLAMA_CPP_DECODE.get(r['model'], '-')} |")
+
+
+if __name__ == "__main__":
+    main()

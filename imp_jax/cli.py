@@ -82,6 +82,19 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from imp_jax.gguf import open_gguf
+    from imp_jax.quantize import quantize_file
+
+    mf = open_gguf(args.input)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"quantizing to {args.type}", total=len(mf.tensors))
+        out = quantize_file(mf, args.output, args.type, on_tensor=lambda _: bar.advance(task))
+    print(out)
+
+
 def _add_model(p: argparse.ArgumentParser, *, required: bool) -> None:
     from imp_jax.registry import DEFAULT_MODEL
 
@@ -132,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_generation(p, max_tokens=512)
     p.set_defaults(run=_cmd_chat)
+
+    p = sub.add_parser("quantize", help="rewrite a GGUF with its weight matrices in another quant type")
+    p.add_argument("input", help="input .gguf")
+    p.add_argument("output", help="output .gguf (written atomically)")
+    p.add_argument("--type", required=True, choices=["mxfp4", "q8_0", "q4_0"])
+    p.set_defaults(run=_cmd_quantize)
     return parser
 
 

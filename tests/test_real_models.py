@@ -73,9 +73,14 @@ def _repetition(words: list[str], n: int) -> float:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_no_degeneration_over_256_greedy_tokens(name):
-    """imp's DegenerationTest: 3-gram repetition < 0.4 and 5-gram < 0.3, no special tokens, deterministic."""
+    """imp's DegenerationTest: 3-gram repetition < 0.4 and 5-gram < 0.3, no special tokens, deterministic.
+    Instruct models (with a chat template) get the request as a chat turn, base models as plain text."""
     model = imp_jax.load(name, max_context=512)
-    prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    request = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    prompt: str | list[int] = request
+    if "tokenizer.chat_template" in model.file.metadata:
+        chat = model.chat_template([{"role": "user", "content": request}])
+        prompt = model.tokenizer.encode(chat, add_special=False)
     a = imp_jax.generate(model, prompt, max_tokens=256)
     b = imp_jax.generate(model, prompt, max_tokens=256)
     assert a.token_ids == b.token_ids and a.text == b.text

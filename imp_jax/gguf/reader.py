@@ -130,6 +130,7 @@ class ModelFile:
     path: Path
     version: int
     metadata: Mapping[str, Any]
+    metadata_types: Mapping[str, tuple[GGUFValueType, ...]]  # value type (and array item type) per key
     tensors: Mapping[str, TensorInfo]
     alignment: int
     data_offset: int
@@ -174,6 +175,7 @@ def open_gguf(path: str | os.PathLike[str]) -> ModelFile:
         path=path,
         version=int(reader.fields["GGUF.version"].parts[0][0]),
         metadata=metadata,
+        metadata_types={name: tuple(f.types) for name, f in reader.fields.items() if not name.startswith("GGUF.")},
         tensors=tensors,
         alignment=int(reader.alignment),
         data_offset=int(reader.data_offset),

@@ -1,0 +1,104 @@
+"""``imp-jax quantize``: rewrite a GGUF with its weight matrices in another block format, through gguf.quants.
+
+Follows llama-quantize's rules: 1-D tensors (norms, biases), routers, the conv filter and tensors whose rows do not
+split into blocks keep their type; the token embedding and output head take Q8_0 under 4-bit targets (they are the
+most sensitive matrices, and llama.cpp's MXFP4 files keep them 8-bit too). The output is written to a temporary
+file next to OUT and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_SIZES,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+)
+from gguf import quants as gguf_quants
+
+from imp_jax.errors import ImpError
+from imp_jax.gguf.qtensor import row_bytes
+from imp_jax.gguf.quant import dequantize
+from imp_jax.gguf.reader import ModelFile, TensorInfo
+
+_T = GGMLQuantizationType
+TARGETS = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_0": _T.Q4_0}
+_FILE_TYPES = {
+    _T.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
+    _T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    _T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+}
+_KEEP = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.SSM_CONV1D, MODEL_TENSOR.ROPE_FREQS}
+_HEADS = {TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD], TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}
+
+
+def target_type(info: TensorInfo, target: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type a tensor gets in the output file."""
+    base = info.name.removesuffix(".weight")
+    if len(info.shape) < 2 or not info.name.endswith(".weight"):
+        return _T(info.qtype)
+    if any(f".{TENSOR_NAMES[k].split('.')[-1]}." in f".{info.name}" for k in _KEEP):
+        return _T(info.qtype)
+    want = _T.Q8_0 if base in _HEADS and target != _T.Q8_0 else target
+    if info.shape[-1] % GGML_QUANT_SIZES[want][0]:
+        return _T(info.qtype)
+    return want
+
+
+def quantize_file(
+    mf: ModelFile, out: str | os.PathLike[str], target: str, *, on_tensor: Callable[[str], None] | None = None
+) -> Path:
+    """Write ``mf`` to ``out`` with its weight matrices in ``target`` (mxfp4, q8_0 or q4_0)."""
+    if target not in TARGETS:
+        raise ImpError(f"quant type '{target}' is not one imp-jax can write; choose one of {', '.join(TARGETS)}")
+    qtype = TARGETS[target]
+    out = Path(out)
+    if out.resolve() == mf.path.resolve():
+        raise ImpError(f"{out}: the output would overwrite the input file")
+    tmp = out.with_name(out.name + ".partial")
+    writer = GGUFWriter(tmp, mf.arch)
+    try:
+        _copy_metadata(mf, writer, qtype)
+        for info in mf.tensors.values():
+            writer.add_tensor(info.name, *_convert(mf, info, target_type(info, qtype)))
+            if on_tensor is not None:
+                on_tensor(info.name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _copy_metadata(mf: ModelFile, writer: GGUFWriter, qtype: GGMLQuantizationType) -> None:
+    for key, value in mf.metadata.items():
+        if key in ("general.architecture", "general.file_type"):
+            continue
+        types = mf.metadata_types[key]
+        sub = types[1] if types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, list(value) if sub is not None else value, types[0], sub_type=sub)
+    writer.add_file_type(int(_FILE_TYPES[qtype]))
+
+
+def _convert(mf: ModelFile, info: TensorInfo, qtype: GGMLQuantizationType):
+    """(array, raw_shape, raw_dtype) for GGUFWriter.add_tensor: float arrays, or packed rows of bytes."""
+    raw = np.asarray(mf.raw(info.name))
+    if qtype == info.qtype:
+        if info.qtype in (_T.F32, _T.F16):
+            return raw.view(np.float32 if info.qtype == _T.F32 else np.float16).reshape(info.shape), None, None
+        return raw.reshape(*info.shape[:-1], row_bytes(info.qtype, info.shape[-1])), None, _T(info.qtype)
+    values = np.asarray(dequantize(raw, info.qtype, info.shape), np.float32)
+    return gguf_quants.quantize(values, qtype), None, qtype

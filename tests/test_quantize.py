@@ -1,0 +1,52 @@
+"""``imp-jax quantize``: rewritten files are valid, keep what must stay, and still generate the right text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import imp_jax
+from imp_jax.cli import main
+from imp_jax.errors import ImpError
+from imp_jax.gguf import open_gguf
+from imp_jax.quantize import quantize_file
+
+TEXT = (
+    "The lighthouse stood at the edge of the northern cliffs for nearly two hundred years. Its keepers kept "
+    "careful logs of every storm, every ship that passed, and every night the lamp burned until dawn."
+)
+
+
+def test_keeps_norms_and_names_every_tensor(real_model, tmp_path):
+    src = open_gguf(real_model("tinycoder"))
+    out = open_gguf(quantize_file(src, tmp_path / "q8.gguf", "q8_0"))
+    assert set(out.tensors) == set(src.tensors)
+    assert out.metadata["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]
+    for name, info in out.tensors.items():
+        splits_into_blocks = len(info.shape) > 1 and info.shape[-1] % 32 == 0
+        expect = "Q8_0" if splits_into_blocks else src.tensors[name].qtype_name
+        assert info.qtype_name == expect, name
+    assert out.nbytes_by_qtype()["Q8_0"] > 0
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_type_and_overwrite_are_refused(real_model, tmp_path):
+    src = open_gguf(real_model("tinycoder"))
+    with pytest.raises(ImpError, match="mxfp4, q8_0, q4_0"):
+        quantize_file(src, tmp_path / "x.gguf", "q3_k")
+    with pytest.raises(ImpError, match="overwrite"):
+        quantize_file(src, src.path, "q8_0")
+
+
+@pytest.mark.slow
+def test_smollm2_in_mxfp4_still_says_paris_and_agrees_with_the_original(real_model, tmp_path, capsys):
+    out = tmp_path / "smollm2-mxfp4.gguf"
+    assert main(["quantize", str(real_model("smollm2-135m")), str(out), "--type", "mxfp4"]) == 0
+    assert open_gguf(out).nbytes_by_qtype()["MXFP4"] > 0
+    q = imp_jax.load(out, max_context=256)
+    assert imp_jax.generate(q, "The capital of France is", max_tokens=3).text.startswith(" Paris")
+    ids = q.tokenizer.encode(TEXT)
+    original = imp_jax.load("smollm2-135m", max_context=256)
+    agree = (q.logits(ids).argmax(-1) == original.logits(ids).argmax(-1)).mean()
+    assert agree >= 0.9, agree
+    np.testing.assert_equal(q.tokenizer.encode(TEXT), original.tokenizer.encode(TEXT))

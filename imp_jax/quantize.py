@@ -54,12 +54,21 @@ def target_type(info: TensorInfo, target: GGMLQuantizationType) -> GGMLQuantizat
 
 
 def quantize_file(
-    mf: ModelFile, out: str | os.PathLike[str], target: str, *, on_tensor: Callable[[str], None] | None = None
+    mf: ModelFile,
+    out: str | os.PathLike[str],
+    target: str | Callable[[TensorInfo], GGMLQuantizationType],
+    *,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``mf`` to ``out`` with its weight matrices in ``target`` (mxfp4, q8_0 or q4_0)."""
-    if target not in TARGETS:
-        raise ImpError(f"quant type '{target}' is not one imp-jax can write; choose one of {', '.join(TARGETS)}")
-    qtype = TARGETS[target]
+    """Write ``mf`` to ``out`` with its weight matrices in ``target`` (mxfp4, q8_0 or q4_0), or with the type a
+    function picks per tensor (any type gguf.quants can write: mixed-format files for tests)."""
+    if isinstance(target, str):
+        if target not in TARGETS:
+            raise ImpError(f"quant type '{target}' is not one imp-jax can write; choose one of {', '.join(TARGETS)}")
+        qtype = TARGETS[target]
+        choose = lambda info: target_type(info, qtype)  # noqa: E731
+    else:
+        qtype, choose = None, target
     out = Path(out)
     if out.resolve() == mf.path.resolve():
         raise ImpError(f"{out}: the output would overwrite the input file")
@@ -68,7 +77,7 @@ def quantize_file(
     try:
         _copy_metadata(mf, writer, qtype)
         for info in mf.tensors.values():
-            writer.add_tensor(info.name, *_convert(mf, info, target_type(info, qtype)))
+            writer.add_tensor(info.name, *_convert(mf, info, choose(info)))
             if on_tensor is not None:
                 on_tensor(info.name)
         writer.write_header_to_file()
@@ -83,14 +92,15 @@ def quantize_file(
     return out
 
 
-def _copy_metadata(mf: ModelFile, writer: GGUFWriter, qtype: GGMLQuantizationType) -> None:
+def _copy_metadata(mf: ModelFile, writer: GGUFWriter, qtype: GGMLQuantizationType | None) -> None:
     for key, value in mf.metadata.items():
-        if key in ("general.architecture", "general.file_type"):
+        if key == "general.architecture" or (key == "general.file_type" and qtype is not None):
             continue
         types = mf.metadata_types[key]
         sub = types[1] if types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, list(value) if sub is not None else value, types[0], sub_type=sub)
-    writer.add_file_type(int(_FILE_TYPES[qtype]))
+    if qtype is not None:
+        writer.add_file_type(int(_FILE_TYPES[qtype]))
 
 
 def _convert(mf: ModelFile, info: TensorInfo, qtype: GGMLQuantizationType):
@@ -101,4 +111,6 @@ def _convert(mf: ModelFile, info: TensorInfo, qtype: GGMLQuantizationType):
             return raw.view(np.float32 if info.qtype == _T.F32 else np.float16).reshape(info.shape), None, None
         return raw.reshape(*info.shape[:-1], row_bytes(info.qtype, info.shape[-1])), None, _T(info.qtype)
     values = np.asarray(dequantize(raw, info.qtype, info.shape), np.float32)
+    if qtype in (_T.F32, _T.F16):
+        return values.astype(np.float32 if qtype == _T.F32 else np.float16), None, None
     return gguf_quants.quantize(values, qtype), None, qtype

@@ -1,0 +1,28 @@
+"""Pallas Mosaic-GPU kernels for Hopper: quantized matmul and attention.
+
+The surface ``imp_jax.ops`` dispatches to. Every entry point takes ``interpret=True`` to run its kernel in
+Mosaic GPU's CPU interpreter (tests), raises ``imp_jax.errors.KernelError`` naming op, shapes and dtypes when it
+cannot run, and has a jnp reference beside its kernel.
+
+- ``repack(qtensor) -> PackedWeight`` once at load (``can_repack`` says which QTensors qualify), then
+  ``quantized_matmul(x, w)`` for ``x @ W.T`` (``supports(w, x)`` checks first).
+- ``flash_attention(q, k, v, *, causal, window, sinks, scale)`` for prefill,
+  ``decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale)`` over a KV cache.
+"""
+
+from pallas.attention_decode import decode_attention
+from pallas.attention_prefill import flash_attention
+from pallas.qformats import Fmt, PackedWeight, can_repack, repack
+from pallas.qmatmul import MatmulConfig, quantized_matmul, supports
+
+__all__ = [
+    "Fmt",
+    "MatmulConfig",
+    "PackedWeight",
+    "can_repack",
+    "decode_attention",
+    "flash_attention",
+    "quantized_matmul",
+    "repack",
+    "supports",
+]

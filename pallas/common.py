@@ -1,0 +1,50 @@
+"""Small helpers shared by the kernels."""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def interpret_params(interpret: bool):
+    """The ``interpret=`` argument of ``plgpu.kernel``: CPU simulation (uninitialized memory reads as NaN)."""
+    return plgpu.InterpretGPUParams() if interpret else None
+
+
+def mma_accumulate(acc: jax.Array, a: jax.Array, b, *, interpret: bool, staging=None) -> jax.Array:
+    """``acc + a @ b`` for a register accumulator value ``acc`` and a register A operand; waits for the result.
+
+    On the GPU the MMA accumulates into ``acc``'s registers in place (``pl.run_state``); the interpreter cannot
+    discharge that, so it computes ``a @ b`` into a fresh accumulator and adds.
+    """
+    if not interpret:
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+    def fresh(acc_ref):
+        wgmma_from_regs(acc_ref, a, b, interpret=True, staging=staging)
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, acc.dtype))
+
+
+def wgmma_from_regs(acc_ref, a: jax.Array, b, *, interpret: bool, staging=None) -> None:
+    """``acc_ref += a @ b`` with ``a`` an array in registers (asynchronous on the GPU, like ``plgpu.wgmma``).
+
+    Mosaic GPU's interpreter only takes the A operand from shared memory, so in interpret mode ``a`` goes
+    through ``staging`` (an SMEM ref of a's shape; a scoped buffer when None, which the interpreter allows only
+    outside warp-specialized branches); on the GPU it stays in registers.
+    """
+    if not interpret:
+        plgpu.wgmma(acc_ref, a, b)
+        return
+
+    def via_smem(a_smem):
+        a_smem[...] = a
+        plgpu.wgmma(acc_ref, a_smem, b)
+        plgpu.wgmma_wait(0)
+
+    if staging is None:
+        pl.run_scoped(via_smem, plgpu.SMEM(a.shape, a.dtype))
+    else:
+        via_smem(staging)

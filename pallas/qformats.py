@@ -1,0 +1,237 @@
+"""Weight formats as the matmul kernel reads them: the repacked leaf, its repack from a QTensor, its jnp reference.
+
+GGUF interleaves scales with codes in odd-sized blocks (MXFP4 17 bytes, Q8_0 34, Q4_K 144), which no TMA box
+or 16-byte load can stride over. ``repack`` splits each format once, at load, into
+
+- ``qs``: uint8 ``[N_pad, K_pad * bits / 8]``, the codes alone, in *kernel order*: within every 16-byte group the
+  bytes are permuted so that the 4 bytes one thread reads from the wgmma register layout (``WGMMA_8BIT``: row
+  ``r``, bytes ``4q .. 4q+3``) decode with shifts and masks straight into that thread's bf16 operand registers
+  (``WGMMA``: row ``r``, columns ``8g + 2q, 8g + 2q + 1``) in logical K order. The decoders in
+  ``mgpu_decode.py`` rely on exactly this permutation (see ``_pack4`` / ``_pack8``).
+- ``scales``: the per-block scale planes, K-major (``[K_pad / block, N_pad]``) so a kernel tile of them is one
+  TMA box of ``tn`` contiguous bytes per block row.
+
+N is padded to a multiple of 128 and K to a multiple of 256 (the kernel's K steps); padded codes and scales are
+zero, so padded outputs are zero and padded inputs contribute nothing.
+The leaf carries its format and logical shape as static metadata (DESIGN rule 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import jax
+import jax.numpy as jnp
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from imp_jax.errors import KernelError
+
+_T = GGMLQuantizationType
+
+
+class Fmt(enum.Enum):
+    """A kernel weight format: its GGUF source type, code width and K padding."""
+
+    MXFP4 = (_T.MXFP4, 4)
+    Q8_0 = (_T.Q8_0, 8)
+    Q4_K = (_T.Q4_K, 4)
+
+    @property
+    def qtype(self) -> GGMLQuantizationType:
+        return self.value[0]
+
+    @property
+    def bits(self) -> int:
+        return self.value[1]
+
+    @property
+    def k_align(self) -> int:
+        """K padding: a multiple of every K step the kernel's tilings use (256, one Q4_K super-block)."""
+        return 256
+
+    @property
+    def out_scale(self) -> float:
+        """Factor the kernel applies to its f32 accumulator (MXFP4 decodes to value * 2**-32, see mgpu_decode)."""
+        return 2.0**32 if self is Fmt.MXFP4 else 1.0
+
+
+_BY_QTYPE = {f.qtype: f for f in Fmt}
+N_ALIGN = 128
+MXFP4_MAX_SCALE_BYTE = 160  # E8M0 byte: the decode multiplies by 2**(E - 33) in bf16 (mgpu_decode.py)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A quantized weight ``[N, K]`` (y = x @ W.T) in the matmul kernel's layout; made by ``repack``."""
+
+    qs: jax.Array
+    scales: tuple[jax.Array, ...]
+    fmt: Fmt = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * 8 // self.fmt.bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.qs, *self.scales))
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The logical ``[N, K]`` weight (jnp reference of this layout; exact in f32)."""
+        n, k = self.shape
+        return dequantize_packed(self)[:n, :k].astype(dtype)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def can_repack(qtype: int, shape: tuple[int, ...], stack_shape: tuple[int, ...] = ()) -> bool:
+    """Whether ``repack`` takes a QTensor of this qtype and shape (2-D, unstacked, a supported format)."""
+    return int(qtype) in {int(t) for t in _BY_QTYPE} and len(shape) == 2 and not stack_shape
+
+
+def repack(w) -> PackedWeight:
+    """QTensor (``imp_jax.gguf.QTensor``, 2-D) -> PackedWeight. Pure jnp; run once at load, on any device.
+
+    Called eagerly (as at load) it also checks that MXFP4 scales fit the kernel's decode (always true of real
+    checkpoints: 2**33 is far above any weight scale); under ``jit`` that check is skipped.
+    """
+    qtype = GGMLQuantizationType(int(w.qtype))
+    if not can_repack(qtype, tuple(w.shape), tuple(w.stack_shape)) or w.scale is not None:
+        raise KernelError(
+            f"pallas.repack: {qtype.name} weight of shape {tuple(w.full_shape)} is not supported "
+            f"(2-D MXFP4, Q8_0 or Q4_K only)"
+        )
+    fmt = _BY_QTYPE[qtype]
+    n, k = (int(d) for d in w.shape)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = jnp.asarray(w.data).reshape(n, k // block, type_size)
+    codes, scales = _SPLIT[fmt](blocks)
+    if fmt is Fmt.MXFP4 and not isinstance(scales[0], jax.core.Tracer):
+        top = int(scales[0].max())
+        if top > MXFP4_MAX_SCALE_BYTE:
+            raise KernelError(
+                f"pallas.repack: MXFP4 weight {tuple(w.shape)} has a block scale 2**{top - 127}; the kernel's "
+                f"bf16 decode holds scales up to 2**{MXFP4_MAX_SCALE_BYTE - 127} (use the XLA path)"
+            )
+    n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, fmt.k_align)
+    codes = jnp.pad(codes.reshape(n, k), ((0, n_pad - n), (0, k_pad - k)))
+    per_block = [k_pad // (k // s.shape[1]) for s in scales]
+    scales = tuple(
+        jnp.pad(s, ((0, n_pad - n), (0, nb - s.shape[1]))).T for s, nb in zip(scales, per_block, strict=True)
+    )
+    qs = _pack4(codes) if fmt.bits == 4 else _pack8(codes)
+    return PackedWeight(qs=qs, scales=scales, fmt=fmt, shape=(n, k))
+
+
+# --- per-format split of GGUF blocks into element codes [N, nb, block] and scale planes [N, nb'] ---------------
+
+
+def _f16_at(b: jax.Array, offset: int) -> jax.Array:
+    return jax.lax.bitcast_convert_type(b[..., offset : offset + 2], jnp.float16)
+
+
+def _split_mxfp4(b: jax.Array):
+    qs = b[..., 1:]
+    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1), (b[..., 0],)
+
+
+def _split_q8_0(b: jax.Array):
+    return b[..., 2:], (_f16_at(b, 0),)
+
+
+def _split_q4_k(b: jax.Array):
+    n, nsb, _ = b.shape
+    s = b[..., 4:16]
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = jnp.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = jnp.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    qs = b[..., 16:].reshape(n, nsb, 4, 1, 32)
+    codes = jnp.concatenate([qs & 0x0F, qs >> 4], axis=3)  # sub-block 2g: low nibbles, 2g+1: high
+    return codes.reshape(n, nsb, 256), (_f16_at(b, 0), _f16_at(b, 2), sc.reshape(n, -1), mn.reshape(n, -1))
+
+
+_SPLIT = {Fmt.MXFP4: _split_mxfp4, Fmt.Q8_0: _split_q8_0, Fmt.Q4_K: _split_q4_k}
+
+
+# --- kernel order ------------------------------------------------------------------------------------------------
+# 4-bit: each 16-byte group holds one 32-element block; byte 4q+2t+u carries element 16u+2q+t in its low nibble
+# and element 16u+8+2q+t in its high nibble. 8-bit: each 16-byte group holds 16 elements; byte 4q+2h+j carries
+# element 8h+2q+j. Axis names: q = thread in its quad, t/j = element in a bf16 pair, u/h = 8-column group.
+
+
+def _pack4(codes: jax.Array) -> jax.Array:
+    n, k = codes.shape
+    c = codes.reshape(n, k // 32, 2, 2, 4, 2)  # [n, block, u, nibble, q, t]
+    c = c.transpose(0, 1, 4, 5, 2, 3)  # [n, block, q, t, u, nibble]
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(n, k // 2)
+
+
+def _unpack4(qs: jax.Array) -> jax.Array:
+    n, kb = qs.shape
+    b = qs.reshape(n, kb // 16, 4, 2, 2)  # [n, block, q, t, u]
+    c = jnp.stack([b & 0x0F, b >> 4], axis=-1)  # [n, block, q, t, u, nibble]
+    return c.transpose(0, 1, 4, 5, 2, 3).reshape(n, kb * 2)
+
+
+def _pack8(codes: jax.Array) -> jax.Array:
+    n, k = codes.shape
+    return codes.reshape(n, k // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(n, k)
+
+
+def _unpack8(qs: jax.Array) -> jax.Array:
+    n, k = qs.shape
+    return qs.reshape(n, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(n, k)
+
+
+def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
+    """Kernel-order code bytes ``[rows, bytes]`` -> element codes ``[rows, K]`` (uint8) in logical order."""
+    return _unpack4(qs) if fmt.bits == 4 else _unpack8(qs)
+
+
+# --- values ----------------------------------------------------------------------------------------------------
+
+
+def decode_values(codes: jax.Array, scales: tuple[jax.Array, ...], fmt: Fmt) -> jax.Array:
+    """Element codes ``[rows, K]`` and row-major scale planes ``[rows, K / block]`` -> f32 weights.
+
+    MXFP4 values come out times ``2**-32`` (``fmt.out_scale`` undoes it), as the kernel decodes them.
+    """
+    k = codes.shape[1]
+
+    def per_block(s: jax.Array) -> jax.Array:
+        return jnp.repeat(s.astype(jnp.float32), k // s.shape[1], axis=1)
+
+    if fmt is Fmt.MXFP4:
+        return jnp.ldexp(_e2m1_doubled(codes), per_block(scales[0]).astype(jnp.int32) - 128 - 32)
+    if fmt is Fmt.Q8_0:
+        return jax.lax.bitcast_convert_type(codes, jnp.int8).astype(jnp.float32) * per_block(scales[0])
+    d, dmin, sc, mn = (per_block(s) for s in scales)
+    return codes.astype(jnp.float32) * (d * sc) - dmin * mn
+
+
+def _e2m1_doubled(codes: jax.Array) -> jax.Array:
+    """Doubled E2M1 values (gguf's ``kvalues``) by arithmetic: kernels may not close over a lookup table."""
+    c = codes.astype(jnp.int32)
+    e, m = (c >> 1) & 3, c & 1
+    mag = jnp.where(e == 0, m, (2 + m) << jnp.maximum(e - 1, 0))
+    return jnp.where(c >= 8, -mag, mag).astype(jnp.float32)
+
+
+def dequantize_packed(w: PackedWeight) -> jax.Array:
+    """f32 ``[N_pad, K_pad]`` of a PackedWeight, true values (``out_scale`` applied)."""
+    codes = unpack_codes(w.qs, w.fmt)
+    return decode_values(codes, tuple(s.T for s in w.scales), w.fmt) * w.fmt.out_scale
+
+
+def check_shape(w: PackedWeight) -> None:
+    """Raise KernelError when a leaf's arrays disagree with its static metadata (a hand-built leaf)."""
+    n_pad, k_pad = w.padded_shape
+    n, k = w.shape
+    if n_pad % N_ALIGN or k_pad % w.fmt.k_align or n_pad < n or k_pad < k or math.prod(w.qs.shape) == 0:
+        raise KernelError(f"pallas: inconsistent PackedWeight {w.fmt.name} shape {w.shape} qs {w.qs.shape}")

@@ -1,0 +1,195 @@
+"""Quantized weight x bf16 activation matmul (y = x @ W.T) on Hopper, Mosaic GPU.
+
+One kernel serves decode (1..16 tokens) and prefill: the *weights* sit in the wgmma M slot ("swap AB"). Each
+warpgroup decodes a ``[tn, 64]`` slice of W from its packed bytes straight into wgmma A-operand registers (integer
+shifts and masks, no FP4 hardware needed, see ``mgpu_decode.py``) and multiplies it with the activations' tile
+``x[tm, 64]`` read transposed from shared memory, accumulating ``acc[tn, tm] = W x^T`` in f32. For decode tm is
+the token count rounded up to 8, so no MMA work is wasted on padding to 64 rows, and the grid is split over K
+(``splits``) to put every SM to work streaming bytes; the f32 partial sums are added by XLA. TMA streams the
+code, scale and activation tiles through ``stages`` shared-memory buffers (``plgpu.emit_pipeline``).
+
+The kernel writes ``y^T`` (``[N, M]``); the wrapper transposes, sums the splits and casts in one XLA fusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from imp_jax.errors import KernelError
+from pallas import mgpu_decode
+from pallas.common import interpret_params, wgmma_from_regs
+from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
+
+CHUNK = 64  # K elements per wgmma: one 128-byte swizzled row of bf16 activations
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Tiling of one call: W rows per CTA, tokens per CTA, K per pipeline step, K splits, buffers."""
+
+    tn: int
+    tm: int
+    tk: int
+    splits: int = 1
+    stages: int = 3
+
+
+def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132) -> MatmulConfig:
+    """Tilings chosen on an H100 (``benchmarks/kernels.py --only tune``, see pallas/NOTES.md).
+
+    Decode: 64 W rows per CTA and the K range split in 4 or more (short K ranges per CTA beat a tail wave of
+    long ones). Prefill: 64 W rows x 128 tokens x 256 K per step, 3 buffers.
+    """
+    if m > 64:
+        if fmt is Fmt.Q8_0:
+            return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
+        return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
+    n_tiles = n_pad // 64
+    tk = 512 if n_tiles > 64 and k_pad % 512 == 0 else 256
+    k_steps = k_pad // tk
+    want = max(4, -(-num_sms // n_tiles))  # at least 4 splits, and a CTA for every SM
+    splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
+    return MatmulConfig(tn=64, tm=_round_up(max(m, 1), 8), tk=tk, splits=splits, stages=6 if tk == 256 else 4)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def supports(w: object, x: object) -> bool:
+    """Whether ``quantized_matmul(x, w)`` runs: a PackedWeight, bf16/f16/f32 x whose last axis is K."""
+    return (
+        isinstance(w, PackedWeight)
+        and hasattr(x, "shape")
+        and hasattr(x, "dtype")
+        and len(x.shape) >= 1
+        and x.shape[-1] == w.shape[1]
+        and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+    )
+
+
+def quantized_matmul(
+    x: jax.Array, w: PackedWeight, *, interpret: bool = False, config: MatmulConfig | None = None
+) -> jax.Array:
+    """``x @ W.T`` for x ``[..., K]`` and a PackedWeight ``[N, K]``; bf16 operands, f32 accumulation.
+
+    Returns ``[..., N]`` in x's dtype. Raises KernelError naming shapes and dtypes when it cannot run.
+    """
+    if not supports(w, x):
+        raise KernelError(
+            f"pallas.quantized_matmul: cannot run x {getattr(x, 'shape', '?')} {getattr(x, 'dtype', '?')} "
+            f"with weight {type(w).__name__} {getattr(w, 'shape', '?')} (needs a PackedWeight from "
+            f"pallas.repack and x[..., K] in bf16/f16/f32)"
+        )
+    check_shape(w)
+    n, k = w.shape
+    n_pad, k_pad = w.padded_shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    cfg = config or pick_config(w.fmt, n_pad, k_pad, m)
+    _check_config(cfg, w, m)
+    m_pad = _round_up(m, cfg.tm)
+    xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
+    out = _kernel_call(w.fmt, n_pad, k_pad, m_pad, cfg, interpret)(w.qs, *w.scales, xp)
+    y = out.sum(axis=0, dtype=jnp.float32) if cfg.splits > 1 else out[0]
+    return y[:n, :m].T.astype(x.dtype).reshape(*lead, n)
+
+
+def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
+    n_pad, k_pad = w.padded_shape
+    bad = (
+        cfg.tn % 64
+        or n_pad % cfg.tn
+        or cfg.tm % 8
+        or not 8 <= cfg.tm <= 256
+        or cfg.tk % max(CHUNK, *mgpu_decode.scale_blocks(w.fmt))
+        or k_pad % cfg.tk
+        or k_pad % (cfg.tk * cfg.splits)
+        or (cfg.tk * w.fmt.bits // 8) % 32
+        or cfg.stages < 2
+    )
+    if bad:
+        raise KernelError(f"pallas.quantized_matmul: config {cfg} does not tile W {w.padded_shape} x M={m}")
+
+
+def _kernel_call(fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig, interpret: bool):
+    tn, tm, tk, splits = cfg.tn, cfg.tm, cfg.tk, cfg.splits
+    tkb = tk * fmt.bits // 8
+    qs_swizzle = next(sw for sw in (128, 64, 32) if tkb % sw == 0)  # bytes of codes per swizzled tile row
+    k_steps = k_pad // tk // splits
+    out_dtype = jnp.float32 if splits > 1 else jnp.bfloat16
+    scale_rows = [tk // b for b in mgpu_decode.scale_blocks(fmt)]
+
+    def body(qs_gmem, *refs):
+        *scale_gmem, x_gmem, out_gmem = refs
+        ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+        k0 = si * k_steps
+
+        def compute(acc_ref):
+            def step(_, qs_smem, *smem):
+                *scale_smem, x_smem = smem
+                chunks = _decode(fmt, qs_smem, scale_smem, tn, tk, interpret)
+                for j, w_chunk in enumerate(chunks):
+                    x_chunk = x_smem.at[:, pl.ds(j * CHUNK, CHUNK)].T
+                    wgmma_from_regs(acc_ref, w_chunk, x_chunk, interpret=interpret)
+                    plgpu.wgmma_wait(1)
+                # The next step decodes into the registers of this step's operands (same loop body), and the
+                # pipeline refills this step's x slot: no wgmma may still be reading either.
+                plgpu.wgmma_wait(0)
+
+            in_specs = [
+                plgpu.BlockSpec(
+                    (tn, tkb),
+                    lambda k: (ni, k0 + k),
+                    transforms=(plgpu.TilingTransform((8, qs_swizzle)), plgpu.SwizzleTransform(qs_swizzle)),
+                ),
+                *(plgpu.BlockSpec((rows, tn), lambda k: (k0 + k, ni)) for rows in scale_rows),
+                plgpu.BlockSpec(
+                    (tm, tk),
+                    lambda k: (mi, k0 + k),
+                    transforms=(plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128)),
+                ),
+            ]
+            plgpu.emit_pipeline(
+                step, grid=(k_steps,), in_specs=in_specs, max_concurrent_steps=min(cfg.stages, k_steps)
+            )(qs_gmem, *scale_gmem, x_gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.float32))
+        if fmt.out_scale != 1.0:
+            acc = acc * fmt.out_scale
+
+        def store(o_smem):
+            o_smem[...] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[si, pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((tn, tm), out_dtype))
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((splits, n_pad, m_pad), out_dtype),
+        grid=(n_pad // tn, m_pad // tm, splits),
+        grid_names=("n", "m", "s"),
+        kernel_name=f"pallas_qmatmul_{fmt.name.lower()}",
+        interpret=interpret_params(interpret),
+    )
+
+
+def _decode(fmt: Fmt, qs_smem, scale_smem, tn: int, tk: int, interpret: bool):
+    """This step's W tile as ``tk / 64`` bf16 ``[tn, 64]`` chunks in wgmma A-operand registers."""
+    if not interpret:
+        return mgpu_decode.decode_tile(fmt, qs_smem, scale_smem, tn, tk, CHUNK)
+    # Interpret mode cannot run inline Mosaic GPU code: decode with the format's jnp reference instead.
+    codes = unpack_codes(qs_smem[...], fmt)
+    scales = tuple(s[...].T for s in scale_smem)
+    w = decode_values(codes, scales, fmt).astype(jnp.bfloat16)
+    return [w[:, j * CHUNK : (j + 1) * CHUNK] for j in range(tk // CHUNK)]

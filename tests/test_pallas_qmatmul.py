@@ -1,0 +1,107 @@
+"""Quantized matmul kernels against the gguf-exact reference: interpret mode on CPU, real shapes on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+import pallas
+from imp_jax.errors import KernelError
+from imp_jax.gguf.qtensor import QTensor
+from imp_jax.gguf.quant import dequantize_rows
+
+_T = GGMLQuantizationType
+QTYPES = [_T.MXFP4, _T.Q8_0, _T.Q4_K]
+
+
+def _f16_bytes(rng, shape, lo, hi):
+    return rng.uniform(lo, hi, shape).astype(np.float16).view(np.uint8).reshape(*shape, 2)
+
+
+def random_qtensor(rng: np.random.Generator, qtype: _T, n: int, k: int) -> QTensor:
+    """Random valid blocks: every code pattern, scales in the range real checkpoints use."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
+    if qtype == _T.MXFP4:
+        b[..., 0] = rng.integers(112, 132, b.shape[:-1])
+    elif qtype == _T.Q8_0:
+        b[..., 0:2] = _f16_bytes(rng, b.shape[:-1], -0.02, 0.02)
+    else:
+        b[..., 0:2] = _f16_bytes(rng, b.shape[:-1], 1e-4, 2e-3)
+        b[..., 2:4] = _f16_bytes(rng, b.shape[:-1], 1e-4, 2e-3)
+    return QTensor(data=jnp.asarray(b.reshape(n, -1)), scale=None, qtype=int(qtype), shape=(n, k))
+
+
+def reference(x: jax.Array, w: QTensor) -> np.ndarray:
+    wf = np.asarray(dequantize_rows(w.data, w.qtype), np.float64)
+    return np.asarray(x.astype(jnp.float32), np.float64) @ wf.T
+
+
+def rel_err(got, ref) -> float:
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert np.isfinite(got).all(), "non-finite output"
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize(("qtype", "m"), [(_T.MXFP4, 3), (_T.Q8_0, 1), (_T.Q4_K, 1)], ids=lambda v: str(v))
+def test_repack_and_kernel_interpret(qtype, m):
+    """The repack is lossless (exactly gguf's values) and the kernel matches the reference, odd N."""
+    rng = np.random.default_rng(100 * int(qtype) + m)
+    n, k = 72, 512 if qtype != _T.Q8_0 else 384
+    w = random_qtensor(rng, qtype, n, k)
+    pw = pallas.repack(w)
+    assert pw.shape == (n, k) and pw.padded_shape[0] % 128 == 0
+    np.testing.assert_array_equal(np.asarray(pw.dequantize()), np.asarray(dequantize_rows(w.data, w.qtype)))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = pallas.quantized_matmul(x, pw, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert rel_err(y, reference(x, w)) < 1e-2
+
+
+def test_kernel_interpret_split_k():
+    """Two K splits (f32 partials summed by XLA), two N tiles, 3-D x."""
+    rng = np.random.default_rng(7)
+    w = random_qtensor(rng, _T.MXFP4, 130, 512)
+    x = jnp.asarray(rng.standard_normal((2, 5, 512)), jnp.bfloat16)
+    ref = reference(x.reshape(10, 512), w).reshape(2, 5, 130)
+    cfg = pallas.MatmulConfig(64, 16, 256, splits=2)
+    assert rel_err(pallas.quantized_matmul(x, pallas.repack(w), interpret=True, config=cfg), ref) < 1e-2
+
+
+def test_errors_name_shapes():
+    rng = np.random.default_rng(3)
+    w = random_qtensor(rng, _T.MXFP4, 64, 256)
+    pw = pallas.repack(w)
+    x = jnp.zeros((2, 128), jnp.bfloat16)
+    assert not pallas.supports(pw, x) and not pallas.supports(w, jnp.zeros((2, 256), jnp.bfloat16))
+    with pytest.raises(KernelError, match=r"\(2, 128\)"):
+        pallas.quantized_matmul(x, pw)
+    with pytest.raises(KernelError, match="Q6_K"):
+        pallas.repack(QTensor(data=jnp.zeros((4, 210), jnp.uint8), scale=None, qtype=int(_T.Q6_K), shape=(4, 256)))
+    bad_scale = np.asarray(w.data).copy()
+    bad_scale[0, 17] = 200  # an E8M0 byte the bf16 decode cannot hold
+    with pytest.raises(KernelError, match=r"2\*\*73"):
+        pallas.repack(QTensor(data=jnp.asarray(bad_scale), scale=None, qtype=w.qtype, shape=w.shape))
+    with pytest.raises(KernelError, match="config"):
+        pallas.quantized_matmul(
+            jnp.zeros((1, 256), jnp.bfloat16), pw, config=pallas.MatmulConfig(64, 8, 512), interpret=True
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (1000, 2880), (2880, 2816)])
+@pytest.mark.parametrize("m", [1, 3, 17, 300])
+def test_kernel_gpu(qtype, n, k, m):
+    if k % GGML_QUANT_SIZES[qtype][0]:
+        pytest.skip("K not a multiple of the format's block")
+    rng = np.random.default_rng(n + k + m + int(qtype))
+    w = random_qtensor(rng, qtype, n, k)
+    pw = jax.device_put(pallas.repack(w))
+    f = jax.jit(pallas.quantized_matmul)
+    for _ in range(2):  # fresh inputs: a stale or unwritten output cannot match twice
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        assert rel_err(f(x, pw), reference(x, w)) < 1e-2

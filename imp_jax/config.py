@@ -24,6 +24,7 @@ QWEN3MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]
 QWEN35 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN35]
 QWEN35MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN35MOE]
 QWEN3NEXT = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3NEXT]
+GPT_OSS = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]
 
 ATTENTION = "attention"
 RECURRENT = "recurrent"
@@ -32,7 +33,11 @@ RECURRENT = "recurrent"
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding of one layer kind. ``neox`` pairs dims (i, i+d/2); otherwise adjacent pairs (2i, 2i+1),
-    which is what llama.cpp's converter prepares llama Q/K weights for by permuting their rows."""
+    which is what llama.cpp's converter prepares llama Q/K weights for by permuting their rows.
+
+    YaRN: ``beta_fast``/``beta_slow`` bound the ramp between kept and interpolated dims; ``yarn_truncate`` rounds
+    that range to whole dims (llama.cpp always does; transformers only when the config does not say otherwise).
+    """
 
     base: float
     dim: int
@@ -40,6 +45,16 @@ class RopeConfig:
     scaling: str = "none"  # none | linear | llama3 (freq factors tensor) | yarn
     factor: float = 1.0
     original_context: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    yarn_truncate: bool = True
+
+    @property
+    def attn_factor(self) -> float:
+        """YaRN's magnitude correction: llama.cpp and transformers multiply cos and sin, i.e. q and k, by it."""
+        if self.scaling != "yarn" or self.factor <= 1.0:
+            return 1.0
+        return 1.0 + 0.1 * math.log(self.factor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +136,14 @@ def _get(meta: Mapping[str, Any], key: str, arch: str, default: Any = None, *, r
     return default
 
 
+def _dim(meta: Mapping[str, Any], key: str, arch: str, default: Any = None, *, required: bool = False) -> int:
+    """A size from the metadata; zero or negative would only fail later, as a division by zero."""
+    value = int(_scalar(_get(meta, key, arch, default, required=required)))
+    if value < 1:
+        raise UnsupportedModel(f"GGUF metadata '{key.format(arch=arch)}' is {value}: it must be positive")
+    return value
+
+
 def _scalar(value: Any) -> Any:
     """Per-layer arrays (some files store head counts per layer) collapse to one value when uniform."""
     if hasattr(value, "__len__") and not isinstance(value, str):
@@ -134,11 +157,11 @@ def _scalar(value: Any) -> Any:
 def _base(
     meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str], *, require_ff: bool = True, skip_layers: int = 0
 ) -> dict[str, Any]:
-    n_embd = int(_get(meta, Keys.LLM.EMBEDDING_LENGTH, arch, required=True))
-    n_head = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT, arch, required=True)))
-    n_head_kv = int(_scalar(_get(meta, Keys.Attention.HEAD_COUNT_KV, arch, n_head)))
-    head_dim = int(_get(meta, Keys.Attention.KEY_LENGTH, arch, n_embd // n_head))
-    n_layers = int(_get(meta, Keys.LLM.BLOCK_COUNT, arch, required=True)) - skip_layers
+    n_embd = _dim(meta, Keys.LLM.EMBEDDING_LENGTH, arch, required=True)
+    n_head = _dim(meta, Keys.Attention.HEAD_COUNT, arch, required=True)
+    n_head_kv = _dim(meta, Keys.Attention.HEAD_COUNT_KV, arch, n_head)
+    head_dim = _dim(meta, Keys.Attention.KEY_LENGTH, arch, n_embd // n_head)
+    n_layers = _dim(meta, Keys.LLM.BLOCK_COUNT, arch, required=True) - skip_layers
     vocab = _get(meta, Keys.LLM.VOCAB_SIZE, arch) or len(meta.get(Keys.Tokenizer.LIST, ()))
     if not vocab:
         raise UnsupportedModel(f"cannot tell the vocabulary size of this {arch} model")
@@ -147,16 +170,22 @@ def _base(
     scaling = str(_get(meta, Keys.Rope.SCALING_TYPE, arch, "none"))
     if "rope_freqs.weight" in tensor_names:
         scaling = "llama3"
-    if scaling not in ("none", "linear", "llama3"):
+    if scaling not in ("none", "linear", "llama3", "yarn"):
         raise UnsupportedModel(f"rope scaling '{scaling}' is not supported for {arch} yet")
+    context_length = int(_get(meta, Keys.LLM.CONTEXT_LENGTH, arch, 4096))
     rope = RopeConfig(
         base=float(_get(meta, Keys.Rope.FREQ_BASE, arch, 10000.0)),
         dim=int(_get(meta, Keys.Rope.DIMENSION_COUNT, arch, head_dim)),
         neox=arch != LLAMA,
         scaling=scaling,
         factor=float(_get(meta, Keys.Rope.SCALING_FACTOR, arch, 1.0) or 1.0),
-        original_context=int(_get(meta, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, 0) or 0),
+        original_context=int(_get(meta, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, 0) or context_length),
+        beta_fast=float(_get(meta, Keys.Rope.SCALING_YARN_BETA_FAST, arch, 32.0)),
+        beta_slow=float(_get(meta, Keys.Rope.SCALING_YARN_BETA_SLOW, arch, 1.0)),
     )
+    # Scaling q and k by YaRN's attn_factor (as rope does in llama.cpp and transformers) scales the scores by its
+    # square: folded into the softmax scale here, so the forward pass has no YaRN special case.
+    attn_scale = float(_get(meta, Keys.Attention.SCALE, arch, 0.0) or 1.0 / math.sqrt(head_dim))
     return dict(
         arch=arch,
         n_layers=n_layers,
@@ -166,11 +195,11 @@ def _base(
         head_dim=head_dim,
         n_ff=int(_scalar(_get(meta, Keys.LLM.FEED_FORWARD_LENGTH, arch, 0, required=require_ff))),
         vocab_size=int(vocab),
-        context_length=int(_get(meta, Keys.LLM.CONTEXT_LENGTH, arch, 4096)),
+        context_length=context_length,
         rms_eps=float(_get(meta, Keys.Attention.LAYERNORM_RMS_EPS, arch, 1e-6)),
         rope=rope,
         layer_window=(0,) * n_layers,
-        attn_scale=float(_get(meta, Keys.Attention.SCALE, arch, 0.0) or 1.0 / math.sqrt(head_dim)),
+        attn_scale=attn_scale * rope.attn_factor**2,
         final_softcap=float(_get(meta, Keys.LLM.FINAL_LOGIT_SOFTCAPPING, arch, 0.0) or 0.0),
         attn_softcap=float(_get(meta, Keys.LLM.ATTN_LOGIT_SOFTCAPPING, arch, 0.0) or 0.0),
         tied_output="output.weight" not in tensor_names,
@@ -181,22 +210,28 @@ def _dense(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> 
     return ModelConfig(**_base(meta, arch, tensor_names))
 
 
+def _layer_windows(meta: Mapping[str, Any], arch: str, n_layers: int, default_pattern: int) -> tuple[int, ...]:
+    """The sliding window of each layer (0 = global), as llama.cpp's ``load_swa_pattern``: the file's per-layer
+    array, else a period p whose last layer is global (p = 0: all local), else the architecture's default p."""
+    window = int(_get(meta, Keys.Attention.SLIDING_WINDOW, arch, 0) or 0)
+    pattern = _get(meta, Keys.Attention.SLIDING_WINDOW_PATTERN, arch, default_pattern)
+    if hasattr(pattern, "__len__"):
+        is_local = [bool(p) for p in pattern]
+    else:
+        p = int(pattern)
+        is_local = [p == 0 or i % p < p - 1 for i in range(n_layers)]
+    return tuple(window if (loc and window) else 0 for loc in is_local[:n_layers])
+
+
 def _gemma3(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
     """Gemma-3: sliding-window layers with every 6th layer global unless the file says otherwise; local layers use
     rope base 10000 without scaling (as llama.cpp does); embeddings scaled by sqrt(n_embd); GeGLU; four norms."""
     base = _base(meta, arch, tensor_names)
-    n_layers = base["n_layers"]
-    window = int(_get(meta, Keys.Attention.SLIDING_WINDOW, arch, 0) or 0)
-    pattern = _get(meta, Keys.Attention.SLIDING_WINDOW_PATTERN, arch)
-    if pattern is None:
-        is_local = [i % 6 < 5 for i in range(n_layers)]
-    elif hasattr(pattern, "__len__"):
-        is_local = [bool(p) for p in pattern]
-    else:
-        is_local = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n_layers)]
+    if base["rope"].scaling == "yarn":
+        raise UnsupportedModel("YaRN on Gemma-3's global layers only is not supported")
     base_swa = float(_get(meta, Keys.Rope.FREQ_BASE_SWA, arch, 10000.0))
     base.update(
-        layer_window=tuple(window if (loc and window) else 0 for loc in is_local),
+        layer_window=_layer_windows(meta, arch, base["n_layers"], default_pattern=6),
         rope_local=dataclasses.replace(base["rope"], base=base_swa, scaling="none", factor=1.0),
         embed_scale=math.sqrt(base["n_embd"]),
         activation="gelu_tanh",
@@ -219,6 +254,23 @@ def _moe(meta: Mapping[str, Any], arch: str, *, shared: bool) -> MoEConfig:
 def _qwen3moe(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
     base = _base(meta, arch, tensor_names, require_ff=False)
     return ModelConfig(**base, moe=_moe(meta, arch, shared=False))
+
+
+def _gpt_oss(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
+    """gpt-oss: sliding-window and global layers alternating (llama.cpp's default period 2: even layers local),
+    the same YaRN rope on both, attention sinks, experts picked by the top-k router logits and weighted by a
+    softmax over those k, and the clamped SwiGLU (alpha 1.702, limit 7: llama.cpp hard-codes both).
+
+    YaRN's ramp bounds are not rounded to whole dims: gpt-oss's config sets ``truncate: false`` and transformers
+    (like OpenAI's reference) follows it; llama.cpp rounds them, which moves a few mid frequencies slightly.
+    """
+    base = _base(meta, arch, tensor_names, require_ff=False)
+    base.update(
+        rope=dataclasses.replace(base["rope"], yarn_truncate=False),
+        layer_window=_layer_windows(meta, arch, base["n_layers"], default_pattern=2),
+    )
+    moe = dataclasses.replace(_moe(meta, arch, shared=False), gating="topk_softmax", activation="swiglu_oai")
+    return ModelConfig(**base, moe=moe)
 
 
 def _hybrid(meta: Mapping[str, Any], arch: str, tensor_names: frozenset[str]) -> ModelConfig:
@@ -261,6 +313,7 @@ _READERS: dict[str, Callable[[Mapping[str, Any], str, frozenset[str]], ModelConf
     QWEN35: _hybrid,
     QWEN35MOE: _hybrid,
     QWEN3NEXT: _hybrid,
+    GPT_OSS: _gpt_oss,
 }
 
 

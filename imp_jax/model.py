@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine
+from imp_jax import engine, harmony
 from imp_jax.chat import ChatTemplate
 from imp_jax.config import ModelConfig, config_from_gguf
 from imp_jax.errors import ContextOverflow, ImpError
@@ -30,6 +30,8 @@ class Generation:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     timings: engine.Timings
+    # Harmony models (gpt-oss): the analysis channel, while ``text`` holds the final answer. None otherwise.
+    reasoning: str | None = None
 
 
 class Model:
@@ -240,4 +242,7 @@ class _Run:
 
     def result(self) -> Generation:
         timings = engine.Timings(len(self.ids), len(self.out_ids), self.times["prefill_s"], self.times["decode_s"])
-        return Generation(self.text, self.out_ids, self.finish_reason, timings)
+        text, reasoning = self.text, None
+        if harmony.is_harmony(self.model.tokenizer):
+            text, reasoning = harmony.split_reply(self.text)
+        return Generation(text, self.out_ids, self.finish_reason, timings, reasoning)

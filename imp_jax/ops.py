@@ -1,12 +1,17 @@
 """The one dispatch point per op.
 
-``matmul(x, w)`` picks its implementation from the weight leaf (QTensor qtype or dense array), the backend and
-the shapes; ``attention`` likewise. The reference path (dequantize, then a dot accumulating in f32) is the named
-fallback every kernel is checked against. Which path a weight takes is visible through ``matmul_path`` so the
-memory plan and the user can see it; ``IMP_JAX_FORCE_PATH`` (or ``force_path``) pins it for debugging.
+``matmul(x, w)`` picks its implementation from the weight leaf: a ``pallas.PackedWeight`` (made at load on a
+Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
+the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
+array is a plain dot. ``attention_prefill`` / ``attention_decode`` pick the Pallas attention kernels on Hopper
+for what they support and the jnp reference otherwise. ``kernels_enabled`` says which world applies;
+``IMP_JAX_KERNELS=0`` turns the kernels off (debugging: compare against the reference path). A kernel that cannot
+run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +22,51 @@ from imp_jax.gguf.quant import dequantize_rows
 Weight = QTensor | jax.Array
 
 REFERENCE = "reference"  # dequantize to the compute dtype, then jnp.dot with f32 accumulation
+PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
+DENSE = "dense"  # a float weight: jnp.dot
 
 
-def matmul_path(w: Weight, x_shape: tuple[int, ...] | None = None) -> str:
-    """The implementation ``matmul`` uses for this weight (and activation shape) on the current backend."""
-    return REFERENCE
+def kernels_enabled() -> bool:
+    """Pallas kernels run on Hopper GPUs (compute capability 9.x) unless IMP_JAX_KERNELS=0."""
+    if os.environ.get("IMP_JAX_KERNELS", "1") == "0":
+        return False
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def matmul(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
+def prepare_weight(w: Weight) -> Weight:
+    """The leaf ``matmul`` should hold for this weight on this backend: on Hopper, QTensors of a format the
+    kernels read are repacked (once, at load) into the kernel layout; everything else is kept as is."""
+    if not (kernels_enabled() and isinstance(w, QTensor) and w.scale is None):
+        return w
+    import pallas
+
+    if not pallas.can_repack(w.qtype, w.shape):
+        return w
+    stack = w.stack_shape
+    if not stack:
+        return pallas.repack(w)
+    flat = w.data.reshape(-1, *w.data.shape[len(stack) :])
+    parts = [pallas.repack(QTensor(one, None, w.qtype, w.shape)) for one in flat]
+    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*stack, *xs[0].shape), *parts)
+
+
+def matmul_path(w) -> str:
+    """The implementation ``matmul`` uses for this leaf (or abstract leaf)."""
+    if isinstance(w, QTensor):
+        return REFERENCE
+    return DENSE if hasattr(w, "dtype") and not hasattr(w, "fmt") else PALLAS
+
+
+def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """``x @ W.T`` for W of logical shape [N, K] (GGUF/numpy order), accumulating in f32.
 
     The result is in ``out_dtype`` (default x.dtype); the output head asks for f32 logits.
     """
+    if matmul_path(w) == PALLAS:
+        import pallas
+
+        return pallas.quantized_matmul(x, w).astype(out_dtype or x.dtype)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
@@ -43,6 +81,36 @@ def embed(table: Weight, ids: jax.Array, dtype) -> jax.Array:
             out = out * table.scale
         return out.astype(dtype)
     return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def _kernel_attention_ok(q: jax.Array, softcap: float) -> bool:
+    return kernels_enabled() and not softcap and q.shape[-1] in (64, 128, 256)
+
+
+def attention_prefill(q, k, v, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None) -> jax.Array:
+    """Causal self-attention of a chunk that starts at position 0: q [B, T, H, D], k/v [B, T, Hkv, D]."""
+    if _kernel_attention_ok(q, softcap):
+        import pallas
+
+        return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
+    b, t = q.shape[:2]
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return attention(q, k, v, pos, pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
+
+
+def attention_decode(
+    q, k_cache, v_cache, q_pos, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
+) -> jax.Array:
+    """New tokens q [B, T, H, D] at positions q_pos [B, T] against one layer's cache [B, S, Hkv, D], which already
+    holds them."""
+    if _kernel_attention_ok(q, softcap) and k_cache.shape[1] % 8 == 0:
+        import pallas
+
+        lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
+        return pallas.decode_attention(q, k_cache, v_cache, lengths, window=window or None, sinks=sinks, scale=scale)
+    b, s = k_cache.shape[:2]
+    k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    return attention(q, k_cache, v_cache, q_pos, k_pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
 
 
 def attention(

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
+from imp_jax import ops
 from imp_jax.config import ATTENTION, ModelConfig
 from imp_jax.errors import GGUFError, UnsupportedModel
 from imp_jax.gguf.qtensor import QTensor, row_bytes
@@ -49,6 +50,8 @@ _ATTENTION = {
     "bq": (_M.ATTN_Q, "bias"),
     "bk": (_M.ATTN_K, "bias"),
     "bv": (_M.ATTN_V, "bias"),
+    "bo": (_M.ATTN_OUT, "bias"),
+    "sinks": (_M.ATTN_SINKS, "weight"),
     "q_norm": (_M.ATTN_Q_NORM, "weight"),
     "k_norm": (_M.ATTN_K_NORM, "weight"),
 }
@@ -92,7 +95,8 @@ _REQUIRED = {
     "recurrent": ("conv", "dt_bias", "ssm_a", "norm", "w_out"),
     "moe": ("router", "down_exps"),
 }
-# Float tensors that feed f32 arithmetic and stay f32 whatever the compute dtype.
+# Float tensors that feed f32 arithmetic and stay f32 whatever the compute dtype (biases too, even the [E, F]
+# expert biases).
 _KEEP_F32 = {_M.FFN_GATE_INP, _M.FFN_GATE_INP_SHEXP, _M.SSM_CONV1D}
 
 
@@ -189,12 +193,11 @@ def _signature(mf: ModelFile, tree) -> object:
 
 
 def unit_length(cfg: ModelConfig) -> int:
-    """The shortest repeating pattern of layer kinds (1 for uniform stacks)."""
-    kinds = cfg.kinds
-    for p in range(1, len(kinds) + 1):
-        if len(kinds) % p == 0 and kinds == kinds[:p] * (len(kinds) // p):
-            return p
-    return len(kinds)
+    """The shortest period of the layers' (kind, attention window) pattern: 1 for uniform stacks, 4 for the
+    Qwen3.5 hybrids, 6 for Gemma-3, 2 for gpt-oss. A window is then static per position in the unit, which is
+    what lets the attention kernels specialise on it. The last unit may be partial."""
+    pattern = tuple(zip(cfg.kinds, cfg.layer_window, strict=True))
+    return next(p for p in range(1, len(pattern) + 1) if all(pattern[i] == pattern[i % p] for i in range(len(pattern))))
 
 
 def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) -> TensorSpec:
@@ -207,7 +210,9 @@ def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) ->
     scale_names: tuple[str, ...] = ()
     if first.qtype == GGMLQuantizationType.NVFP4:
         scale_names = tuple(_nvfp4_scale_name(mf, n) for n in names)
-    keep_f32 = any(f".{TENSOR_NAMES[k].split('.')[-1]}." in f".{first.name}" for k in _KEEP_F32)
+    keep_f32 = first.name.endswith(".bias") or any(
+        f".{TENSOR_NAMES[k].split('.')[-1]}." in f".{first.name}" for k in _KEEP_F32
+    )
     if is_quantized(first.qtype):
         dtype = None
     elif len(first.shape) >= 2 and not keep_f32:
@@ -243,11 +248,12 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
     layers = [_layer_tensors(mf, cfg, i) for i in range(cfg.n_layers)]
     _check_shapes(mf, cfg)
     p = unit_length(cfg)
-    units = [layers[u * p : (u + 1) * p] for u in range(cfg.n_layers // p)]
+    units = [layers[u : u + p] for u in range(0, cfg.n_layers, p)]
     segments = []
     for _, group in groupby(units, key=lambda unit: tuple(_signature(mf, layer) for layer in unit)):
         members = list(group)
-        segments.append(tuple(_stack(mf, [m[i] for m in members], Layer, compute_dtype) for i in range(p)))
+        width = len(members[0])
+        segments.append(tuple(_stack(mf, [m[i] for m in members], Layer, compute_dtype) for i in range(width)))
     embed_name = tensor_name(_M.TOKEN_EMBD, "weight")
     norm_name = tensor_name(_M.OUTPUT_NORM, "weight")
     for name in (embed_name, norm_name):
@@ -347,7 +353,7 @@ def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | 
         if spec.scale_names:
             s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
             scale = jnp.asarray(s if spec.stacked else s[0])
-        return QTensor(jnp.asarray(host), scale, spec.qtype, spec.qshape)
+        return ops.prepare_weight(QTensor(jnp.asarray(host), scale, spec.qtype, spec.qshape))
     return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
 
 

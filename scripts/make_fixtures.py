@@ -5,7 +5,9 @@ imp-jax's numerical tests never run torch: they compare against logits and token
 * ``tiny``: for each architecture, a tiny random transformers model (every weight randomised, norms and A_log
   included) is saved with a tiny tokenizer and converted by llama.cpp's own ``convert_hf_to_gguf.py`` to
   ``model-f32.gguf`` and ``model-q8_0.gguf``. ``reference.npz`` holds one token sequence and the transformers
-  logits for it (float32, float64, and float32 with the Q8_0-dequantized weights).
+  logits for it (float32, float64, and float32 with the Q8_0-dequantized weights). gpt-oss is also saved as an
+  MXFP4 checkpoint (OpenAI's format) and converted to ``model-mxfp4.gguf`` (``logits_mxfp4``), and its chat
+  template is rendered by transformers into ``chat.json``.
 * ``real``: for the real GGUF models of the registry (smollm2-135m, gemma3-270m, qwen2.5-0.5b), llama.cpp
   tokenizations and greedy continuations, and transformers teacher-forcing argmax/margins on the dequantized
   GGUF, written to ``tests/fixtures/real/<name>.json``.

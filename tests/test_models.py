@@ -18,7 +18,7 @@ from imp_jax import engine
 from tests.helpers import incremental_logits, load_raw
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "qwen35", "qwen35moe", "qwen3next"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "qwen35", "qwen35moe", "qwen3next", "gpt-oss"]
 # bf16 compute (weights, activations and KV cache rounded to bf16; norms, softmax, the GDN state and logits in
 # f32): on these random models logits move by at most this fraction of the largest reference logit. Observed
 # (2026-11-25): dense models <= 0.05, the Qwen3.5 hybrid 0.059 over 150 tokens (bf16 rounding of the GDN inputs

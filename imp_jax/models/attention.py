@@ -1,8 +1,8 @@
 """The attention mixer: projections, QK norms, rotary embedding, the KV cache write, and ops.attention.
 
-Covers plain GQA (Llama, Qwen2 with QKV bias, Qwen3 and Gemma-3 with QK norms) and the gated attention of the
-Qwen3.5 / Qwen3-Next hybrids, whose q projection interleaves [q | gate] per head and whose output is multiplied
-by sigmoid(gate).
+Covers plain GQA (Llama, Qwen2 with QKV bias, Qwen3 and Gemma-3 with QK norms, gpt-oss with biases everywhere and
+attention sinks) and the gated attention of the Qwen3.5 / Qwen3-Next hybrids, whose q projection interleaves
+[q | gate] per head and whose output is multiplied by sigmoid(gate).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ class Attention:
     bq: jax.Array | None = None
     bk: jax.Array | None = None
     bv: jax.Array | None = None
+    bo: jax.Array | None = None
     q_norm: jax.Array | None = None
     k_norm: jax.Array | None = None
+    sinks: jax.Array | None = None  # gpt-oss: one learned logit per head in the softmax denominator
 
 
 def _add(x: jax.Array, b: jax.Array | None) -> jax.Array:
@@ -52,7 +54,7 @@ def attention_mixer(
     x: jax.Array,
     pos: jax.Array,
     inv_freq: jax.Array,
-    window: jax.Array,
+    window: int,
     kv: tuple[jax.Array, jax.Array],
     layer: jax.Array,
     decode: bool,
@@ -81,12 +83,11 @@ def attention_mixer(
     rows = jnp.arange(b)[:, None]
     k_cache = k_cache.at[layer, rows, pos].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[layer, rows, pos].set(v.astype(v_cache.dtype), mode="drop")
+    opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks)
     if decode:
-        keys, values = k_cache[layer], v_cache[layer]
-        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+        o = ops.attention_decode(q, k_cache[layer], v_cache[layer], pos, **opts)
     else:
-        keys, values, k_pos = k, v, pos
-    o = ops.attention(q, keys, values, pos, k_pos, scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap)
+        o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(x.dtype)
-    return ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), (k_cache, v_cache)
+    return _add(ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), p.bo), (k_cache, v_cache)

@@ -62,12 +62,15 @@ def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation)
 
 
-def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], decode: bool, pos: jax.Array, valid_len: jax.Array):
-    """Scan body over units: carry (x, cache arrays); xs = (unit params, cache indices, rope, windows)."""
+def _unit_body(
+    cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], decode: bool, pos: jax.Array, valid_len
+):
+    """Scan body over units: carry (x, cache arrays); xs = (unit params, cache indices, rope). Kinds and attention
+    windows are static per position in the unit (the unit is the period of their pattern)."""
 
     def body(carry, xs):
         x, kv, rec = carry
-        unit, attn_ids, rec_ids, inv_freq, windows = xs
+        unit, attn_ids, rec_ids, inv_freq = xs
         for i, (p, kind) in enumerate(zip(unit, kinds, strict=True)):
             h = rms_norm(x, p.attn_norm, cfg.rms_eps)
             if kind == ATTENTION:
@@ -119,15 +122,15 @@ def forward(
         valid_len = jnp.full((b,), t, jnp.int32)
     x = ops.embed(params.embed, tokens, jnp.float32)
     x = (x * cfg.embed_scale if cfg.embed_scale != 1.0 else x).astype(cache.dtype)
-    windows = jnp.asarray(cfg.layer_window, jnp.int32)
     kv, rec = cache.kv_arrays(), cache.recurrent_arrays()
     start = 0
     for unit in params.segments:
         kinds = tuple(ATTENTION if isinstance(p.mixer, Attention) else "recurrent" for p in unit)
         n_units = jax.tree.leaves(unit)[0].shape[0]
         layer, attn_ids, rec_ids = _layer_indices(kinds, start, n_units, cfg)
-        xs = (unit, attn_ids, rec_ids, params.inv_freq[layer], windows[layer])
-        body = _unit_body(cfg, kinds, decode, pos, valid_len)
+        xs = (unit, attn_ids, rec_ids, params.inv_freq[layer])
+        windows = cfg.layer_window[start : start + len(kinds)]
+        body = _unit_body(cfg, kinds, windows, decode, pos, valid_len)
         (x, kv, rec), _ = jax.lax.scan(body, (x, kv, rec), xs)
         start += n_units * len(kinds)
     if logits_at is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -28,9 +29,28 @@ def rope_inv_freq(rope: RopeConfig, freq_factors: np.ndarray | None = None) -> n
     inv = 1.0 / rope.base ** (np.arange(0, rope.dim, 2, dtype=np.float64) / rope.dim)
     if rope.scaling == "linear":
         inv = inv / rope.factor
+    if rope.scaling == "yarn":
+        inv = _yarn(inv, rope)
     if freq_factors is not None:
         inv = inv / np.asarray(freq_factors, np.float64)
     return inv
+
+
+def _yarn(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
+    """YaRN (llama.cpp's rope_yarn, transformers' _compute_yarn_parameters): a dim that turns more than beta_fast
+    times over the original context keeps its frequency, one that turns fewer than beta_slow times is
+    interpolated (divided by factor), with a linear ramp between. The magnitude correction is
+    ``RopeConfig.attn_factor``, folded into the attention scale by the config."""
+
+    def corr_dim(turns: float) -> float:
+        return rope.dim * math.log(rope.original_context / (turns * 2 * math.pi)) / (2 * math.log(rope.base))
+
+    low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+    if rope.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, rope.dim - 1.0)
+    keep = 1.0 - np.clip((np.arange(inv.shape[0]) - low) / max(high - low, 0.001), 0.0, 1.0)
+    return inv / rope.factor * (1.0 - keep) + inv * keep
 
 
 def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: jax.Array, neox: bool) -> jax.Array:

@@ -82,6 +82,25 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from imp_jax import bench
+
+    if args.synthetic:
+        params, cfg, size, n_params = bench.synthetic_model(args.synthetic, args.quant, args.dtype)
+        name, quant = args.synthetic, args.quant
+    else:
+        import imp_jax
+        from imp_jax.inspect import summarize
+
+        model = imp_jax.load(args.model, dtype=args.dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch)
+        s = summarize(model.file)
+        params, cfg = model.params, model.config
+        name, quant, size, n_params = model.path.name, next(iter(s.bytes_by_qtype)), s.file_bytes, s.n_params
+    rows = bench.run(params, cfg, name=name, quant=quant, size_bytes=size, n_params=n_params,
+                     dtype=args.dtype, pp=args.pp, tg=args.tg, reps=args.reps, batch=args.batch)  # fmt: skip
+    print(bench.as_json(rows) if args.json else bench.table(rows))
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
@@ -145,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_generation(p, max_tokens=512)
     p.set_defaults(run=_cmd_chat)
+
+    p = sub.add_parser("bench", help="llama-bench-style pp/tg throughput")
+    _add_model(p, required=False)
+    p.add_argument("--synthetic", default=None, help="a model shape with random weights built on the device")
+    p.add_argument("--quant", default="mxfp4", help="with --synthetic: mxfp4, q8_0, q4_k or bf16")
+    p.add_argument("--pp", type=int, default=512)
+    p.add_argument("--tg", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.set_defaults(run=_cmd_bench)
 
     p = sub.add_parser("quantize", help="rewrite a GGUF with its weight matrices in another quant type")
     p.add_argument("input", help="input .gguf")

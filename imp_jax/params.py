@@ -346,24 +346,35 @@ def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | 
     if spec.dtype is not None and is_quantized(spec.qtype):  # the dequantized fallback (imp_jax.fallback)
         from imp_jax.fallback import packed_spec, to_dense
 
-        return to_dense(materialize(mf, cfg, packed_spec(spec)), spec.dtype)
-    host = _host_array(mf, spec)
+        return to_dense(_qtensor(mf, packed_spec(spec)), spec.dtype)
     if spec.dtype is None:
-        scale = None
-        if spec.scale_names:
-            s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
-            scale = jnp.asarray(s if spec.stacked else s[0])
-        return ops.prepare_weight(QTensor(jnp.asarray(host), scale, spec.qtype, spec.qshape))
+        return ops.prepare_weight(_qtensor(mf, spec))
+    host = _host_array(mf, spec)
     return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
 
 
-def abstract_leaf(spec: TensorSpec) -> QTensor | jax.ShapeDtypeStruct:
-    """The ShapeDtypeStruct twin of ``materialize``: no bytes are read, nothing touches the device."""
+def _qtensor(mf: ModelFile, spec: TensorSpec) -> QTensor:
+    """The packed blocks on the device as stored (before any kernel repacking)."""
+    scale = None
+    if spec.scale_names:
+        s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
+        scale = jnp.asarray(s if spec.stacked else s[0])
+    return QTensor(jnp.asarray(_host_array(mf, spec)), scale, spec.qtype, spec.qshape)
+
+
+def abstract_leaf(spec: TensorSpec):
+    """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
+    abstractly): no bytes are read, nothing touches the device."""
     if spec.dtype is None:
-        data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),), jnp.uint8)
-        scale = jax.ShapeDtypeStruct(spec.stack, jnp.float32) if spec.scale_names else None
-        return QTensor(data, scale, spec.qtype, spec.qshape)
+        return jax.eval_shape(ops.prepare_weight, abstract_stored(spec))
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
+
+
+def abstract_stored(spec: TensorSpec) -> QTensor:
+    """The abstract QTensor of a quantized spec as stored in the file (what ``_qtensor`` puts on the device)."""
+    data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),), jnp.uint8)
+    scale = jax.ShapeDtypeStruct(spec.stack, jnp.float32) if spec.scale_names else None
+    return QTensor(data, scale, spec.qtype, spec.qshape)
 
 
 def is_spec(x) -> bool:
@@ -383,7 +394,17 @@ def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_leaf: Callab
             on_leaf(spec)
         return leaf
 
-    return map_specs(load, specs)
+    return prepare_params(map_specs(load, specs))
+
+
+def prepare_params(params: Decoder) -> Decoder:
+    """Matmul weights in the layout this backend's kernels read (``ops.prepare_weight``). The embedding table
+    stays as stored: it is gathered by row, not multiplied (a tied output head then takes the reference path)."""
+
+    def prepare(tree):
+        return jax.tree.map(ops.prepare_weight, tree, is_leaf=lambda x: isinstance(x, QTensor))
+
+    return dataclasses.replace(params, segments=prepare(params.segments), output=prepare(params.output))
 
 
 def abstract_params(specs: Decoder):

@@ -1,0 +1,150 @@
+"""``imp-jax bench``: llama-bench-style prompt processing (pp) and token generation (tg) throughput.
+
+pp N: one prefill of N tokens (``tokens[i] = i % vocab``) from an empty cache; tg N: N greedy decode steps after
+a one-token prompt (llama-bench's ``-n`` starts from an empty context). Each test runs once to compile, then
+``reps`` timed times; the device is synchronised around each. With batch B, tg decodes B sequences at once and
+reports B x N / time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax import engine, ops, sampling
+from imp_jax.cache import init_cache
+from imp_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    model: str
+    quant: str
+    size_gib: float
+    params_b: float
+    backend: str
+    test: str
+    tok_s: float
+    stdev: float
+    batch: int = 1
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def backend_name() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.platform}" + ("+pallas" if ops.kernels_enabled() else "")
+
+
+def _prompt(cfg: ModelConfig, batch: int, n: int) -> jax.Array:
+    return jnp.asarray((np.arange(n)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
+
+
+def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> float:
+    """Seconds for one prefill of n tokens x batch (device synchronised)."""
+    cache = init_cache(cfg, batch, n, dtype)
+    tokens, lengths = _prompt(cfg, batch, n), jnp.full((batch,), n, jnp.int32)
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    logits, cache = engine.prefill_step(params, cfg, tokens, lengths, cache)
+    jax.block_until_ready(logits)
+    return time.perf_counter() - t0
+
+
+def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> float:
+    """Seconds for n greedy decode steps of batch sequences after a one-token prompt."""
+    cache = init_cache(cfg, batch, n + 8 - (n % 8), dtype)
+    logits, cache = engine.prefill_step(params, cfg, _prompt(cfg, batch, 1), jnp.ones((batch,), jnp.int32), cache)
+    p = sampling.SamplingParams().arrays()
+    state = engine.DecodeState(
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.full((batch, sampling.RECENT), -1, jnp.int32),
+        jax.random.key(0),
+    )
+    state = engine.first_token(logits, state, p, greedy=True, penalty=False)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state, cache = engine.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
+    jax.block_until_ready(state)
+    return time.perf_counter() - t0
+
+
+def run(
+    params,
+    cfg: ModelConfig,
+    *,
+    name: str,
+    quant: str,
+    size_bytes: int,
+    n_params: int,
+    dtype,
+    pp: int,
+    tg: int,
+    reps: int,
+    batch: int = 1,
+) -> list[BenchRow]:
+    rows = []
+    for test, n, timer in (("pp", pp, time_prefill), ("tg", tg, time_decode)):
+        if n <= 0:
+            continue
+        timer(params, cfg, n, dtype, batch)  # compile and warm up
+        rates = [batch * n / timer(params, cfg, n, dtype, batch) for _ in range(reps)]
+        rows.append(
+            BenchRow(
+                name,
+                quant,
+                size_bytes / 2**30,
+                n_params / 1e9,
+                backend_name(),
+                f"{test}{n}",
+                statistics.mean(rates),
+                statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                batch,
+            )
+        )
+    return rows
+
+
+def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
+    """Random weights of a real model's shape, built on the device (no file), prepared for this backend's
+    kernels. Returns (params, config, weight bytes, parameter count)."""
+    from imp_jax.params import is_spec, prepare_params
+    from imp_jax.synthetic import synthetic_params, synthetic_specs
+
+    cfg, specs = synthetic_specs(shape, quant, dtype)
+    leaves = [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if s.names != ("<rope>",)]
+    n_params = sum(len(s.names) * int(np.prod(s.shape)) for s in leaves)
+    params = synthetic_params(specs, jax.random.key(seed), config=cfg)
+    params = prepare_params(params)
+    return params, cfg, sum(s.nbytes for s in leaves), n_params
+
+
+def decode_bytes_per_token(params) -> int:
+    """Bytes a decode step must read: every weight leaf except the embedding table (gathered, not read whole)."""
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    embed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params.embed))
+    tied = params.output is None
+    return total - (0 if tied else embed)
+
+
+def table(rows: list[BenchRow]) -> str:
+    head = "| model | quant | size | params | backend | batch | test | t/s |\n|---|---|---|---|---|---|---|---|"
+    body = [
+        f"| {r.model} | {r.quant} | {r.size_gib:.2f} GiB | {r.params_b:.2f} B | {r.backend} | {r.batch} | {r.test} | "
+        f"{r.tok_s:.2f} ± {r.stdev:.2f} |"
+        for r in rows
+    ]
+    return "\n".join([head, *body])
+
+
+def as_json(rows: list[BenchRow]) -> str:
+    return json.dumps([r.as_dict() for r in rows], indent=2)

@@ -5,7 +5,8 @@ For each synthetic model shape and quant: imp-jax with the Pallas kernels, imp-j
 on the same GPU. Decode tok/s at batch 1 and 8 (tg), prefill tok/s (pp), and the decode roofline: bytes read per
 token (every weight but the embedding table) over the HBM copy bandwidth measured in the same run.
 
-Usage (device): PYTHONPATH=. python benchmarks/e2e.py [--shapes qwen3-8b] [--quants mxfp4,q8_0] [--pp 512,4096]
+Usage (device; JAX must not preallocate so PyTorch has room):
+XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/e2e.py --xla --torch
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from imp_jax import bench
 
 def copy_bandwidth() -> float:
     """Device copy GB/s counting bytes read + written (the roofline's denominator)."""
-    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
-    f = jax.jit(lambda a: a * 1.0001)
-    f(x).block_until_ready()
-    reps = 20
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB, updated in place so no step waits on an allocation
+    f = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = f(x).block_until_ready()
+    nbytes, reps = x.nbytes, 20
     t0 = time.perf_counter()
     for _ in range(reps):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes * reps / (time.perf_counter() - t0) / 1e9
+        x = f(x)
+    x.block_until_ready()
+    return 2 * nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
 def imp_rows(shape: str, quant: str, kernels: bool, pp: list[int], tg: int, batches: list[int], bw: float):
@@ -135,10 +136,16 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for quant in args.quants.split(","):
             for kernels in (True, False) if args.xla else (True,):
-                rows += imp_rows(shape, quant, kernels, pp, args.tg, batches, bw)
-                print(json.dumps(rows[-1]), flush=True)
+                new = imp_rows(shape, quant, kernels, pp, args.tg, batches, bw)
+                rows += new
+                for r in new:
+                    print(json.dumps(r), flush=True)
         if args.torch:
-            rows += torch_rows(shape, pp, args.tg, batches, bw)
+            jax.clear_caches()
+            new = torch_rows(shape, pp, args.tg, batches, bw)
+            rows += new
+            for r in new:
+                print(json.dumps(r), flush=True)
     print("\n| engine | shape | quant | test | batch | tok/s | GB/token | roofline tok/s | % roofline |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -46,6 +46,17 @@ class KernelError(ImpError):
     """A kernel cannot run for these shapes or dtypes (names op, shapes and dtypes)."""
 
 
+class NonFiniteError(ImpError):
+    """A checked forward (imp_jax.debug) met a NaN or inf: names the layer, the op and its weight."""
+
+    def __init__(self, message: str, *, layer: int | None, op: str, nan: int, inf: int):
+        self.layer = layer
+        self.op = op
+        self.nan = int(nan)
+        self.inf = int(inf)
+        super().__init__(message)
+
+
 def gib(n: float) -> str:
     """Bytes as GiB with one decimal, the unit every memory message uses."""
     return f"{n / 2**30:.1f} GiB"

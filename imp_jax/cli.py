@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     p.set_defaults(run=_cmd_bench)
 
+    from imp_jax.memory import add_plan_parser
+
+    add_plan_parser(sub)
+
     p = sub.add_parser("quantize", help="rewrite a GGUF with its weight matrices in another quant type")
     p.add_argument("input", help="input .gguf")
     p.add_argument("output", help="output .gguf (written atomically)")

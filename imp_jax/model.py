@@ -11,9 +11,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine, harmony
+from imp_jax import engine, harmony, memory
 from imp_jax.chat import ChatTemplate
 from imp_jax.config import ModelConfig, config_from_gguf
+from imp_jax.debug import check_prefill, debug_nans_enabled
 from imp_jax.errors import ContextOverflow, ImpError
 from imp_jax.files import open_model_file
 from imp_jax.gguf.reader import ModelFile
@@ -55,6 +56,7 @@ class Model:
         self.dtype = dtype
         self.max_context = max_context
         self.batch = batch
+        self.plan: memory.MemoryPlan | None = None  # the plan load() checked before any weight moved
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
 
     def __repr__(self) -> str:
@@ -108,25 +110,39 @@ def load(
     path_or_name: str | os.PathLike[str],
     *,
     dtype: str = "bfloat16",
-    max_context: int = 4096,
+    max_context: int | str = 4096,
     batch: int = 1,
     device_memory: int | str | None = None,
+    path: str = "auto",
+    force: bool = False,
+    debug: bool = False,
     progress: bool | None = None,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
-    ``path_or_name`` is a .gguf path or a registry name. ``max_context`` is capped at the model's own context.
+    ``path_or_name`` is a .gguf path or a registry name. ``max_context`` (capped at the model's own context, or
+    "auto" for the largest that fits) and ``batch`` size the KV cache. The memory plan is made first and
+    ``ModelTooLarge`` is raised before any weight reaches the device when it does not fit ``device_memory`` (default:
+    what the device reports free). ``path`` picks how quantized weights run ("auto": packed kernels where they
+    exist, the dequantized fallback only where it fits); ``force`` loads past the budget with a warning.
+    ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
     """
     dtype = _parse_dtype(dtype)
     mf = open_model_file(path_or_name)
     config = config_from_gguf(mf.metadata, set(mf.tensors))
     tokenizer = Tokenizer.from_metadata(mf.metadata)
-    if max_context < 1 or batch < 1:
-        raise ImpError(f"max_context ({max_context}) and batch ({batch}) must be positive")
-    max_context = min(int(max_context), config.context_length)
     specs = param_specs(mf, config, dtype)
-    params = load_params(mf, config, specs, on_leaf=_progress(mf, specs, progress))
-    return Model(mf, config, params, tokenizer, dtype=dtype, max_context=max_context, batch=batch)
+    plan = memory.plan_specs(
+        specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
+        budget=memory.resolve_budget(device_memory), path=path,
+    )  # fmt: skip
+    memory.check_fits(plan, force=force)
+    params = load_params(mf, config, plan.specs, on_leaf=_progress(mf, plan.specs, progress))
+    if debug or debug_nans_enabled():
+        check_prefill(params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs)
+    model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch)
+    model.plan = plan
+    return model
 
 
 def _progress(mf: ModelFile, specs: Any, show: bool | None):

@@ -110,6 +110,7 @@ class TensorSpec:
     dtype: str | None  # dense target dtype; None keeps the packed blocks (QTensor)
     stacked: bool
     scale_names: tuple[str, ...] = ()  # NVFP4 per-tensor scales
+    gathered: bool = False  # read by row (the embedding table), so never repacked for a matmul kernel
 
     @property
     def stack(self) -> tuple[int, ...]:
@@ -259,7 +260,7 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
     for name in (embed_name, norm_name):
         if name not in mf.tensors:
             raise GGUFError(mf.path, "tensor missing: the model needs it", tensor=name)
-    embed = _spec(mf, [embed_name], compute_dtype, stacked=False)
+    embed = dataclasses.replace(_spec(mf, [embed_name], compute_dtype, stacked=False), gathered=True)
     if embed.shape != (cfg.vocab_size, cfg.n_embd):
         raise GGUFError(
             mf.path,
@@ -348,9 +349,15 @@ def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | 
 
         return to_dense(_qtensor(mf, packed_spec(spec)), spec.dtype)
     if spec.dtype is None:
-        return ops.prepare_weight(_qtensor(mf, spec))
+        return prepared(spec, _qtensor(mf, spec))
     host = _host_array(mf, spec)
     return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
+
+
+def prepared(spec: TensorSpec, w: QTensor):
+    """The packed leaf in the layout this backend's kernels read (``ops.prepare_weight``), unless it is gathered
+    by row (the embedding: a tied output head then takes the reference path)."""
+    return w if spec.gathered else ops.prepare_weight(w)
 
 
 def _qtensor(mf: ModelFile, spec: TensorSpec) -> QTensor:
@@ -366,7 +373,8 @@ def abstract_leaf(spec: TensorSpec):
     """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
     abstractly): no bytes are read, nothing touches the device."""
     if spec.dtype is None:
-        return jax.eval_shape(ops.prepare_weight, abstract_stored(spec))
+        stored = abstract_stored(spec)
+        return stored if spec.gathered else jax.eval_shape(ops.prepare_weight, stored)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 
@@ -394,17 +402,7 @@ def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_leaf: Callab
             on_leaf(spec)
         return leaf
 
-    return prepare_params(map_specs(load, specs))
-
-
-def prepare_params(params: Decoder) -> Decoder:
-    """Matmul weights in the layout this backend's kernels read (``ops.prepare_weight``). The embedding table
-    stays as stored: it is gathered by row, not multiplied (a tied output head then takes the reference path)."""
-
-    def prepare(tree):
-        return jax.tree.map(ops.prepare_weight, tree, is_leaf=lambda x: isinstance(x, QTensor))
-
-    return dataclasses.replace(params, segments=prepare(params.segments), output=prepare(params.output))
+    return map_specs(load, specs)
 
 
 def abstract_params(specs: Decoder):

@@ -26,7 +26,7 @@ from imp_jax.gguf.qtensor import QTensor, row_bytes
 from imp_jax.models.attention import Attention
 from imp_jax.models.decoder import Decoder, Layer
 from imp_jax.models.layers import rope_inv_freq
-from imp_jax.params import ROPE, TensorSpec, is_spec, tensor_name
+from imp_jax.params import ROPE, TensorSpec, is_spec, prepared, tensor_name
 
 _T = GGMLQuantizationType
 
@@ -139,7 +139,7 @@ def synthetic_specs(shape: str | SyntheticShape, quant: str, dtype: str = "bfloa
     )
     vocab = (shape.vocab_size, shape.n_embd)
     specs = Decoder(
-        embed=matrix(MODEL_TENSOR.TOKEN_EMBD, vocab, None),
+        embed=dataclasses.replace(matrix(MODEL_TENSOR.TOKEN_EMBD, vocab, None), gathered=True),
         segments=((layer,),),
         output_norm=TensorSpec(
             (tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight"),), int(_T.F32), (shape.n_embd,), "float32", False
@@ -165,8 +165,8 @@ def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
         return jnp.asarray(np.stack(rows).astype(np.float32))
     if is_fallback(spec):  # like the loader: the stored blocks, dequantized once
         return to_dense(_stored(packed_spec(spec), key), spec.dtype)
-    if spec.dtype is None:  # packed; params.prepare_params repacks it for a kernel where one exists
-        return _stored(spec, key)
+    if spec.dtype is None:  # like the loader: repacked for a kernel where one exists
+        return prepared(spec, _stored(spec, key))
     if not spec.stacked and len(spec.shape) == 1:
         return _norm(key[None], spec.shape, 1)[0]
     item, batch, keys = _items(spec, key)

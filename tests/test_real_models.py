@@ -62,7 +62,7 @@ def test_greedy_continuations_equal_llama_cpp_except_near_ties(case):
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-0.5b"])
 def test_capital_of_france_is_paris(name):
-    model = imp_jax.load(name, max_context=256)
+    model = imp_jax.load(name, max_context=256)  # the defaults: bf16, packed weights
     assert imp_jax.generate(model, "The capital of France is", max_tokens=4).text.startswith(" Paris")
 
 
@@ -75,7 +75,7 @@ def _repetition(words: list[str], n: int) -> float:
 def test_no_degeneration_over_256_greedy_tokens(name):
     """imp's DegenerationTest: 3-gram repetition < 0.4 and 5-gram < 0.3, no special tokens, deterministic.
     Instruct models (with a chat template) get the request as a chat turn, base models as plain text."""
-    model = imp_jax.load(name, max_context=512)
+    model = imp_jax.load(name, max_context=512, dtype="float32", path="dense")  # the fast CPU configuration
     request = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     prompt: str | list[int] = request
     if "tokenizer.chat_template" in model.file.metadata:

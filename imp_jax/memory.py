@@ -1,0 +1,643 @@
+"""Memory planning from XLA's own accounting, before any weight moves (DESIGN rule 3).
+
+A plan adds parts that are each measured, not guessed:
+
+- weights: the bytes of the very spec tree the loader materializes, per stored qtype and execution path
+  (packed with a kernel, packed with the reference dequantization inside the step, or dequantized once at load:
+  the fallback);
+- KV cache and state: the abstract cache for max_context x batch, and the decode loop's state;
+- workspace: XLA's temp and I/O bytes of the engine's real ``prefill_step`` (a full max_context prompt) and
+  ``decode_step``, lowered and compiled with ShapeDtypeStruct inputs (``compiled.memory_analysis()``). JAX
+  caches those executables, so the engine's first real call reuses them: planning costs no extra compile;
+- load transient: what exists beside the weights while one leaf is converted on the device (a fallback leaf's
+  packed copy and its decode scratch, or a float leaf stored in another dtype).
+
+``peak = weights + max(kv + state + workspace, load transient)``, and it must fit what the device has free minus
+an explicit headroom for what XLA cannot see (allocator fragmentation, small arrays, other step variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from gguf import GGMLQuantizationType
+
+from imp_jax import engine, ops
+from imp_jax.cache import abstract_cache
+from imp_jax.config import ModelConfig, config_from_gguf
+from imp_jax.errors import ImpError, ModelTooLarge, gib
+from imp_jax.fallback import fallback_specs, is_fallback, packed_spec, to_dense
+from imp_jax.files import open_model_file
+from imp_jax.gguf.qtensor import QTensor
+from imp_jax.params import TensorSpec, abstract_leaf, abstract_stored, is_spec, map_specs, param_specs
+from imp_jax.sampling import RECENT, SamplingParams
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+
+# What XLA's numbers cannot see: BFC allocator rounding and fragmentation, the token/key/sampling arrays, the
+# greedy and shorter-prompt variants of the steps (each smaller than the planned worst case, but compiled and
+# resident as code). Measured error on an H100 is in docs/MEMORY.md; a CPU process shares the host with
+# everything else, so it only keeps a small margin.
+DEFAULT_HEADROOM = {"gpu": 1 * GiB, "cpu": 256 * MiB}
+# packed: every quantized weight stays packed (a kernel where one exists, else dequantized inside each step);
+# fallback: those without a kernel are dequantized once at load; dense: all of them are (debugging, comparisons);
+# auto: packed when every weight has a kernel, else the fallback when it fits, else packed.
+PATHS = ("auto", "packed", "fallback", "dense")
+DTYPES = ("bfloat16", "float32")
+_SUGGEST_BITS = 4.5  # a 4-bit K-quant / MXFP4 model, scales included
+
+
+class MemoryWarning(UserWarning):
+    """A plan that does not fit was forced through (debugging)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLine:
+    """The weights of one stored qtype that take one execution path."""
+
+    qtype: str  # as stored in the file
+    path: str  # "kernel:<name>" | "reference" | "fallback" | "dense"
+    stored: str  # on the device: "packed" or a dtype
+    tensors: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's accounting of one compiled step, beyond the weights and the cache it is given."""
+
+    name: str
+    temp_bytes: int
+    io_bytes: int  # inputs and outputs that are neither weights nor cache (tokens, logits, sampling values)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.temp_bytes + self.io_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the plan is checked against."""
+
+    available_bytes: int
+    source: str  # where the number came from
+    headroom_bytes: int
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The memory a model needs on one device for max_context x batch (API contract names are properties)."""
+
+    label: str
+    config: ModelConfig
+    path: str  # "packed" | "fallback"
+    dtype: str
+    max_context: int
+    batch: int
+    weights: tuple[WeightLine, ...]
+    kv_cache_bytes: int
+    state_bytes: int
+    steps: tuple[StepMemory, ...]
+    load_transient_bytes: int
+    budget: Budget
+    specs: Any = dataclasses.field(repr=False, compare=False)  # the planned tree: what load_params gets
+    source_specs: Any = dataclasses.field(repr=False, compare=False)  # the tree as stored, for replanning
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return max((s.workspace_bytes for s in self.steps), default=0)
+
+    @property
+    def peak_bytes(self) -> int:
+        run = self.kv_cache_bytes + self.state_bytes + self.workspace_bytes
+        return self.weights_bytes + max(run, self.load_transient_bytes)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget.headroom_bytes
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.peak_bytes + self.headroom_bytes
+
+    @property
+    def available_bytes(self) -> int:
+        return self.budget.available_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+    @property
+    def path_label(self) -> str:
+        """How the weights run, in words: "bf16-fallback path", "packed Q4_K path"."""
+        if any(w.path == "fallback" for w in self.weights):
+            return f"{_short_dtype(self.dtype)}-fallback path"
+        packed = [w.qtype for w in self.weights if w.stored == "packed"]
+        if packed:
+            return f"packed {'/'.join(dict.fromkeys(packed))} path"
+        return f"dense {self.weights[0].qtype} path" if self.weights else "dense path"
+
+    def report(self) -> str:
+        """A readable table: parts, peak, budget and verdict."""
+        c = self.config
+        rows: list[tuple[str, str]] = [("weights  (qtype, path, tensors)", "")]
+        for w in self.weights:
+            rows.append((f"  {w.qtype:<6} {_path_words(w):<30} {w.tensors:>5}", _size(w.nbytes)))
+        rows += [
+            ("weights total", _size(self.weights_bytes)),
+            (
+                f"KV cache  ({c.n_attention_layers} layers x {self.max_context} x {self.batch}, k+v)",
+                _size(self.kv_cache_bytes),
+            ),
+            ("state  (recurrent + decode loop)", _size(self.state_bytes)),
+        ]
+        for s in self.steps:
+            rows.append((f"workspace  {s.name} (temp {_size(s.temp_bytes)}, io {_size(s.io_bytes)})", ""))
+        rows += [
+            ("workspace  (largest step)", _size(self.workspace_bytes)),
+            ("load transient  (one leaf converting)", _size(self.load_transient_bytes)),
+            ("peak", _size(self.peak_bytes)),
+            ("runtime headroom", _size(self.headroom_bytes)),
+            ("needed", _size(self.needed_bytes)),
+            (f"available  ({self.budget.source})", _size(self.available_bytes)),
+        ]
+        width = max(len(label) for label, _ in rows) + 2
+        head = [
+            f"memory plan: {self.label}",
+            f"  {c.arch}, {c.n_layers} layers, n_embd {c.n_embd}, {self.dtype}, max_context {self.max_context}, "
+            f"batch {self.batch}, on {self.budget.device}, {self.path_label}",
+        ]
+        body = [f"  {label:<{width}}{value:>12}" for label, value in rows]
+        spare = self.available_bytes - self.needed_bytes
+        verdict = (
+            f"  verdict: fits, {_size(spare)} to spare"
+            if self.fits
+            else f"  verdict: does NOT fit, {_size(-spare)} short"
+        )
+        return "\n".join([*head, *body, verdict])
+
+
+# --- budget -------------------------------------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kib": KiB,
+    "kb": 10**3,
+    "m": MiB,
+    "mib": MiB,
+    "mb": 10**6,
+    "g": GiB,
+    "gib": GiB,
+    "gb": 10**9,
+    "t": 2**40,
+    "tib": 2**40,
+    "tb": 10**12,
+}
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a string like "8GiB", "512 MiB", "1.5G" (binary) or "16GB" (decimal)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise ImpError(f"cannot read the memory size {value!r}: use bytes or a size like '8GiB' or '512MiB'")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ImpError(f"a memory size must be positive, got {value!r}")
+    return n
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_budget(device_memory: int | str | None = None, headroom: int | str | None = None, device=None) -> Budget:
+    """Free bytes on ``device`` (default: the first JAX device), or the user's ``device_memory``.
+
+    A GPU reports its allocator's ``bytes_limit - bytes_in_use``; the CPU backend reports nothing, so the host's
+    available memory stands in.
+    """
+    device = device or jax.devices()[0]
+    kind = "gpu" if device.platform in ("gpu", "cuda", "rocm") else "cpu"
+    room = DEFAULT_HEADROOM[kind] if headroom is None else parse_bytes(headroom)
+    name = f"{device.platform}:{device.id} {getattr(device, 'device_kind', '')}".strip()
+    if device_memory is not None:
+        return Budget(parse_bytes(device_memory), "device_memory given", room, name)
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return Budget(free, f"{device.platform} allocator free", room, name)
+    return Budget(host_available_bytes(), "host MemAvailable", room, name)
+
+
+# --- planning -----------------------------------------------------------------------------------------------
+
+
+def plan_memory(
+    path_or_name: str | os.PathLike[str],
+    *,
+    max_context: int | str = 4096,
+    batch: int = 1,
+    dtype: str = "bfloat16",
+    device_memory: int | str | None = None,
+    path: str = "auto",
+    headroom: int | str | None = None,
+) -> MemoryPlan:
+    """Plan a GGUF model (path or registry name) without moving any weight to the device.
+
+    ``max_context`` is capped at the model's own context; ``"auto"`` picks the largest that fits (a power of two
+    or a multiple of 256). ``path``: "packed", "fallback", or "auto" (packed where a kernel exists, the
+    dequantized fallback for the rest only when it fits).
+    """
+    dtype = _check_dtype(dtype)
+    mf = open_model_file(path_or_name)
+    config = config_from_gguf(mf.metadata, set(mf.tensors))
+    specs = param_specs(mf, config, dtype)
+    return plan_specs(
+        specs,
+        config,
+        label=Path(mf.path).name,
+        max_context=max_context,
+        batch=batch,
+        dtype=dtype,
+        budget=resolve_budget(device_memory, headroom),
+        path=path,
+    )
+
+
+def plan_specs(
+    specs,
+    config: ModelConfig,
+    *,
+    label: str,
+    max_context: int | str,
+    batch: int,
+    dtype: str,
+    budget: Budget,
+    path: str = "auto",
+) -> MemoryPlan:
+    """The plan for a spec tree as stored (``params.param_specs`` or ``synthetic.synthetic_specs``)."""
+    dtype = _check_dtype(dtype)
+    if path not in PATHS:
+        raise ImpError(f"unknown weight path {path!r}; use one of {', '.join(PATHS)}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ImpError(f"batch must be a positive integer, got {batch!r}")
+    if max_context == "auto":
+        return auto_context(specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path)
+    if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 1:
+        raise ImpError(f"max_context must be a positive integer or 'auto', got {max_context!r}")
+    if config.context_length < 1:
+        raise ImpError(f"{label}: the model's context_length is {config.context_length}")
+    max_context = min(max_context, config.context_length)
+    args = dict(label=label, max_context=max_context, batch=batch, dtype=dtype, budget=budget)
+    if path != "auto":
+        return _plan(specs, config, path=path, **args)
+    if not any(_without_kernel(s) for s in _leaves(specs)):
+        return _plan(specs, config, path="packed", **args)
+    fallback = _plan(specs, config, path="fallback", **args)
+    return fallback if fallback.fits else _plan(specs, config, path="packed", **args)
+
+
+def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
+    """The same model under other settings (max_context, batch, path, budget)."""
+    args = dict(
+        label=plan.label,
+        max_context=plan.max_context,
+        batch=plan.batch,
+        dtype=plan.dtype,
+        budget=plan.budget,
+        path=plan.path,
+    )
+    args.update(changes)
+    return plan_specs(plan.source_specs, plan.config, **args)
+
+
+def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget) -> MemoryPlan:
+    planned = _apply_path(specs, path, dtype)
+    abstract = {s: abstract_leaf(s) for s in _leaves(planned)}  # repacking traced once per leaf
+    weights = _weight_lines(abstract)
+    weights_bytes = sum(w.nbytes for w in weights)
+    cache = abstract_cache(config, batch, max_context, dtype)
+    kv_bytes = _nbytes(cache.kv_arrays())
+    state = _abstract_decode_state(batch)
+    recurrent_bytes = _nbytes(cache.recurrent_arrays())
+    state_bytes = recurrent_bytes + _nbytes(state)
+    params = map_specs(abstract.__getitem__, planned)
+    tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    prefill = engine.prefill_step.lower(params, config, tokens, lengths, cache).compile()
+    sampling = jax.eval_shape(SamplingParams().arrays)
+    # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
+    decode = engine.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True).compile()
+    steps = (
+        _step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
+        _step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
+    )
+    return MemoryPlan(
+        label=label,
+        config=config,
+        path=path,
+        dtype=dtype,
+        max_context=max_context,
+        batch=batch,
+        weights=weights,
+        kv_cache_bytes=kv_bytes,
+        state_bytes=state_bytes,
+        steps=steps,
+        load_transient_bytes=max((_load_transient(s, a) for s, a in abstract.items()), default=0),
+        budget=budget,
+        specs=planned,
+        source_specs=specs,
+    )
+
+
+def _apply_path(specs, path: str, dtype: str):
+    """The spec tree the loader should materialize on this path."""
+    if path == "dense":
+        return fallback_specs(specs, dtype)
+    if path == "fallback":
+        return fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s))
+    return specs
+
+
+def _step_memory(name: str, compiled, persistent: int) -> StepMemory:
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend without statistics: the headroom has to cover the workspace
+        return StepMemory(name + " (no XLA statistics)", 0, 0)
+    io = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes - persistent
+    return StepMemory(name, int(stats.temp_size_in_bytes), max(int(io), 0))
+
+
+def _abstract_decode_state(batch: int) -> engine.DecodeState:
+    i32 = jnp.int32
+    return engine.DecodeState(
+        jax.ShapeDtypeStruct((batch,), i32),
+        jax.ShapeDtypeStruct((batch,), i32),
+        jax.ShapeDtypeStruct((batch, RECENT), i32),
+        jax.eval_shape(jax.random.key, 0),
+    )
+
+
+def _nbytes(tree) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs (PRNG keys counted as their raw key data)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.eval_shape(jax.random.key_data, x)
+        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _leaves(specs) -> list[TensorSpec]:
+    return [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if isinstance(s, TensorSpec)]
+
+
+def _unstacked(spec: TensorSpec) -> TensorSpec:
+    return dataclasses.replace(spec, names=spec.names[:1], stacked=False, scale_names=spec.scale_names[:1])
+
+
+def _without_kernel(spec: TensorSpec) -> bool:
+    """A packed leaf that the reference path would dequantize inside every step (ops names no kernel for one
+    layer's slice of it, as the scanned step sees it)."""
+    return spec.dtype is None and ops.matmul_path(abstract_leaf(_unstacked(spec))) == ops.REFERENCE
+
+
+def _weight_lines(abstract: dict) -> tuple[WeightLine, ...]:
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for spec, leaf in abstract.items():
+        if spec.dtype is None:
+            mp = ops.matmul_path(leaf)
+            key = (mp if mp == ops.REFERENCE else f"kernel:{mp}", "packed")
+        else:
+            key = ("fallback" if is_fallback(spec) else "dense", spec.dtype)
+        entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key), [0, 0])
+        entry[0] += len(spec.names)
+        entry[1] += _nbytes(leaf)
+    lines = [WeightLine(q, p, s, n, b) for (q, p, s), (n, b) in groups.items()]
+    return tuple(sorted(lines, key=lambda w: -w.nbytes))
+
+
+_FLOAT_DTYPES = {
+    GGMLQuantizationType.F32: "float32",
+    GGMLQuantizationType.F16: "float16",
+    GGMLQuantizationType.BF16: "bfloat16",
+}
+
+
+def _load_transient(spec: TensorSpec, leaf) -> int:
+    """Bytes beside the final weights while this leaf is put on the device (see params.materialize)."""
+    if is_fallback(spec):  # the stored blocks, and to_dense's scratch
+        stored = abstract_stored(packed_spec(spec))
+        stats = to_dense.lower(stored, dtype=spec.dtype).compile().memory_analysis()
+        return _nbytes(stored) + (int(stats.temp_size_in_bytes) if stats is not None else 0)
+    if spec.dtype is None:  # repacked for a kernel: the stored blocks, and per-layer parts before they stack
+        stored = _nbytes(abstract_stored(spec))
+        return 0 if isinstance(leaf, QTensor) else stored + (_nbytes(leaf) if spec.stacked else 0)
+    stored = _FLOAT_DTYPES.get(spec.qtype)
+    if spec.dtype == "float32" or stored is None or stored == spec.dtype:
+        return 0  # transferred as is, or converted on the host
+    return len(spec.names) * math.prod(spec.shape) * jnp.dtype(stored).itemsize
+
+
+# --- fitting ------------------------------------------------------------------------------------------------
+
+
+def context_candidates(limit: int) -> list[int]:
+    """Contexts worth suggesting up to ``limit``: powers of two below 256, then multiples of 256."""
+    return [c for c in (16, 32, 64, 128) if c <= limit] + list(range(256, limit + 1, 256))
+
+
+def fit_context(plan: MemoryPlan, limit: int | None = None) -> MemoryPlan | None:
+    """The plan at the largest candidate context up to ``limit`` (default: the plan's) that fits, or None.
+
+    The KV cache is linear in the context, so two bounds come free: the weights plus the KV cache alone rule
+    out contexts from above, and (for contexts below the plan's, the workspace never growing as the context
+    shrinks) the plan with only its KV part rescaled proves contexts fit from below. Only the candidates
+    between are re-planned, by bisection.
+    """
+    limit = min(limit or plan.max_context, plan.config.context_length)
+    per_token = plan.kv_cache_bytes / plan.max_context
+    room = plan.available_bytes - plan.headroom_bytes
+
+    def floor(c: int) -> float:
+        return plan.weights_bytes + max(per_token * c + plan.state_bytes, plan.load_transient_bytes)
+
+    def ceiling(c: int) -> float:
+        return plan.peak_bytes - plan.kv_cache_bytes + per_token * c if c <= plan.max_context else math.inf
+
+    cands = [c for c in context_candidates(limit) if floor(c) <= room]
+    lo = max((i for i, c in enumerate(cands) if ceiling(c) <= room), default=-1)
+    hi, best = len(cands), None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = replan(plan, max_context=cands[mid])
+        if trial.fits:
+            lo, best = mid, trial
+        else:
+            hi = mid
+    if lo < 0:
+        return None
+    return best if best is not None and best.max_context == cands[lo] else replan(plan, max_context=cands[lo])
+
+
+def auto_context(specs, config: ModelConfig, *, label, batch, dtype, budget, path="auto") -> MemoryPlan:
+    """The plan at the largest context that fits; if none does, the plan at the model's full context."""
+    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path)
+    full = plan_specs(specs, config, max_context=config.context_length, **args)
+    if full.fits:
+        return full
+    return fit_context(full) or full
+
+
+def check_fits(plan: MemoryPlan, *, path_label: str | None = None, force: bool = False) -> None:
+    """Raise ModelTooLarge (needed and available bytes, a computed suggestion) unless the plan fits.
+
+    Called before the first transfer. ``force`` (debugging) warns with the same numbers and goes on.
+    """
+    if plan.fits:
+        return
+    message = refusal_message(plan, path_label=path_label)
+    if force:
+        warnings.warn(MemoryWarning(f"forced past the memory budget: {message}"), stacklevel=2)
+        return
+    raise ModelTooLarge(message, needed=plan.needed_bytes, available=plan.available_bytes)
+
+
+def refusal_message(plan: MemoryPlan, *, path_label: str | None = None) -> str:
+    """ "model needs X + Y headroom, Z available: too large ... Try max_context=N (needs W), ..." from re-plans."""
+    label = path_label or plan.path_label
+    alone = plan.weights_bytes + plan.headroom_bytes > plan.available_bytes
+    tries: list[str] = []
+    smaller = None if alone else fit_context(plan)
+    if smaller is not None:
+        tries.append(f"max_context={smaller.max_context} (needs {_gib(smaller.needed_bytes)})")
+    if plan.batch > 1:
+        single = replan(plan, batch=1)
+        if single.fits:
+            tries.append(f"batch=1 (needs {_gib(single.needed_bytes)})")
+    if any(w.path == "fallback" for w in plan.weights):
+        packed = replan(plan, path="packed")
+        tries.append(f"the {packed.path_label} (needs {_gib(packed.needed_bytes)})")
+    quant = _four_bit_weights(plan)
+    if quant is not None:
+        tries.append(f"a 4-bit quant (weights about {_gib(quant)})")
+    tries.append("a smaller model")
+    why = f" (the weights alone need {_gib(plan.weights_bytes)})" if alone else ""
+    return (
+        f"{plan.label} needs {_gib(plan.peak_bytes)} + {_gib(plan.headroom_bytes)} runtime headroom, "
+        f"{_gib(plan.available_bytes)} available ({plan.budget.source}): too large for this device on the "
+        f"{label}{why}. Try {', '.join(tries[:-1])}{' or ' if len(tries) > 1 else ''}{tries[-1]}."
+    )
+
+
+def _four_bit_weights(plan: MemoryPlan) -> int | None:
+    """Weight bytes if every matrix were stored at ~4.5 bits, when that is clearly smaller than now."""
+    total = 0
+    for spec in _leaves(plan.specs):
+        n = len(spec.names) * math.prod(spec.shape)
+        total += int(n * _SUGGEST_BITS / 8) if len(spec.shape) >= 2 else n * jnp.dtype(spec.dtype).itemsize
+    return total if total < 0.8 * plan.weights_bytes else None
+
+
+# --- words --------------------------------------------------------------------------------------------------
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ImpError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _short_dtype(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(dtype, dtype)
+
+
+def _path_words(w: WeightLine) -> str:
+    if w.path == "reference":
+        return "packed, dequantized in the step"
+    if w.path.startswith("kernel:"):
+        return f"packed, {w.path[7:]} kernel"
+    if w.path == "fallback":
+        return f"dequantized at load to {_short_dtype(w.stored)}"
+    return f"dense {_short_dtype(w.stored)}"
+
+
+def _gib(n: int) -> str:
+    """GiB with one decimal (errors.gib), or MiB below 1 GiB where "0.0 GiB" would say nothing."""
+    return gib(n) if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """``imp-jax plan --model M [--context N|auto] [--batch B] [--device-memory 8GiB] [--path P]``."""
+    p = subparsers.add_parser("plan", help="memory plan: weights, KV cache, workspace, peak, verdict")
+    p.add_argument("--model", "-m", required=True, help="a .gguf path or a registry name")
+    p.add_argument("--context", default="4096", help="max context in tokens, or 'auto' (largest that fits)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--device-memory", default=None, help="budget instead of the device's free memory, e.g. 8GiB")
+    p.add_argument("--headroom", default=None, help="runtime headroom (default 1GiB on GPU, 256MiB on CPU)")
+    p.add_argument("--path", default="auto", choices=PATHS, help="weight execution path")
+    p.set_defaults(run=cmd_plan)
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Print the plan's table and verdict; when it does not fit, the refusal load() would give, with hints."""
+    context: int | str = args.context if args.context == "auto" else _int_arg("--context", args.context)
+    plan = plan_memory(
+        args.model,
+        max_context=context,
+        batch=args.batch,
+        dtype=args.dtype,
+        device_memory=args.device_memory,
+        path=args.path,
+        headroom=args.headroom,
+    )
+    print(plan.report())
+    if not plan.fits:
+        print(f"  {refusal_message(plan)}")
+
+
+def _int_arg(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ImpError(f"{flag} takes a number of tokens or 'auto', got {value!r}") from None

@@ -1,0 +1,199 @@
+"""The memory planner: its parts against the arrays really loaded, refusal before any allocation, path choice,
+fitting contexts, synthetic models and the ``plan`` command."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from imp_jax import engine
+from imp_jax.cache import init_cache
+from imp_jax.errors import ImpError, ModelTooLarge
+from imp_jax.files import open_model_file
+from imp_jax.gguf.qtensor import QTensor
+from imp_jax.memory import (
+    Budget,
+    MemoryWarning,
+    add_plan_parser,
+    check_fits,
+    cmd_plan,
+    context_candidates,
+    fit_context,
+    parse_bytes,
+    plan_memory,
+    replan,
+)
+from imp_jax.params import abstract_params, load_params
+from imp_jax.synthetic import SHAPES, _random_blocks, synthetic_params, synthetic_specs
+from tests.tiny_gguf import write_tiny_llama
+
+CTX = 256
+MiB = 2**20
+
+
+def _bytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def _budget(available: int, headroom: int = 0) -> Budget:
+    return Budget(available, "test budget", headroom, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tinycoder(real_model):
+    path = real_model("tinycoder")
+    return path, plan_memory(path, max_context=CTX)
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [(1234, 1234), ("8GiB", 8 * 2**30), ("512 MiB", 512 * MiB), ("1.5G", 3 * 2**29), ("16GB", 16 * 10**9)],
+)
+def test_parse_bytes(text, n):
+    assert parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("bad", ["8 parsecs", "", "-1GiB", 0, True])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(ImpError):
+        parse_bytes(bad)
+
+
+def test_plan_parts_match_what_is_loaded(tinycoder):
+    path, plan = tinycoder
+    mf = open_model_file(path)
+    params = load_params(mf, plan.config, plan.specs)
+    assert _bytes(params) == plan.weights_bytes
+    cache = init_cache(plan.config, 1, CTX, jnp.bfloat16)
+    assert _bytes(cache.kv_arrays()) == plan.kv_cache_bytes
+    assert plan.kv_cache_bytes == 2 * plan.config.n_layers * CTX * plan.config.n_head_kv * plan.config.head_dim * 2
+    assert [s.name for s in plan.steps] == [f"prefill[{CTX}]", "decode"]
+    assert plan.workspace_bytes == max(s.temp_bytes + s.io_bytes for s in plan.steps) > 0
+    run = plan.kv_cache_bytes + plan.state_bytes + plan.workspace_bytes
+    assert plan.peak_bytes == plan.weights_bytes + max(run, plan.load_transient_bytes)
+    assert plan.fits and plan.available_bytes > 0 and plan.budget.source == "host MemAvailable"
+    report = plan.report()
+    for line in ("weights total", "KV cache", "workspace  prefill[256]", "peak", "verdict: fits"):
+        assert line in report
+    tokens = jnp.zeros((1, CTX), jnp.int32)
+    logits, _ = engine.prefill_step(params, plan.config, tokens, jnp.asarray([3], jnp.int32), cache)
+    assert bool(jnp.isfinite(logits).all())
+
+
+def test_refusal_before_any_allocation(tinycoder):
+    path, _ = tinycoder
+    before = len(jax.live_arrays())
+    plan = plan_memory(path, max_context=CTX, device_memory="1MiB")
+    assert not plan.fits
+    with pytest.raises(ModelTooLarge) as e:
+        check_fits(plan)
+    assert len(jax.live_arrays()) == before
+    err = e.value
+    assert (err.needed, err.available) == (plan.needed_bytes, MiB)
+    text = str(err)
+    assert f"needs {plan.peak_bytes / MiB:.1f} MiB" in text and "1.0 MiB available" in text
+    assert "the weights alone need" in text and "a 4-bit quant (weights about" in text
+
+
+def test_refusal_suggests_the_largest_context_that_fits(tinycoder):
+    _, small = tinycoder
+    big = replan(small, max_context=2 * CTX)
+    budget = (small.needed_bytes + big.needed_bytes) // 2
+    refused = replan(big, budget=_budget(budget, small.headroom_bytes))
+    suggested = fit_context(refused)
+    assert suggested is not None and suggested.max_context == CTX and suggested.fits
+    with pytest.raises(ModelTooLarge, match=rf"Try max_context={CTX} \(needs {suggested.needed_bytes / MiB:.1f} MiB"):
+        check_fits(refused)
+
+
+def test_context_candidates():
+    assert context_candidates(1000) == [16, 32, 64, 128, 256, 512, 768]
+    assert context_candidates(40) == [16, 32]
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory):
+    """A Q8_0 file and its plans on both paths (the fallback dequantizes every matrix at load)."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("mem") / "tiny-q8.gguf")
+    packed = plan_memory(path, max_context=128, path="packed")  # the file's own context: auto reuses it
+    return path, packed, replan(packed, path="fallback")
+
+
+def test_fallback_path_loads_dense_and_matches_its_plan(tiny_q8):
+    path, packed, fallback = tiny_q8
+    mf = open_model_file(path)
+    dense = load_params(mf, fallback.config, fallback.specs)
+    assert _bytes(dense) == fallback.weights_bytes > packed.weights_bytes
+    assert fallback.path_label == "bf16-fallback path" and packed.path_label == "packed Q8_0 path"
+    assert {w.path for w in fallback.weights} == {"fallback", "dense"}
+    assert fallback.load_transient_bytes > 0 == packed.load_transient_bytes
+    packed_params = load_params(mf, packed.config, packed.specs)
+    w_packed, w_dense = packed_params.segments[0][0].w_down, dense.segments[0][0].w_down
+    assert isinstance(w_packed, QTensor) and not isinstance(w_dense, QTensor)
+    np.testing.assert_array_equal(np.asarray(w_dense), np.asarray(w_packed.dequantize(jnp.bfloat16)))
+
+
+def test_auto_path_takes_the_fallback_only_when_it_fits(tiny_q8):
+    _, packed, fallback = tiny_q8
+    roomy = replan(packed, path="auto", budget=_budget(10 * fallback.peak_bytes))
+    assert roomy.path == "fallback"
+    # Without kernels (CPU) the fallback dequantizes every packed weight, as the forced dense path does.
+    assert replan(packed, path="dense").weights_bytes == fallback.weights_bytes
+    tight = replan(packed, path="auto", budget=_budget((packed.peak_bytes + fallback.peak_bytes) // 2))
+    assert tight.path == "packed" and tight.fits
+
+
+def test_forced_fallback_warns_with_the_numbers(tiny_q8):
+    _, _, fallback = tiny_q8
+    forced = replan(fallback, budget=_budget(fallback.weights_bytes // 2))
+    with pytest.warns(MemoryWarning, match=r"forced past the memory budget: .* needs .*the packed Q8_0 path \(needs"):
+        check_fits(forced, force=True)
+    with pytest.raises(ModelTooLarge, match="bf16-fallback path"):
+        check_fits(forced)
+
+
+def test_auto_context_takes_the_model_context_when_it_fits(tiny_q8):
+    _, packed, _ = tiny_q8
+    auto = replan(packed, max_context="auto")
+    assert auto.max_context == packed.config.context_length and auto.fits
+
+
+@pytest.mark.parametrize("quant", ["mxfp4", "q8_0", "q4_k"])
+def test_synthetic_blocks_are_valid_and_scaled(quant):
+    qtype = GGMLQuantizationType[quant.upper()]
+    std = 1 / math.sqrt(1024)
+    make = jax.jit(_random_blocks, static_argnums=(1, 2, 3))
+    blocks = np.asarray(make(jax.random.key(3), (64, 32), qtype, std))
+    values = quants.dequantize(blocks.reshape(64, -1), qtype)
+    assert np.isfinite(values).all()
+    assert abs(values.std() / std - 1) < 0.25 and abs(values.mean()) < 0.1 * std
+
+
+def test_synthetic_model_matches_the_loader_tree_and_runs():
+    assert SHAPES["qwen3-8b"].n_layers == 36 and SHAPES["llama-70b"].n_embd == 8192
+    config, specs = synthetic_specs("tiny", "q8_0")
+    params = synthetic_params(specs, jax.random.key(0), config=config)
+    same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), abstract_params(specs), params)
+    assert all(jax.tree.leaves(same))
+    cache = init_cache(config, 1, 16, jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, config.vocab_size, jnp.int32)
+    logits, _ = engine.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
+    assert bool(jnp.isfinite(logits).all()) and 0.3 < float(logits.std()) < 3
+
+
+def test_plan_command_prints_table_and_refusal(tinycoder, capsys):
+    path, _ = tinycoder
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers())
+    args = parser.parse_args(["plan", "--model", str(path), "--context", str(CTX), "--device-memory", "1MiB"])
+    args.run(args)
+    out = capsys.readouterr().out
+    assert "memory plan: tinycoder-tiny.gguf" in out and "does NOT fit" in out and "Try" in out
+    with pytest.raises(ImpError, match="--context"):
+        cmd_plan(parser.parse_args(["plan", "--model", str(path), "--context", "lots"]))

@@ -458,9 +458,9 @@ def _load_transient(spec: TensorSpec, leaf) -> int:
         stored = abstract_stored(packed_spec(spec))
         stats = to_dense.lower(stored, dtype=spec.dtype).compile().memory_analysis()
         return _nbytes(stored) + (int(stats.temp_size_in_bytes) if stats is not None else 0)
-    if spec.dtype is None:  # repacked for a kernel: the stored blocks, and per-layer parts before they stack
+    if spec.dtype is None:  # repacked for a kernel (ops._repack): the stored blocks and one matrix's scratch
         stored = _nbytes(abstract_stored(spec))
-        return 0 if isinstance(leaf, QTensor) else stored + (_nbytes(leaf) if spec.stacked else 0)
+        return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
     stored = _FLOAT_DTYPES.get(spec.qtype)
     if spec.dtype == "float32" or stored is None or stored == spec.dtype:
         return 0  # transferred as is, or converted on the host

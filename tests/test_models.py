@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import imp_jax
 from imp_jax import engine
 from tests.helpers import incremental_logits, load_raw
 
@@ -78,3 +79,13 @@ def test_prefill_then_decode_equals_full_forward(arch):
     full, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
     inc = incremental_logits(params, cfg, ids, len(ids) // 2, 64, jnp.float32)
     np.testing.assert_allclose(inc, np.asarray(full[0, : len(ids)]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_runs_on_each_family(arch):
+    """The public path end to end (plan, load, tokenizer, jit prefill/decode, sampling) on every fixture file."""
+    model = imp_jax.load(FIXTURES / arch / "model-q8_0.gguf", max_context=64)
+    greedy = imp_jax.generate(model, "hello world", max_tokens=6)
+    assert greedy.token_ids == imp_jax.generate(model, "hello world", max_tokens=6).token_ids
+    sampled = imp_jax.generate(model, "hello", max_tokens=6, temperature=0.9, top_k=20, seed=1)
+    assert 0 < len(sampled.token_ids) <= 6 or sampled.finish_reason == "stop"

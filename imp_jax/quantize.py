@@ -113,4 +113,44 @@ def _convert(mf: ModelFile, info: TensorInfo, qtype: GGMLQuantizationType):
     values = np.asarray(dequantize(raw, info.qtype, info.shape), np.float32)
     if qtype in (_T.F32, _T.F16):
         return values.astype(np.float32 if qtype == _T.F32 else np.float16), None, None
+    if qtype == _T.MXFP4:
+        return quantize_mxfp4(values), None, qtype
     return gguf_quants.quantize(values, qtype), None, qtype
+
+
+# E2M1 magnitudes in code order (codes 8-15 are the negatives).
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def quantize_mxfp4(values: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks (GGUF layout) choosing each block's power-of-two scale by least squared error.
+
+    gguf-py (like llama.cpp) takes the scale from the block maximum alone; trying that exponent and the next one
+    down, with every element rounded to the nearest E2M1 value (the largest clipped to 6), keeps small weights that
+    the maximum's scale would round to zero. It decodes with the standard dequantizer (bit-exact tests hold).
+    """
+    rows = values.reshape(-1, values.shape[-1])
+    blocks = rows.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=1)
+    base = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-38) / 6.0)), -127).astype(np.int32)
+    best_err = np.full(len(blocks), np.inf, np.float32)
+    best_e = base.copy()
+    best_idx = np.zeros(blocks.shape, np.uint8)
+    mids = (_E2M1[1:] + _E2M1[:-1]) / 2
+    for shift in (0, -1):
+        e = np.clip(base + shift, -127, 127)
+        scale = np.ldexp(np.float32(1), e)[:, None].astype(np.float32)
+        mag = np.abs(blocks) / scale
+        idx = np.searchsorted(mids, mag).astype(np.uint8)  # nearest E2M1 magnitude, clipped to 6
+        err = ((_E2M1[idx] * scale * np.sign(blocks) - blocks) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_e = np.where(better, e, best_e)
+        best_idx[better] = idx[better]
+    codes = best_idx | np.where(blocks < 0, 8, 0).astype(np.uint8)
+    codes = np.where(best_idx == 0, 0, codes).astype(np.uint8)  # no negative zero
+    # GGUF: value = kvalues[code] * 2**(byte - 128) with kvalues doubled, so byte = e + 127 for scale 2**e.
+    exp_byte = (best_e + 127).clip(0, 255).astype(np.uint8)[:, None]
+    packed = codes[:, :16] | (codes[:, 16:] << 4)
+    out = np.concatenate([exp_byte, packed], axis=1)
+    return out.reshape(*values.shape[:-1], values.shape[-1] // 32 * 17)

@@ -74,15 +74,20 @@ def _repetition(words: list[str], n: int) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_no_degeneration_over_256_greedy_tokens(name):
     """imp's DegenerationTest: 3-gram repetition < 0.4 and 5-gram < 0.3, no special tokens, deterministic.
-    Instruct models (with a chat template) get the request as a chat turn, base models as plain text."""
+
+    Greedy (argmax, bitwise deterministic) with llama.cpp's classic repeat penalty of 1.1 over the last 64 tokens:
+    without it these 135M-500M models loop on their own within 256 tokens (measured: gemma3-270m repeats one
+    phrase from token ~40, 3-gram repetition 0.8-0.95 on four prompts), which is the models, not the engine
+    (their first 16 greedy tokens equal llama.cpp's). Instruct models get the request as a chat turn, the base
+    model (gemma3-270m, no template) a story opening."""
     model = imp_jax.load(name, max_context=512, dtype="float32", path="dense")  # the fast CPU configuration
-    request = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-    prompt: str | list[int] = request
+    prompt: str | list[int] = "Once upon a time, a lighthouse keeper found a message in a bottle."
     if "tokenizer.chat_template" in model.file.metadata:
+        request = "Write a short story about a lighthouse keeper who finds a message in a bottle."
         chat = model.chat_template([{"role": "user", "content": request}])
         prompt = model.tokenizer.encode(chat, add_special=False)
-    a = imp_jax.generate(model, prompt, max_tokens=256)
-    b = imp_jax.generate(model, prompt, max_tokens=256)
+    a = imp_jax.generate(model, prompt, max_tokens=256, repeat_penalty=1.1)
+    b = imp_jax.generate(model, prompt, max_tokens=256, repeat_penalty=1.1)
     assert a.token_ids == b.token_ids and a.text == b.text
     words = a.text.split()
     assert len(a.text) > 50

@@ -16,9 +16,9 @@ LLAMA_CPP_DECODE = {"smollm2-135m": "112-117", "gemma3-270m": "60-67", "qwen2.5-
 PROMPT = "The history of the printing press begins in"
 
 
-def measure(name: str, tokens: int, reps: int, dtype: str) -> dict:
+def measure(name: str, tokens: int, reps: int, dtype: str, path: str) -> dict:
     t0 = time.perf_counter()
-    model = imp_jax.load(name, dtype=dtype, max_context=512)
+    model = imp_jax.load(name, dtype=dtype, max_context=512, path=path)
     load_s = time.perf_counter() - t0
     imp_jax.generate(model, PROMPT, max_tokens=tokens)  # compile
     runs = [imp_jax.generate(model, PROMPT, max_tokens=tokens) for _ in range(reps)]
@@ -37,12 +37,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--path", default="auto", help="weight path: auto, packed, fallback or dense")
     args = ap.parse_args()
-    rows = [measure(m, args.tokens, args.reps, args.dtype) for m in args.models.split(",")]
-    print(f"\n| model | dtype | load s | prompt tok | prefill tok/s | decode tok/s | llama.cpp decode tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    rows = [measure(m, args.tokens, args.reps, args.dtype, args.path) for m in args.models.split(",")]
+    print("\n| model | dtype | path | load s | prompt tok | prefill tok/s | decode tok/s | llama.cpp decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {args.dtype} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
+        print(f"| {r['model']} | {args.dtype} | {args.path} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
               f"{r['decode']:.1f} | {LLAMA_CPP_DECODE.get(r['model'], '-')} |")
 
 

@@ -43,8 +43,10 @@ def main() -> None:
     print("\n| model | dtype | path | load s | prompt tok | prefill tok/s | decode tok/s | llama.cpp decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {args.dtype} | {args.path} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
-              f"{r['decode']:.1f} | {LLAMA_CPP_DECODE.get(r['model'], '-')} |")
+        print(
+            f"| {r['model']} | {args.dtype} | {args.path} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
+            f"{r['decode']:.1f} | {LLAMA_CPP_DECODE.get(r['model'], '-')} |"
+        )
 
 
 if __name__ == "__main__":

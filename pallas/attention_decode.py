@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from imp_jax.errors import KernelError
-from pallas.common import interpret_params, mma_accumulate
+from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
 
 ROWS = 64  # query rows per CTA: one wgmma M tile
 LOG2E = math.log2(math.e)
@@ -233,16 +233,4 @@ def reference(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale) -
     if window is not None:
         visible = visible & (k_pos[None, None, :] > q_pos[:, :, None] - window)
     s = jnp.where(visible[:, None], s, -jnp.inf)
-    return _softmax_with_sinks_apply(s, v, sinks)
-
-
-def _softmax_with_sinks_apply(s, v, sinks):
-    """softmax over the last axis of scores ``[B, H, T, S]`` (plus a sink logit per head) applied to v."""
-    m = s.max(axis=-1, keepdims=True)
-    if sinks is not None:
-        m = jnp.maximum(m, sinks.astype(jnp.float32)[None, :, None, None])
-    p = jnp.exp(s - m)
-    den = p.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        den = den + jnp.exp(sinks.astype(jnp.float32)[None, :, None, None] - m)
-    return jnp.einsum("bhts,bshd->bthd", p / den, v)
+    return softmax_with_sinks_apply(s, v, sinks)

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from imp_jax.errors import KernelError
-from pallas.common import interpret_params, mma_accumulate
+from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
 
 BLOCK_Q = 64
 LOG2E = math.log2(math.e)
@@ -238,12 +238,4 @@ def reference(q, k, v, *, causal=True, window=None, sinks=None, scale) -> jax.Ar
         visible = visible & (k_pos <= q_pos)
     if window is not None:
         visible = visible & (k_pos > q_pos - window)
-    sc = jnp.where(visible, sc, -jnp.inf)
-    m = sc.max(axis=-1, keepdims=True)
-    if sinks is not None:
-        m = jnp.maximum(m, sinks.astype(jnp.float32)[None, :, None, None])
-    p = jnp.exp(sc - m)
-    den = p.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        den = den + jnp.exp(sinks.astype(jnp.float32)[None, :, None, None] - m)
-    return jnp.einsum("bhts,bshd->bthd", p / den, vf)
+    return softmax_with_sinks_apply(jnp.where(visible, sc, -jnp.inf), vf, sinks)

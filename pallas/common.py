@@ -1,8 +1,9 @@
-"""Small helpers shared by the kernels."""
+"""Small helpers shared by the kernels and their jnp references."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -48,3 +49,15 @@ def wgmma_from_regs(acc_ref, a: jax.Array, b, *, interpret: bool, staging=None) 
         pl.run_scoped(via_smem, plgpu.SMEM(a.shape, a.dtype))
     else:
         via_smem(staging)
+
+
+def softmax_with_sinks_apply(s, v, sinks):
+    """softmax over the last axis of scores ``[B, H, T, S]`` (plus a sink logit per head) applied to v."""
+    m = s.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        m = jnp.maximum(m, sinks.astype(jnp.float32)[None, :, None, None])
+    p = jnp.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        den = den + jnp.exp(sinks.astype(jnp.float32)[None, :, None, None] - m)
+    return jnp.einsum("bhts,bshd->bthd", p / den, v)

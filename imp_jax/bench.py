@@ -117,11 +117,11 @@ def run(
 def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
     """Random weights of a real model's shape, built on the device (no file), in this backend's kernel layout.
     Returns (params, config, weight bytes, parameter count)."""
-    from imp_jax.params import is_spec
+    from imp_jax.params import ROPE, is_spec
     from imp_jax.synthetic import synthetic_params, synthetic_specs
 
     cfg, specs = synthetic_specs(shape, quant, dtype)
-    leaves = [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if s.names != ("<rope>",)]
+    leaves = [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if s.names != (ROPE,)]
     n_params = sum(len(s.names) * int(np.prod(s.shape)) for s in leaves)
     params = synthetic_params(specs, jax.random.key(seed), config=cfg)
     return params, cfg, sum(s.nbytes for s in leaves), n_params

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import bench
+from imp_jax.config import QWEN3
+from imp_jax.synthetic import SHAPES
 
 
 def copy_bandwidth() -> float:
@@ -39,7 +41,7 @@ def copy_bandwidth() -> float:
 def imp_rows(shape: str, quant: str, kernels: bool, pp: list[int], tg: int, batches: list[int], bw: float):
     os.environ["IMP_JAX_KERNELS"] = "1" if kernels else "0"
     params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16")
-    per_token = bench.decode_bytes_per_token(params)
+    per_token = bench.decode_bytes_per_token(params, cfg)
     label = "imp-jax pallas" if kernels else "imp-jax xla"
     out = []
     for n in pp:
@@ -64,9 +66,7 @@ def torch_rows(shape: str, pp: list[int], tg: int, batches: list[int], bw: float
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.cache_utils import StaticCache
 
-    from imp_jax.synthetic import SHAPES
-
-    s = SHAPES[shape]
+    s = SHAPES[shape].config
     config = Qwen3Config(
         hidden_size=s.n_embd, intermediate_size=s.n_ff, num_hidden_layers=s.n_layers, num_attention_heads=s.n_head,
         num_key_value_heads=s.n_head_kv, head_dim=s.head_dim, vocab_size=s.vocab_size, tie_word_embeddings=False,
@@ -140,7 +140,7 @@ def main() -> None:
                 rows += new
                 for r in new:
                     print(json.dumps(r), flush=True)
-        if args.torch:
+        if args.torch and SHAPES[shape].arch == QWEN3:  # the transformers baseline is built for dense Qwen3
             jax.clear_caches()
             new = torch_rows(shape, pp, args.tg, batches, bw)
             rows += new

@@ -24,8 +24,8 @@ import time
 CONFIGS = {  # name: (shape, quant, path, max_context)
     "qwen3-8b/mxfp4": ("qwen3-8b", "mxfp4", "packed", 4096),
     "qwen3-8b/q8_0": ("qwen3-8b", "q8_0", "packed", 4096),
-    "qwen3-32b/mxfp4-packed": ("qwen3-32b", "mxfp4", "packed", 4096),
-    "qwen3-32b/mxfp4-bf16-fallback": ("qwen3-32b", "mxfp4", "dense", 2048),
+    "qwen3.5-27b/mxfp4-packed": ("qwen3.5-27b", "mxfp4", "packed", 4096),
+    "qwen3.5-27b/mxfp4-bf16-fallback": ("qwen3.5-27b", "mxfp4", "dense", 2048),
     "llama-70b/bf16": ("llama-70b", "bf16", "packed", 4096),
 }
 GiB = 2**30

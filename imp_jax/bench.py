@@ -127,12 +127,21 @@ def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
     return params, cfg, sum(s.nbytes for s in leaves), n_params
 
 
-def decode_bytes_per_token(params) -> int:
-    """Bytes a decode step must read: every weight leaf except the embedding table (gathered, not read whole)."""
-    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    embed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params.embed))
-    tied = params.output is None
-    return total - (0 if tied else embed)
+def decode_bytes_per_token(params, cfg: ModelConfig) -> int:
+    """Bytes one batch-1 decode step must read: every weight leaf except the embedding table (gathered, not read
+    whole), and of each expert stack only the ``top_k`` experts a token is routed to."""
+
+    def nbytes(tree) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    total = nbytes(params) - (0 if params.output is None else nbytes(params.embed))
+    if cfg.moe is not None:
+        unused = 1 - cfg.moe.top_k / cfg.moe.n_experts
+        for layer in (layer for segment in params.segments for layer in segment if layer.moe is not None):
+            m = layer.moe
+            experts = (m.gate_exps, m.up_exps, m.down_exps, m.gate_up_exps, m.gate_bias, m.up_bias, m.down_bias)
+            total -= int(nbytes(experts) * unused)
+    return total
 
 
 def table(rows: list[BenchRow]) -> str:

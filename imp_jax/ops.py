@@ -3,8 +3,9 @@
 ``matmul(x, w)`` picks its implementation from the weight leaf: a ``pallas.PackedWeight`` (made at load on a
 Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
-array is a plain dot. ``attention_prefill`` / ``attention_decode`` pick the Pallas attention kernels on Hopper
-for what they support and the jnp reference otherwise. ``kernels_enabled`` says which world applies;
+array is a plain dot; ``expert_matmul`` is the same choice for a stack of MoE experts. ``attention_prefill`` /
+``attention_decode`` pick the Pallas attention kernels on Hopper for what they support and the jnp reference
+otherwise. ``kernels_enabled`` says which world applies;
 ``IMP_JAX_KERNELS=0`` turns the kernels off (debugging: compare against the reference path). A kernel that cannot
 run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
 """
@@ -45,7 +46,8 @@ def prepare_weight(w: Weight) -> Weight:
 
     if not pallas.can_repack(w.qtype, w.shape):
         return w
-    if w.qtype == GGMLQuantizationType.MXFP4:  # the kernel's bf16 decode bounds the block scale
+    if w.qtype == GGMLQuantizationType.MXFP4 and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
+        # the kernel's bf16 decode bounds the block scale
         top = int(jnp.max(w.data.reshape(-1, 17)[:, 0]))
         if top > pallas.qformats.MXFP4_MAX_SCALE_BYTE:
             raise KernelError(
@@ -86,6 +88,25 @@ def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
         return pallas.quantized_matmul(x, w).astype(out_dtype or x.dtype)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def expert_matmul(x: jax.Array, w, expert_ids: jax.Array, out_dtype=None) -> jax.Array:
+    """``x[g] @ W[expert_ids[g]].T`` for groups of rows x [G, R, K] and a stack of experts W [E, N, K] -> [G, R, N].
+
+    A stack repacked for the kernel runs it (reading only the named experts' tiles); otherwise the named experts'
+    packed blocks are gathered and dequantized, then one batched dot with f32 accumulation.
+    """
+    if matmul_path(w) == PALLAS:
+        import pallas
+
+        return pallas.quantized_matmul(x, w, expert_ids=expert_ids).astype(out_dtype or x.dtype)
+    if isinstance(w, QTensor):
+        scale = None if w.scale is None else jnp.take(w.scale, expert_ids, axis=0)
+        wd = QTensor(jnp.take(w.data, expert_ids, axis=0), scale, w.qtype, w.shape).dequantize(x.dtype)
+    else:
+        wd = jnp.take(w, expert_ids, axis=0).astype(x.dtype)
+    y = jnp.einsum("grk,gnk->grn", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 
 

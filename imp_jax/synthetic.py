@@ -1,11 +1,16 @@
 """Synthetic models of real shapes, built directly on the device: no file, no host copy of the weights.
 
-``synthetic_specs`` gives the ModelConfig and the same TensorSpec tree the GGUF loader builds (tensor names,
-stored qtype, logical shapes), so planning a synthetic model is planning the real one. ``synthetic_params``
-materializes it with ``jax.random``: packed blocks are *valid* (random quant codes, scales chosen so every weight
-has a standard deviation near 1/sqrt(fan_in) and zero mean), norms are near 1, so activations stay finite and
-of the usual size. Leaves are generated a layer (or a slice of rows) at a time, so building a 60 GB model needs
-no more than a layer's worth of scratch beside it.
+A shape is the GGUF metadata llama.cpp's converter writes for that model. ``synthetic_file`` turns it into a
+``ModelFile`` without bytes: the config comes from the same readers a real file goes through, and the tensor table
+lists every tensor the converter would write for that architecture (names, numpy shapes; matrices in the named
+quant, vectors and small float tensors in F32). ``param_specs`` then builds the same TensorSpec tree the loader
+builds, so planning a synthetic model is planning the real one, for every family: dense, hybrid, MoE, gpt-oss.
+
+``synthetic_params`` materializes the tree with ``jax.random``: packed blocks are *valid* (random quant codes,
+scales chosen so every weight has a standard deviation near 1/sqrt(fan_in) and zero mean), norms are near 1,
+biases and sinks near 0, the GDN decay ``ssm_a`` negative, so activations stay finite and of the usual size.
+Leaves are generated a layer (or a slice of rows) at a time, so building a 60 GB model needs no more than a
+layer's worth of scratch beside it.
 """
 
 from __future__ import annotations
@@ -13,147 +18,295 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, GGMLQuantizationType
 
-from imp_jax.config import LLAMA, QWEN3, ModelConfig, RopeConfig
+from imp_jax.config import (
+    ATTENTION,
+    GPT_OSS,
+    LLAMA,
+    QWEN3,
+    QWEN3MOE,
+    QWEN3NEXT,
+    QWEN35,
+    QWEN35MOE,
+    ModelConfig,
+    config_from_gguf,
+)
 from imp_jax.errors import UnsupportedModel
 from imp_jax.fallback import is_fallback, packed_spec, to_dense
 from imp_jax.gguf.qtensor import QTensor, row_bytes
-from imp_jax.models.attention import Attention
-from imp_jax.models.decoder import Decoder, Layer
+from imp_jax.gguf.reader import ModelFile, TensorInfo
+from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
-from imp_jax.params import ROPE, TensorSpec, is_spec, prepared, tensor_name
+from imp_jax.params import ROPE, TensorSpec, is_spec, param_specs, prepared, tensor_name
 
 _T = GGMLQuantizationType
+_M = MODEL_TENSOR
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticShape:
-    """The dimensions of a decoder-only transformer (the fields ModelConfig reads from a GGUF)."""
+    """A model's shape as the GGUF metadata of its converted file (keys without the ``{arch}.`` prefix)."""
 
     name: str
     arch: str
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    vocab_size: int
-    context_length: int
-    rope_base: float
-    qk_norm: bool = False
+    keys: tuple[tuple[str, Any], ...]
     tied_output: bool = False
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {"general.architecture": self.arch, **{f"{self.arch}.{k}": v for k, v in self.keys}}
+
+    @property
+    def config(self) -> ModelConfig:
+        names = set() if self.tied_output else {tensor_name(_M.OUTPUT, "weight")}
+        return config_from_gguf(self.metadata, names)
+
+
+def _shape(name: str, arch: str, keys: dict[str, Any], tied_output: bool = False) -> SyntheticShape:
+    return SyntheticShape(name, arch, tuple(keys.items()), tied_output)
+
+
+def _attn(layers: int, embd: int, heads: int, kv: int, head_dim: int, vocab: int, ctx: int, base: float) -> dict:
+    return {
+        "block_count": layers,
+        "embedding_length": embd,
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "vocab_size": vocab,
+        "context_length": ctx,
+        "rope.freq_base": base,
+    }
+
+
+def _gdn(k_heads: int, v_heads: int, head_dim: int = 128) -> dict:
+    return {
+        "ssm.conv_kernel": 4,
+        "ssm.state_size": head_dim,
+        "ssm.group_count": k_heads,
+        "ssm.time_step_rank": v_heads,
+        "ssm.inner_size": v_heads * head_dim,
+        "full_attention_interval": 4,
+    }
 
 
 SHAPES: dict[str, SyntheticShape] = {
     s.name: s
     for s in (
-        SyntheticShape("qwen3-8b", QWEN3, 36, 4096, 32, 8, 128, 12288, 151936, 40960, 1e6, qk_norm=True),
-        # Qwen3-32B's shape; it stands in for the ~27B hybrids until the Gated-DeltaNet family lands.
-        SyntheticShape("qwen3-32b", QWEN3, 64, 5120, 64, 8, 128, 25600, 151936, 40960, 1e6, qk_norm=True),
-        SyntheticShape("llama-70b", LLAMA, 80, 8192, 64, 8, 128, 28672, 128256, 131072, 5e5),
-        # For CPU tests: every row a multiple of 256 so each quant applies, and one matrix shape throughout so
-        # the generators compile once.
-        SyntheticShape("tiny", QWEN3, 2, 256, 4, 4, 64, 256, 256, 4096, 1e4, qk_norm=True),
+        _shape("qwen3-8b", QWEN3, {**_attn(36, 4096, 32, 8, 128, 151936, 40960, 1e6), "feed_forward_length": 12288}),
+        _shape("llama-70b", LLAMA, {**_attn(80, 8192, 64, 8, 128, 128256, 131072, 5e5), "feed_forward_length": 28672}),
+        # Qwen3.5 (gdn_spec.md section 1): 3 Gated-DeltaNet layers to 1 gated attention layer, rope on 64 dims.
+        _shape(
+            "qwen3.5-9b",
+            QWEN35,
+            {
+                **_attn(32, 4096, 16, 4, 256, 248320, 262144, 1e7),
+                "feed_forward_length": 12288,
+                "rope.dimension_count": 64,
+                **_gdn(16, 32),
+            },
+        ),
+        _shape(
+            "qwen3.5-27b",
+            QWEN35,
+            {
+                **_attn(64, 5120, 24, 4, 256, 248320, 262144, 1e7),
+                "feed_forward_length": 17408,
+                "rope.dimension_count": 64,
+                **_gdn(16, 48),
+            },
+        ),
+        _shape(
+            "qwen3-30b-a3b",
+            QWEN3MOE,
+            {
+                **_attn(48, 2048, 32, 4, 128, 151936, 40960, 1e6),
+                "expert_count": 128,
+                "expert_used_count": 8,
+                "expert_feed_forward_length": 768,
+            },
+        ),
+        _shape(
+            "gpt-oss-20b",
+            GPT_OSS,
+            {
+                **_attn(24, 2880, 64, 8, 64, 201088, 131072, 150000.0),
+                "expert_count": 32,
+                "expert_used_count": 4,
+                "expert_feed_forward_length": 2880,
+                "attention.sliding_window": 128,
+                "rope.scaling.type": "yarn",
+                "rope.scaling.factor": 32.0,
+                "rope.scaling.original_context_length": 4096,
+                "attention.layer_norm_rms_epsilon": 1e-5,
+            },
+        ),
+        # For CPU tests: every row a multiple of 256 so each quant applies.
+        _shape("tiny", QWEN3, {**_attn(2, 256, 4, 4, 64, 256, 4096, 1e4), "feed_forward_length": 256}),
+        _shape(
+            "tiny-hybrid",
+            QWEN35,
+            {
+                **_attn(4, 256, 4, 2, 64, 256, 4096, 1e4),
+                "feed_forward_length": 256,
+                "rope.dimension_count": 16,
+                **_gdn(2, 4, 64),
+            },
+        ),
+        _shape(
+            "tiny-moe",
+            QWEN35MOE,
+            {
+                **_attn(4, 256, 4, 2, 64, 256, 4096, 1e4),
+                "expert_count": 8,
+                "expert_used_count": 2,
+                "expert_feed_forward_length": 256,
+                "expert_shared_feed_forward_length": 256,
+                "rope.dimension_count": 16,
+                **_gdn(2, 4, 64),
+            },
+        ),
+        _shape(
+            "tiny-gpt-oss",
+            GPT_OSS,
+            {
+                **_attn(2, 256, 4, 2, 64, 256, 4096, 150000.0),
+                "expert_count": 4,
+                "expert_used_count": 2,
+                "expert_feed_forward_length": 256,
+                "attention.sliding_window": 8,
+            },
+        ),
     )
 }
 
 QUANTS: dict[str, GGMLQuantizationType] = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "bf16": _T.BF16}
 
-_ATTENTION = {  # Attention field -> (tensor, (rows, cols) of the shape)
-    "wq": (MODEL_TENSOR.ATTN_Q, lambda s: (s.n_head * s.head_dim, s.n_embd)),
-    "wk": (MODEL_TENSOR.ATTN_K, lambda s: (s.n_head_kv * s.head_dim, s.n_embd)),
-    "wv": (MODEL_TENSOR.ATTN_V, lambda s: (s.n_head_kv * s.head_dim, s.n_embd)),
-    "wo": (MODEL_TENSOR.ATTN_OUT, lambda s: (s.n_embd, s.n_head * s.head_dim)),
-}
-_FFN = {
-    "w_gate": (MODEL_TENSOR.FFN_GATE, lambda s: (s.n_ff, s.n_embd)),
-    "w_up": (MODEL_TENSOR.FFN_UP, lambda s: (s.n_ff, s.n_embd)),
-    "w_down": (MODEL_TENSOR.FFN_DOWN, lambda s: (s.n_embd, s.n_ff)),
-}
-_NORMS = {  # Layer field -> (tensor, length)
-    "attn_norm": (MODEL_TENSOR.ATTN_NORM, lambda s: s.n_embd),
-    "ffn_norm": (MODEL_TENSOR.FFN_NORM, lambda s: s.n_embd),
-}
-_QK_NORMS = {  # Attention field -> (tensor, length)
-    "q_norm": (MODEL_TENSOR.ATTN_Q_NORM, lambda s: s.head_dim),
-    "k_norm": (MODEL_TENSOR.ATTN_K_NORM, lambda s: s.head_dim),
-}
+_POST_ATTENTION_FFN_NORM = {QWEN35, QWEN35MOE, QWEN3NEXT, GPT_OSS}  # their FFN input norm is post_attention_norm
+_NO_QK_NORM = {LLAMA, GPT_OSS}
 
 
-def synthetic_config(shape: SyntheticShape) -> ModelConfig:
-    return ModelConfig(
-        arch=shape.arch,
-        n_layers=shape.n_layers,
-        n_embd=shape.n_embd,
-        n_head=shape.n_head,
-        n_head_kv=shape.n_head_kv,
-        head_dim=shape.head_dim,
-        n_ff=shape.n_ff,
-        vocab_size=shape.vocab_size,
-        context_length=shape.context_length,
-        rms_eps=1e-6,
-        rope=RopeConfig(base=shape.rope_base, dim=shape.head_dim, neox=shape.arch != LLAMA),
-        layer_window=(0,) * shape.n_layers,
-        attn_scale=1.0 / math.sqrt(shape.head_dim),
-        tied_output=shape.tied_output,
-    )
+def synthetic_tensors(cfg: ModelConfig, metadata: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every tensor llama.cpp's converter writes for this model: name -> (numpy shape, whether it is a weight
+    matrix the file's quant applies to). Vectors, routers, the conv filter and the GDN gate projections are F32."""
+    arch, d = cfg.arch, cfg.n_embd
+    table: dict[str, tuple[tuple[int, ...], bool]] = {}
+
+    def add(kind, suffix, shape, matrix=False, layer=None):
+        table[tensor_name(kind, suffix, layer)] = (tuple(int(x) for x in shape), matrix)
+
+    add(_M.TOKEN_EMBD, "weight", (cfg.vocab_size, d), True)
+    add(_M.OUTPUT_NORM, "weight", (d,))
+    if not cfg.tied_output:
+        add(_M.OUTPUT, "weight", (cfg.vocab_size, d), True)
+    for i, kind in enumerate(cfg.kinds):
+        add(_M.ATTN_NORM, "weight", (d,), layer=i)
+        add(_M.ATTN_POST_NORM if arch in _POST_ATTENTION_FFN_NORM else _M.FFN_NORM, "weight", (d,), layer=i)
+        if kind == ATTENTION:
+            q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+            outs = {_M.ATTN_Q: q * (2 if cfg.attn_gate else 1), _M.ATTN_K: kv, _M.ATTN_V: kv}
+            for t, n in outs.items():
+                add(t, "weight", (n, d), True, i)
+            add(_M.ATTN_OUT, "weight", (d, q), True, i)
+            if arch not in _NO_QK_NORM:
+                add(_M.ATTN_Q_NORM, "weight", (cfg.head_dim,), layer=i)
+                add(_M.ATTN_K_NORM, "weight", (cfg.head_dim,), layer=i)
+            if arch == GPT_OSS:
+                for t, n in {**outs, _M.ATTN_OUT: d}.items():
+                    add(t, "bias", (n,), layer=i)
+                add(_M.ATTN_SINKS, "weight", (cfg.n_head,), layer=i)
+        else:
+            g = cfg.gdn
+            inner = g.n_v_heads * g.head_v_dim
+            add(_M.ATTN_QKV, "weight", (g.conv_channels, d), True, i)
+            add(_M.ATTN_GATE, "weight", (inner, d), True, i)
+            add(_M.SSM_OUT, "weight", (d, inner), True, i)
+            add(_M.SSM_CONV1D, "weight", (g.conv_channels, g.conv_kernel), layer=i)
+            add(_M.SSM_DT, "bias", (g.n_v_heads,), layer=i)
+            add(_M.SSM_A, "", (g.n_v_heads,), layer=i)
+            add(_M.SSM_NORM, "weight", (g.head_v_dim,), layer=i)
+            if arch == QWEN3NEXT:
+                add(_M.SSM_BETA_ALPHA, "weight", (2 * g.n_v_heads, d), layer=i)
+            else:
+                add(_M.SSM_ALPHA, "weight", (g.n_v_heads, d), layer=i)
+                add(_M.SSM_BETA, "weight", (g.n_v_heads, d), layer=i)
+        if cfg.moe is None:
+            add(_M.FFN_GATE, "weight", (cfg.n_ff, d), True, i)
+            add(_M.FFN_UP, "weight", (cfg.n_ff, d), True, i)
+            add(_M.FFN_DOWN, "weight", (d, cfg.n_ff), True, i)
+            continue
+        e, f = cfg.moe.n_experts, cfg.moe.n_ff_exp
+        add(_M.FFN_GATE_INP, "weight", (e, d), layer=i)
+        add(_M.FFN_GATE_EXP, "weight", (e, f, d), True, i)
+        add(_M.FFN_UP_EXP, "weight", (e, f, d), True, i)
+        add(_M.FFN_DOWN_EXP, "weight", (e, d, f), True, i)
+        if cfg.moe.has_shared:
+            fs = int(metadata[f"{arch}.expert_shared_feed_forward_length"])
+            add(_M.FFN_GATE_SHEXP, "weight", (fs, d), True, i)
+            add(_M.FFN_UP_SHEXP, "weight", (fs, d), True, i)
+            add(_M.FFN_DOWN_SHEXP, "weight", (d, fs), True, i)
+            add(_M.FFN_GATE_INP_SHEXP, "weight", (1, d), layer=i)
+        if arch == GPT_OSS:
+            add(_M.FFN_GATE_INP, "bias", (e,), layer=i)
+            add(_M.FFN_GATE_EXP, "bias", (e, f), layer=i)
+            add(_M.FFN_UP_EXP, "bias", (e, f), layer=i)
+            add(_M.FFN_DOWN_EXP, "bias", (e, d), layer=i)
+    return table
 
 
-def synthetic_specs(shape: str | SyntheticShape, quant: str, dtype: str = "bfloat16") -> tuple[ModelConfig, Decoder]:
-    """ModelConfig and TensorSpec tree of a model of ``shape`` whose matrices are stored in ``quant``."""
+def synthetic_file(shape: str | SyntheticShape, quant: str) -> ModelFile:
+    """The ModelFile (metadata and tensor table, no bytes) of ``shape`` with its matrices stored in ``quant``."""
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise UnsupportedModel(f"unknown synthetic shape {shape!r}; known: {', '.join(SHAPES)}")
         shape = SHAPES[shape]
     if quant not in QUANTS:
         raise UnsupportedModel(f"unknown synthetic quant {quant!r}; use one of {', '.join(QUANTS)}")
-    qtype = int(QUANTS[quant])
-    block = GGML_QUANT_SIZES[QUANTS[quant]][0]
-    mat_dtype = dtype if quant == "bf16" else None
-    layers = range(shape.n_layers)
+    qtype = QUANTS[quant]
+    block = GGML_QUANT_SIZES[qtype][0]
+    tensors = {}
+    for name, (dims, matrix) in synthetic_tensors(shape.config, shape.metadata).items():
+        if matrix and dims[-1] % block:
+            raise UnsupportedModel(f"{quant} needs rows that are multiples of {block}; {shape.name} has {name} {dims}")
+        t = int(qtype if matrix else _T.F32)
+        nbytes = int(np.prod(dims[:-1], dtype=np.int64)) * row_bytes(t, dims[-1])
+        tensors[name] = TensorInfo(name, t, dims, 0, nbytes)
+    return ModelFile(Path(f"<synthetic {shape.name} {quant}>"), 3, shape.metadata, {}, tensors, 32, 0, None)
 
-    def matrix(kind, dims, ids) -> TensorSpec:
-        if dims[-1] % block:
-            raise UnsupportedModel(f"{quant} needs rows that are multiples of {block}; {shape.name} has {dims}")
-        if ids is None:
-            return TensorSpec((tensor_name(kind, "weight"),), qtype, dims, mat_dtype, stacked=False)
-        return TensorSpec(tuple(tensor_name(kind, "weight", i) for i in ids), qtype, dims, mat_dtype, stacked=True)
 
-    def norm(kind, n) -> TensorSpec:
-        names = tuple(tensor_name(kind, "weight", i) for i in layers)
-        return TensorSpec(names, int(_T.F32), (n,), "float32", stacked=True)
-
-    mixer = {f: matrix(kind, dims(shape), layers) for f, (kind, dims) in _ATTENTION.items()}
-    if shape.qk_norm:
-        mixer.update({f: norm(kind, n(shape)) for f, (kind, n) in _QK_NORMS.items()})
-    layer = Layer(
-        mixer=Attention(**mixer),
-        **{f: matrix(kind, dims(shape), layers) for f, (kind, dims) in _FFN.items()},
-        **{f: norm(kind, n(shape)) for f, (kind, n) in _NORMS.items()},
-    )
-    vocab = (shape.vocab_size, shape.n_embd)
-    specs = Decoder(
-        embed=dataclasses.replace(matrix(MODEL_TENSOR.TOKEN_EMBD, vocab, None), gathered=True),
-        segments=((layer,),),
-        output_norm=TensorSpec(
-            (tensor_name(MODEL_TENSOR.OUTPUT_NORM, "weight"),), int(_T.F32), (shape.n_embd,), "float32", False
-        ),
-        output=None if shape.tied_output else matrix(MODEL_TENSOR.OUTPUT, vocab, None),
-        inv_freq=TensorSpec((ROPE,), int(_T.F32), (shape.n_layers, shape.head_dim // 2), "float32", False),
-    )
-    return synthetic_config(shape), specs
+def synthetic_specs(shape: str | SyntheticShape, quant: str, dtype: str = "bfloat16") -> tuple[ModelConfig, Decoder]:
+    """ModelConfig and TensorSpec tree of a model of ``shape`` whose matrices are stored in ``quant``: the tree
+    ``params.param_specs`` builds for the file llama.cpp would write."""
+    mf = synthetic_file(shape, quant)
+    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
+    return cfg, param_specs(mf, cfg, dtype)
 
 
 def synthetic_params(specs: Decoder, key: jax.Array, *, config: ModelConfig) -> Decoder:
     """Random weights for a spec tree, created on the default device leaf by leaf."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     return jax.tree.unflatten(treedef, [_leaf(s, jax.random.fold_in(key, i), config) for i, s in enumerate(leaves)])
+
+
+# Float tensors that are not weight matrices: (offset, spread) of their values by tensor kind. Norm weights sit
+# near 1; biases, sinks and the dt bias near 0; ssm_a = -exp(A_log) is a negative decay rate.
+_VECTOR_FILL = {"bias": (0.0, 0.02), "attn_sinks": (0.0, 0.5), "ssm_a": (-4.0, 2.0)}
+
+
+def _fill(spec: TensorSpec) -> tuple[float, float]:
+    name = spec.names[0]
+    for key, fill in _VECTOR_FILL.items():
+        if name.endswith(key) or f".{key}." in name:
+            return fill
+    return (1.0, 0.02)
 
 
 def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
@@ -167,11 +320,11 @@ def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
         return to_dense(_stored(packed_spec(spec), key), spec.dtype)
     if spec.dtype is None:  # like the loader: repacked for a kernel where one exists
         return prepared(spec, _stored(spec, key))
-    if not spec.stacked and len(spec.shape) == 1:
-        return _norm(key[None], spec.shape, 1)[0]
     item, batch, keys = _items(spec, key)
-    if len(spec.shape) == 1:
-        return _norm(keys, item, batch)
+    if len(spec.shape) == 1 or (spec.names[0].endswith(".bias")):
+        offset, spread = _fill(spec)
+        out = _vector(keys, item, batch, offset, spread)
+        return out if spec.stacked else out.reshape(spec.shape)
     return _dense(keys, item, spec.dtype, batch)
 
 
@@ -187,9 +340,9 @@ def _stored(spec: TensorSpec, key: jax.Array) -> QTensor:
     return QTensor(_packed(keys, spec.qtype, item, batch), None, spec.qtype, spec.qshape)
 
 
-@functools.partial(jax.jit, static_argnames=("item", "batch"))
-def _norm(keys, item, batch):
-    return jax.lax.map(lambda k: 1.0 + 0.02 * jax.random.normal(k, item, jnp.float32), keys, batch_size=batch)
+@functools.partial(jax.jit, static_argnames=("item", "batch", "offset", "spread"))
+def _vector(keys, item, batch, offset, spread):
+    return jax.lax.map(lambda k: offset + spread * jax.random.normal(k, item, jnp.float32), keys, batch_size=batch)
 
 
 @functools.partial(jax.jit, static_argnames=("item", "dtype", "batch"))

@@ -74,16 +74,24 @@ class PackedWeight:
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        return self.qs.shape[0], self.qs.shape[1] * 8 // self.fmt.bits
+        return self.qs.shape[-2], self.qs.shape[-1] * 8 // self.fmt.bits
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes of a stack of matrices (the experts of an MoE layer): ``()`` for one matrix."""
+        return tuple(self.qs.shape[:-2])
 
     @property
     def nbytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in (self.qs, *self.scales))
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The logical ``[N, K]`` weight (jnp reference of this layout; exact in f32)."""
+        """The logical ``[*stack, N, K]`` weight (jnp reference of this layout; exact in f32)."""
         n, k = self.shape
-        return dequantize_packed(self)[:n, :k].astype(dtype)
+        dense = dequantize_packed
+        for _ in self.stack_shape:
+            dense = jax.vmap(dense)
+        return dense(self)[..., :n, :k].astype(dtype)
 
 
 def _round_up(x: int, m: int) -> int:

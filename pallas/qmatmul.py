@@ -40,20 +40,22 @@ class MatmulConfig:
     stages: int = 3
 
 
-def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132) -> MatmulConfig:
+def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132, groups: int = 1) -> MatmulConfig:
     """Tilings chosen on an H100 (``benchmarks/kernels.py --only tune``, see pallas/NOTES.md).
 
     Decode: 64 W rows per CTA and the K range split in 4 or more (short K ranges per CTA beat a tail wave of
-    long ones). Prefill: 64 W rows x 128 tokens x 256 K per step, 3 buffers.
+    long ones); with ``groups`` of rows on different experts there are already that many times more CTAs, so
+    the K split only tops the grid up to one CTA per SM. Prefill: 64 W rows x 128 tokens x 256 K per step, 3
+    buffers.
     """
     if m > 64:
         if fmt is Fmt.Q8_0:
             return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
         return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
-    n_tiles = n_pad // 64
+    n_tiles = n_pad // 64 * groups
     tk = 512 if n_tiles > 64 and k_pad % 512 == 0 else 256
     k_steps = k_pad // tk
-    want = max(4, -(-num_sms // n_tiles))  # at least 4 splits, and a CTA for every SM
+    want = max(4 if groups == 1 else 1, -(-num_sms // n_tiles))  # a CTA for every SM
     splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
     return MatmulConfig(tn=64, tm=_round_up(max(m, 1), 8), tk=tk, splits=splits, stages=6 if tk == 256 else 4)
 
@@ -62,44 +64,68 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def supports(w: object, x: object) -> bool:
-    """Whether ``quantized_matmul(x, w)`` runs: a PackedWeight, bf16/f16/f32 x whose last axis is K."""
-    return (
+def supports(w: object, x: object, expert_ids: object = None) -> bool:
+    """Whether ``quantized_matmul(x, w, expert_ids=...)`` runs: a PackedWeight, bf16/f16/f32 x whose last axis is
+    K; for a stack of experts [E, N, K], x [G, R, K] and one int32 expert id per group [G]."""
+    if not (
         isinstance(w, PackedWeight)
         and hasattr(x, "shape")
         and hasattr(x, "dtype")
         and len(x.shape) >= 1
         and x.shape[-1] == w.shape[1]
         and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+    ):
+        return False
+    if not w.stack_shape:
+        return expert_ids is None
+    return (
+        len(w.stack_shape) == 1
+        and len(x.shape) == 3
+        and getattr(expert_ids, "shape", None) == tuple(x.shape[:1])
+        and jnp.issubdtype(expert_ids.dtype, jnp.integer)
     )
 
 
 def quantized_matmul(
-    x: jax.Array, w: PackedWeight, *, interpret: bool = False, config: MatmulConfig | None = None
+    x: jax.Array,
+    w: PackedWeight,
+    *,
+    expert_ids: jax.Array | None = None,
+    interpret: bool = False,
+    config: MatmulConfig | None = None,
 ) -> jax.Array:
     """``x @ W.T`` for x ``[..., K]`` and a PackedWeight ``[N, K]``; bf16 operands, f32 accumulation.
 
+    With a stack of experts W ``[E, N, K]``, x ``[G, R, K]`` holds G groups of R rows and ``expert_ids`` ``[G]``
+    names each group's expert: group g gives ``x[g] @ W[expert_ids[g]].T``. The kernel reads only those experts'
+    tiles (MoE decode: one group per routed row; prefill: one per tile of rows sorted by expert).
+
     Returns ``[..., N]`` in x's dtype. Raises KernelError naming shapes and dtypes when it cannot run.
     """
-    if not supports(w, x):
+    if not supports(w, x, expert_ids):
         raise KernelError(
             f"pallas.quantized_matmul: cannot run x {getattr(x, 'shape', '?')} {getattr(x, 'dtype', '?')} "
-            f"with weight {type(w).__name__} {getattr(w, 'shape', '?')} (needs a PackedWeight from "
-            f"pallas.repack and x[..., K] in bf16/f16/f32)"
+            f"with weight {type(w).__name__} {getattr(w, 'stack_shape', '')}{getattr(w, 'shape', '?')} and expert "
+            f"ids {getattr(expert_ids, 'shape', None)} (needs a PackedWeight from pallas.repack and x[..., K] in "
+            f"bf16/f16/f32; a stack of experts [E, N, K] takes x [G, R, K] and integer ids [G])"
         )
     check_shape(w)
     n, k = w.shape
     n_pad, k_pad = w.padded_shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    cfg = config or pick_config(w.fmt, n_pad, k_pad, m)
+    groups = x.shape[0] if w.stack_shape else 1
+    x3 = x.reshape(groups, -1, k)
+    m = x3.shape[1]
+    cfg = config or pick_config(w.fmt, n_pad, k_pad, m, groups=groups)
     _check_config(cfg, w, m)
     m_pad = _round_up(m, cfg.tm)
-    xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
-    out = _kernel_call(w.fmt, n_pad, k_pad, m_pad, cfg, interpret)(w.qs, *w.scales, xp)
+    xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, m_pad - m), (0, k_pad - k))).reshape(groups * m_pad, k_pad)
+    call = _kernel_call(w.fmt, n_pad, k_pad, groups * m_pad, cfg, interpret, m_pad // cfg.tm if w.stack_shape else 0)
+    ids = () if expert_ids is None else (expert_ids.astype(jnp.int32),)
+    out = call(*ids, w.qs, *w.scales, xp)
     y = out.sum(axis=0, dtype=jnp.float32) if cfg.splits > 1 else out[0]
-    return y[:n, :m].T.astype(x.dtype).reshape(*lead, n)
+    y = y[:n].reshape(n, groups, m_pad)[:, :, :m].transpose(1, 2, 0)
+    return y.astype(x.dtype).reshape(*lead, n)
 
 
 def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
@@ -119,7 +145,11 @@ def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
         raise KernelError(f"pallas.quantized_matmul: config {cfg} does not tile W {w.padded_shape} x M={m}")
 
 
-def _kernel_call(fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig, interpret: bool):
+def _kernel_call(
+    fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig, interpret: bool, tiles_per_expert: int = 0
+):
+    """The kernel for W ``[n_pad, k_pad]`` times x ``[m_pad, k_pad]``. With ``tiles_per_expert`` > 0, W is a stack
+    of experts and the kernel's first operand is the expert id of each run of that many consecutive x tiles."""
     tn, tm, tk, splits = cfg.tn, cfg.tm, cfg.tk, cfg.splits
     tkb = tk * fmt.bits // 8
     qs_swizzle = next(sw for sw in (128, 64, 32) if tkb % sw == 0)  # bytes of codes per swizzled tile row
@@ -127,9 +157,14 @@ def _kernel_call(fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig
     out_dtype = jnp.float32 if splits > 1 else jnp.bfloat16
     scale_rows = [tk // b for b in mgpu_decode.scale_blocks(fmt)]
 
-    def body(qs_gmem, *refs):
-        *scale_gmem, x_gmem, out_gmem = refs
+    def body(*refs):
+        *w_gmem, x_gmem, out_gmem = refs
         ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+        if tiles_per_expert:
+            ids_gmem, *w_gmem = w_gmem
+            expert = ids_gmem[mi // tiles_per_expert]
+            w_gmem = [ref.at[expert] for ref in w_gmem]
+        qs_gmem, *scale_gmem = w_gmem
         k0 = si * k_steps
 
         def compute(acc_ref):

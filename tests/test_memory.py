@@ -176,7 +176,7 @@ def test_synthetic_blocks_are_valid_and_scaled(quant):
 
 
 def test_synthetic_model_matches_the_loader_tree_and_runs():
-    assert SHAPES["qwen3-8b"].n_layers == 36 and SHAPES["llama-70b"].n_embd == 8192
+    assert SHAPES["qwen3-8b"].config.n_layers == 36 and SHAPES["llama-70b"].config.n_embd == 8192
     config, specs = synthetic_specs("tiny", "q8_0")
     params = synthetic_params(specs, jax.random.key(0), config=config)
     same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), abstract_params(specs), params)

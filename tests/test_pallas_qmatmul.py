@@ -71,6 +71,35 @@ def test_kernel_interpret_split_k():
     assert rel_err(pallas.quantized_matmul(x, pallas.repack(w), interpret=True, config=cfg), ref) < 1e-2
 
 
+def expert_stack(rng, qtype: _T, e: int, n: int, k: int) -> tuple[list[QTensor], pallas.PackedWeight]:
+    """E random experts and their repacked stack (as ``ops.prepare_weight`` stacks a layer's experts)."""
+    experts = [random_qtensor(rng, qtype, n, k) for _ in range(e)]
+    return experts, jax.tree.map(lambda *a: jnp.stack(a), *[pallas.repack(w) for w in experts])
+
+
+def expert_reference(x: jax.Array, experts: list[QTensor], ids) -> np.ndarray:
+    return np.stack([reference(x[g], experts[int(i)]) for g, i in enumerate(ids)])
+
+
+@pytest.mark.parametrize(("groups", "rows", "splits"), [(5, 1, 2), (2, 11, 1)])
+def test_expert_kernel_interpret(groups, rows, splits):
+    """Each group of rows meets its own expert of the stack (decode: one routed row per group; prefill tiles)."""
+    rng = np.random.default_rng(groups * 10 + rows)
+    experts, stack = expert_stack(rng, _T.MXFP4, 3, 72, 512)
+    assert stack.stack_shape == (3,) and stack.padded_shape == (128, 512)
+    np.testing.assert_array_equal(
+        np.asarray(stack.dequantize()[1]), np.asarray(dequantize_rows(experts[1].data, experts[1].qtype))
+    )
+    x = jnp.asarray(rng.standard_normal((groups, rows, 512)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, 3, groups), jnp.int32)
+    cfg = pallas.MatmulConfig(64, 16, 256, splits=splits)
+    y = pallas.quantized_matmul(x, stack, expert_ids=ids, interpret=True, config=cfg)
+    assert y.shape == (groups, rows, 72)
+    assert rel_err(y, expert_reference(x, experts, ids)) < 1e-2
+    with pytest.raises(KernelError, match="expert"):
+        pallas.quantized_matmul(x, stack, interpret=True)
+
+
 def test_errors_name_shapes():
     rng = np.random.default_rng(3)
     w = random_qtensor(rng, _T.MXFP4, 64, 256)
@@ -89,6 +118,23 @@ def test_errors_name_shapes():
         pallas.quantized_matmul(
             jnp.zeros((1, 256), jnp.bfloat16), pw, config=pallas.MatmulConfig(64, 8, 512), interpret=True
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize(("groups", "rows"), [(4, 1), (64, 1), (9, 128), (5, 17)])
+def test_expert_kernel_gpu(qtype, groups, rows):
+    """MoE shapes: gpt-oss-20b's 2880-wide experts (K padded to the kernel's 256), decode and prefill tiles."""
+    n, k = (2880, 2816) if qtype != _T.MXFP4 else (2880, 2880)
+    if k % GGML_QUANT_SIZES[qtype][0]:
+        k = 2816
+    rng = np.random.default_rng(groups + rows + int(qtype))
+    experts, stack = expert_stack(rng, qtype, 4, n, k)
+    f = jax.jit(pallas.quantized_matmul)
+    for _ in range(2):
+        x = jnp.asarray(rng.standard_normal((groups, rows, k)), jnp.bfloat16)
+        ids = jnp.asarray(rng.integers(0, 4, groups), jnp.int32)
+        assert rel_err(f(x, jax.device_put(stack), expert_ids=ids), expert_reference(x, experts, ids)) < 1e-2
 
 
 @pytest.mark.gpu

@@ -21,8 +21,11 @@ Expert matmuls go through ``expert_matmul``, which has two paths picked from sta
 Gather dequantizes one expert matrix per row and grouped about one per tile, so gather is picked while the rows
 (tokens x top_k) are no more than the experts. ``lax.ragged_dot`` was measured and not used: for one bf16 expert
 matmul on an H100 (E=128, top-8, D=2048, F=768) it took 2.8 ms at 512 tokens and 10 ms at 2048 tokens, the tiles
-0.8 / 1.1 ms; on CPU it lowers to a dense [E, M, K] expansion of the rows. Both are stand-ins for a grouped
-kernel that reads the packed blocks directly.
+0.8 / 1.1 ms; on CPU it lowers to a dense [E, M, K] expansion of the rows.
+
+On Hopper the expert stacks are repacked at load like any matrix, and both paths hand their groups of rows
+(one row each for gather, one tile each for grouped) to ``ops.expert_matmul``, which runs the Pallas kernel on
+the named experts' packed tiles in place: nothing is gathered or dequantized, and grouped runs as one call.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from imp_jax import ops
 from imp_jax.errors import KernelError, UnsupportedModel
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.layers import gated_mlp
@@ -124,19 +128,13 @@ def grouped_tiles(n_rows: int, n_experts: int, matrix_bytes: int) -> tuple[int, 
 
 
 def _dense(w: Weight, dtype) -> jax.Array:
-    return w.dequantize(dtype) if isinstance(w, QTensor) else w.astype(dtype)
-
-
-def _take_experts(w: Weight, ids: jax.Array) -> Weight:
-    """The experts ``ids`` of a stack, still packed: only their blocks are read."""
-    if isinstance(w, QTensor):
-        scale = None if w.scale is None else jnp.take(w.scale, ids, axis=0)
-        return QTensor(jnp.take(w.data, ids, axis=0), scale, w.qtype, w.shape)
-    return jnp.take(w, ids, axis=0)
+    return w.astype(dtype) if ops.matmul_path(w) == ops.DENSE else w.dequantize(dtype)
 
 
 def _stack_shape(w: Weight) -> tuple[int, ...]:
-    return w.full_shape if isinstance(w, QTensor) else tuple(w.shape)
+    if isinstance(w, QTensor):
+        return w.full_shape
+    return (*w.stack_shape, *w.shape) if ops.matmul_path(w) == ops.PALLAS else tuple(w.shape)
 
 
 def expert_matmul(
@@ -156,8 +154,7 @@ def expert_matmul(
             "(want x [M, K], expert ids [M], stack [E, N, K])"
         )
     if group_sizes is None:
-        wd = _dense(_take_experts(w, expert_ids), x.dtype)
-        y = jnp.einsum("mk,mnk->mn", x, wd, preferred_element_type=jnp.float32)
+        y = ops.expert_matmul(x[:, None], w, expert_ids, jnp.float32)[:, 0]
     else:
         y = _grouped_matmul(x, w, group_sizes)
     return y.astype(out_dtype or x.dtype)
@@ -167,7 +164,9 @@ def _grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Arra
     """Sorted rows x [M, K] in tiles of one expert each, a few tiles per step (see ``grouped_tiles``); f32 [M, N]."""
     (m, k), n_experts = x.shape, group_sizes.shape[0]
     n = _stack_shape(w)[1]
-    rows, n_tiles, per_step = grouped_tiles(m, n_experts, n * k * x.dtype.itemsize)
+    # The kernel reads packed tiles in place, so all tiles go in one call; dequantized experts are transient.
+    matrix_bytes = 1 if ops.matmul_path(w) == ops.PALLAS else n * k * x.dtype.itemsize
+    rows, n_tiles, per_step = grouped_tiles(m, n_experts, matrix_bytes)
     tiles = (group_sizes + rows - 1) // rows
     tile_end = jnp.cumsum(tiles)
     row_end = jnp.cumsum(group_sizes)
@@ -182,8 +181,7 @@ def _grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Arra
 
     def step(tiles_and_experts):
         xs, ids = tiles_and_experts
-        wt = _dense(_take_experts(w, ids), x.dtype)
-        return jnp.einsum("trk,tnk->trn", xs, wt, preferred_element_type=jnp.float32)
+        return ops.expert_matmul(xs, w, ids, jnp.float32)
 
     steps = (xt.reshape(-1, per_step, rows, k), expert.reshape(-1, per_step))
     yt = jax.lax.map(step, steps).reshape(n_tiles, rows, n)

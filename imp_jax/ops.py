@@ -137,15 +137,18 @@ def attention_prefill(q, k, v, *, scale: float, window: int = 0, softcap: float 
 
 
 def attention_decode(
-    q, k_cache, v_cache, q_pos, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
+    q, k_cache, v_cache, q_pos, layer, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
 ) -> jax.Array:
-    """New tokens q [B, T, H, D] at positions q_pos [B, T] against one layer's cache [B, S, Hkv, D], which already
-    holds them."""
-    if _kernel_attention_ok(q, softcap) and k_cache.shape[1] % 8 == 0:
+    """New tokens q [B, T, H, D] at positions q_pos [B, T] against layer ``layer`` of the caches
+    [L, B, S, Hkv, D], which already hold them. The kernel reads the layer in place."""
+    if _kernel_attention_ok(q, softcap) and k_cache.shape[2] % 8 == 0:
         import pallas
 
         lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
-        return pallas.decode_attention(q, k_cache, v_cache, lengths, window=window or None, sinks=sinks, scale=scale)
+        return pallas.decode_attention(
+            q, k_cache, v_cache, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
+        )
+    k_cache, v_cache = k_cache[layer], v_cache[layer]
     b, s = k_cache.shape[:2]
     k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
     return attention(q, k_cache, v_cache, q_pos, k_pos, scale=scale, window=window, softcap=softcap, sinks=sinks)

@@ -296,17 +296,19 @@ def synthetic_params(specs: Decoder, key: jax.Array, *, config: ModelConfig) -> 
     return jax.tree.unflatten(treedef, [_leaf(s, jax.random.fold_in(key, i), config) for i, s in enumerate(leaves)])
 
 
-# Float tensors that are not weight matrices: (offset, spread) of their values by tensor kind. Norm weights sit
-# near 1; biases, sinks and the dt bias near 0; ssm_a = -exp(A_log) is a negative decay rate.
-_VECTOR_FILL = {"bias": (0.0, 0.02), "attn_sinks": (0.0, 0.5), "ssm_a": (-4.0, 2.0)}
+# Float tensors that are not weight matrices: (offset, spread, sign) of their values by tensor kind, a value
+# being offset + spread * normal, or with sign -1 the negative exponential of that. Norm weights sit near 1;
+# biases, sinks and the dt bias near 0; ssm_a = -exp(A_log) is a decay rate that must stay negative (a positive
+# one grows the GDN state without bound), here -exp(N(1, 0.5)), mostly in [-7.4, -1].
+_VECTOR_FILL = {"bias": (0.0, 0.02, 1), "attn_sinks": (0.0, 0.5, 1), "ssm_a": (1.0, 0.5, -1)}
 
 
-def _fill(spec: TensorSpec) -> tuple[float, float]:
+def _fill(spec: TensorSpec) -> tuple[float, float, int]:
     name = spec.names[0]
     for key, fill in _VECTOR_FILL.items():
         if name.endswith(key) or f".{key}." in name:
             return fill
-    return (1.0, 0.02)
+    return (1.0, 0.02, 1)
 
 
 def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
@@ -322,8 +324,7 @@ def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
         return prepared(spec, _stored(spec, key))
     item, batch, keys = _items(spec, key)
     if len(spec.shape) == 1 or (spec.names[0].endswith(".bias")):
-        offset, spread = _fill(spec)
-        out = _vector(keys, item, batch, offset, spread)
+        out = _vector(keys, item, batch, *_fill(spec))
         return out if spec.stacked else out.reshape(spec.shape)
     return _dense(keys, item, spec.dtype, batch)
 
@@ -340,9 +341,13 @@ def _stored(spec: TensorSpec, key: jax.Array) -> QTensor:
     return QTensor(_packed(keys, spec.qtype, item, batch), None, spec.qtype, spec.qshape)
 
 
-@functools.partial(jax.jit, static_argnames=("item", "batch", "offset", "spread"))
-def _vector(keys, item, batch, offset, spread):
-    return jax.lax.map(lambda k: offset + spread * jax.random.normal(k, item, jnp.float32), keys, batch_size=batch)
+@functools.partial(jax.jit, static_argnames=("item", "batch", "offset", "spread", "sign"))
+def _vector(keys, item, batch, offset, spread, sign):
+    def one(k):
+        v = offset + spread * jax.random.normal(k, item, jnp.float32)
+        return v if sign > 0 else -jnp.exp(v)
+
+    return jax.lax.map(one, keys, batch_size=batch)
 
 
 @functools.partial(jax.jit, static_argnames=("item", "dtype", "batch"))

@@ -38,6 +38,7 @@ def decode_attention(
     v_cache: jax.Array,
     lengths: jax.Array,
     *,
+    layer: jax.Array | int | None = None,
     window: int | None = None,
     sinks: jax.Array | None = None,
     scale: float,
@@ -45,10 +46,15 @@ def decode_attention(
     splits: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Attention of the T newest tokens over the cache; returns ``[B, T, n_head, hd]`` in q's dtype."""
+    """Attention of the T newest tokens over the cache; returns ``[B, T, n_head, hd]`` in q's dtype.
+
+    With ``layer``, the caches are every layer's ``[L, B, S_max, n_kv, hd]`` and the kernel reads layer ``layer``
+    in place: a slice taken outside would be copied for the kernel, the whole layer's cache every step.
+    """
     b, t, n_head, hd = q.shape
-    _check(q, k_cache, v_cache, lengths, sinks, block_kv)
-    _, s_max, n_kv, _ = k_cache.shape
+    stacked = layer is not None
+    _check(q, k_cache[0] if stacked else k_cache, v_cache[0] if stacked else v_cache, lengths, sinks, block_kv)
+    s_max, n_kv = k_cache.shape[-3:-1]
     group = n_head // n_kv
     rows = t * group
     q_tiles = -(-rows // ROWS)
@@ -58,8 +64,11 @@ def decode_attention(
     # Rows of a kv head's tile are (token, head-in-group) pairs, token-major.
     qg = q.reshape(b, t, n_kv, group, hd).transpose(0, 2, 1, 3, 4).reshape(b, n_kv, rows, hd)
     qg = jnp.pad(qg.astype(jnp.bfloat16), ((0, 0), (0, 0), (0, q_tiles * ROWS - rows), (0, 0)))
-    call = _kernel_call(b, n_kv, q_tiles, out_rows, splits, hd, t, group, block_kv, window, scale, interpret)
-    o, m, l = call(lengths.astype(jnp.int32), qg, k_cache.astype(jnp.bfloat16), v_cache.astype(jnp.bfloat16))
+    call = _kernel_call(b, n_kv, q_tiles, out_rows, splits, hd, t, group, block_kv, window, scale, stacked, interpret)
+    meta = lengths.astype(jnp.int32)
+    if stacked:
+        meta = jnp.concatenate([meta, jnp.asarray(layer, jnp.int32).reshape(1)])
+    o, m, l = call(meta, qg, k_cache.astype(jnp.bfloat16), v_cache.astype(jnp.bfloat16))
     out = _combine(o, m, l, sinks, n_kv, group)[:, :, :rows]
     return out.reshape(b, n_kv, t, group, hd).transpose(0, 2, 1, 3, 4).reshape(q.shape).astype(q.dtype)
 
@@ -113,7 +122,7 @@ def _combine(o, m, l, sinks, n_kv, group):
     return num / den[..., None]
 
 
-def _kernel_call(b, n_kv, q_tiles, out_rows, splits, hd, t, group, block_kv, window, scale, interpret):
+def _kernel_call(b, n_kv, q_tiles, out_rows, splits, hd, t, group, block_kv, window, scale, stacked, interpret):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     qk_scale = scale * LOG2E
     inv_group = (1 << 16) // group + 1  # row // group == (row * inv_group) >> 16 for row < 2**16 / group**2
@@ -123,6 +132,9 @@ def _kernel_call(b, n_kv, q_tiles, out_rows, splits, hd, t, group, block_kv, win
     def body(len_gmem, q_gmem, k_gmem, v_gmem, o_gmem, m_gmem, l_gmem):
         bi, hi, qi, si = (lax.axis_index(a) for a in ("b", "h", "q", "s"))
         length = len_gmem[bi]
+        if stacked:  # the layer index follows the B lengths
+            layer = len_gmem[b]
+            k_gmem, v_gmem = k_gmem.at[layer], v_gmem.at[layer]
         # Keys any row of this tile may see: [lo, length). The splits share them evenly in whole blocks, so
         # a short sequence in a long cache still spreads over all splits; this one covers [start, end).
         lo = 0 if window is None else jnp.maximum(length - t + 1 - window, 0)

@@ -27,6 +27,7 @@ from pallas.common import interpret_params, wgmma_from_regs
 from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
 
 CHUNK = 64  # K elements per wgmma: one 128-byte swizzled row of bf16 activations
+SMEM_BUDGET = 192 * 1024  # pipeline buffers; the H100 gives a CTA 227 KiB, the output tile takes the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,14 @@ def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132, gr
             return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
         return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
     n_tiles = n_pad // 64 * groups
-    tk = 512 if n_tiles > 64 and k_pad % 512 == 0 else 256
+    tm = _round_up(max(m, 1), 8)
+    tk = 512 if n_tiles > 64 and k_pad % 512 == 0 and tm <= 16 else 256
     k_steps = k_pad // tk
     want = max(4 if groups == 1 else 1, -(-num_sms // n_tiles))  # a CTA for every SM
     splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
-    return MatmulConfig(tn=64, tm=_round_up(max(m, 1), 8), tk=tk, splits=splits, stages=6 if tk == 256 else 4)
+    stage_bytes = 64 * tk * fmt.bits // 8 + tm * tk * 2 + 64 * tk // 8  # codes, activations, scales (bound)
+    stages = max(2, min(6 if tk == 256 else 4, SMEM_BUDGET // stage_bytes))
+    return MatmulConfig(tn=64, tm=tm, tk=tk, splits=splits, stages=stages)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -119,7 +123,11 @@ def quantized_matmul(
     cfg = config or pick_config(w.fmt, n_pad, k_pad, m, groups=groups)
     _check_config(cfg, w, m)
     m_pad = _round_up(m, cfg.tm)
-    xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, m_pad - m), (0, k_pad - k))).reshape(groups * m_pad, k_pad)
+    if w.stack_shape or interpret:  # whole tiles per group (and the interpreter slices like jnp)
+        xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, m_pad - m), (0, k_pad - k)))
+    else:  # TMA zero-fills the last tile's rows past m (out-of-bounds reads): no separate pad kernel for M
+        xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, 0), (0, k_pad - k))) if k_pad != k else x3
+    xp = xp.reshape(-1, k_pad).astype(jnp.bfloat16)
     call = _kernel_call(w.fmt, n_pad, k_pad, groups * m_pad, cfg, interpret, m_pad // cfg.tm if w.stack_shape else 0)
     ids = () if expert_ids is None else (expert_ids.astype(jnp.int32),)
     out = call(*ids, w.qs, *w.scales, xp)

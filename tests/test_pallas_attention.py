@@ -55,6 +55,23 @@ def test_decode_interpret_splits_window_sinks():
     assert rel_err(got, da.reference(*args, **kw)) < 1e-2
 
 
+def _stack_layers(rng, args, layers: int, layer: int):
+    """The case's caches as layer ``layer`` of ``layers`` (the others random), as the model's cache holds them."""
+    q, k, v, lengths = args
+
+    def stack(a):
+        return jnp.stack([a if i == layer else _rand(rng, a.shape) for i in range(layers)])
+
+    return q, stack(k), stack(v), lengths
+
+
+def test_decode_interpret_reads_one_layer_of_the_stack():
+    rng = np.random.default_rng(5)
+    args, kw = _decode_case(rng, 2, 1, 128, 4, 2, 64, window=None, sink=False)
+    got = pallas.decode_attention(*_stack_layers(rng, args, 3, 2), layer=jnp.int32(2), interpret=True, **kw)
+    assert rel_err(got, da.reference(*args, **kw)) < 1e-2
+
+
 def test_attention_errors_name_shapes():
     q = jnp.zeros((1, 4, 4, 96), jnp.bfloat16)
     kv = jnp.zeros((1, 8, 2, 96), jnp.bfloat16)
@@ -97,6 +114,7 @@ def test_flash_gpu(b, t, s, h, kv, hd, causal, window, sink):
 def test_decode_gpu(b, t, s_max, h, kv, hd, window, sink):
     rng = np.random.default_rng(t + s_max + hd)
     f = jax.jit(pallas.decode_attention, static_argnames=("window", "scale"))
-    for _ in range(2):
+    for layer in (None, 1):  # one layer's cache, or layer 1 read in place from a stack of 2
         args, kw = _decode_case(rng, b, t, s_max, h, kv, hd, window=window, sink=sink, tail=3.0)
-        assert rel_err(f(*args, **kw), da.reference(*args, **kw)) < 1e-2
+        stacked = args if layer is None else _stack_layers(rng, args, 2, layer)
+        assert rel_err(f(*stacked, layer=layer, **kw), da.reference(*args, **kw)) < 1e-2

@@ -39,6 +39,9 @@ def test_every_family_builds_and_runs(shape, quant):
     tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, config.vocab_size, jnp.int32)
     logits, _ = engine.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
     assert bool(jnp.isfinite(logits).all()) and 0.2 < float(logits.std()) < 5
+    for layer in (layer for segment in params.segments for layer in segment):
+        if hasattr(layer.mixer, "ssm_a"):  # a positive decay rate would grow the GDN state without bound
+            assert float(layer.mixer.ssm_a.max()) < 0
 
 
 def test_real_shapes_have_the_published_sizes():

@@ -85,7 +85,7 @@ def attention_mixer(
     v_cache = v_cache.at[layer, rows, pos].set(v.astype(v_cache.dtype), mode="drop")
     opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks)
     if decode:
-        o = ops.attention_decode(q, k_cache[layer], v_cache[layer], pos, **opts)
+        o = ops.attention_decode(q, k_cache, v_cache, pos, layer, **opts)
     else:
         o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:

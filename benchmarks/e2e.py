@@ -6,7 +6,7 @@ on the same GPU. Decode tok/s at batch 1 and 8 (tg), prefill tok/s (pp), and the
 token (every weight but the embedding table) over the HBM copy bandwidth measured in the same run.
 
 Usage (device; JAX must not preallocate so PyTorch has room):
-XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/e2e.py --xla --torch
+XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/e2e.py --paths pallas,xla --torch
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def imp_rows(shape: str, quant: str, kernels: bool, pp: list[int], tg: int, batc
         out.append(dict(engine=label, shape=shape, quant=quant, test=f"pp{n}", batch=1, tok_s=n / t))
     for b in batches:
         bench.time_decode(params, cfg, tg, jnp.bfloat16, b)
-        t = min(bench.time_decode(params, cfg, tg, jnp.bfloat16, b) for _ in range(2))
+        t = min(bench.time_decode(params, cfg, tg, jnp.bfloat16, b) for _ in range(3))
         row = dict(engine=label, shape=shape, quant=quant, test=f"tg{tg}", batch=b, tok_s=b * tg / t)
         if b == 1:
             roof = bw * 1e9 / per_token
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--pp", default="512,4096")
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--xla", action="store_true", help="also the XLA path (dequantize + dot)")
+    ap.add_argument("--paths", default="pallas", help="pallas (kernels), xla (dequantize + dot), or both")
     ap.add_argument("--torch", action="store_true", help="also transformers bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for quant in args.quants.split(","):
-            for kernels in (True, False) if args.xla else (True,):
+            for kernels in [p == "pallas" for p in args.paths.split(",")]:
                 new = imp_rows(shape, quant, kernels, pp, args.tg, batches, bw)
                 rows += new
                 for r in new:

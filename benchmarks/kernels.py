@@ -2,7 +2,7 @@
 
 Run on the device machine from the repository root::
 
-    PYTHONPATH=. python3 benchmarks/kernels.py [--only tune,matmul,attention] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/kernels.py [--only tune,bf16,matmul,attention] [--out DIR]
 
 The full matmul + attention run takes ~7 minutes on an H100 (compiles included); ``--models`` / ``--formats`` /
 ``--m`` narrow it. ``tune`` prints time and error of candidate matmul tilings (how ``pick_config`` was chosen).
@@ -149,7 +149,9 @@ def bench_matmul(ceil: dict, ms: tuple[int, ...], formats: set[str], models: set
     return rows
 
 
-def bench_bf16_dot(ceil: dict, ms: tuple[int, ...], models: set[str]) -> list[Row]:
+def bench_bf16(ceil: dict, ms: tuple[int, ...], models: set[str]) -> list[Row]:
+    """bf16 weights: XLA's dot (cuBLAS), and the Pallas kernel reading the same weights in place (BF16 format)
+    where the shape is on its grid, with XLA's time as its baseline."""
     rng = np.random.default_rng(2)
     rows = []
     for model, shapes in MATMUL_SHAPES.items():
@@ -157,26 +159,28 @@ def bench_bf16_dot(ceil: dict, ms: tuple[int, ...], models: set[str]) -> list[Ro
             continue
         for n, k in shapes[:2]:
             copies = max(2, min(16, math.ceil(2 * L2_BYTES / (2 * n * k))))
-            ws = [jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16) for _ in range(copies)]
+            ws = [jnp.asarray(rng.standard_normal((n, k)) / 64, jnp.bfloat16) for _ in range(copies)]
             f = jax.jit(lambda x, ws: [x @ w.T for w in ws])
+            kern = jax.jit(lambda x, ws: [pallas.quantized_matmul(x, pallas.dense_weight(w)) for w in ws])
             for m in ms:
                 x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-                t = median_time_us(f, x, ws, per_call=copies)
-                gbps, tflops = 2 * n * k / t / 1e3, 2 * m * n * k / t / 1e6
-                rows.append(
-                    Row(
-                        "bf16 jnp.dot (XLA)",
-                        model,
-                        f"M={m} N={n} K={k}",
-                        t,
-                        gbps,
-                        tflops,
-                        100 * gbps / ceil["hbm_gbps"],
-                        100 * tflops / ceil["bf16_tflops"],
-                        t,
-                    )
-                )
-                print(_fmt(rows[-1]), flush=True)
+                t_xla = median_time_us(f, x, ws, per_call=copies)
+                timed = [("bf16 jnp.dot (XLA)", t_xla, "")]
+                if pallas.can_view_dense(ws[0]):
+                    try:
+                        ref = x.astype(jnp.float32) @ ws[0].astype(jnp.float32).T
+                        got = kern(x, ws[:1])[0].astype(jnp.float32)
+                        err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                        t = median_time_us(kern, x, ws, per_call=copies)
+                        t_kernel = kernel_only_us(kern, x, ws, per_call=copies)
+                        timed.append(("bf16 matmul (Pallas)", t, f"err {err:.1e}; kernel alone {t_kernel:.1f} us"))
+                    except Exception as e:
+                        print(f"FAILED bf16 M={m} N={n} K={k}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                for name, t, note in timed:
+                    gbps, tflops = 2 * n * k / t / 1e3, 2 * m * n * k / t / 1e6
+                    rows.append(Row(name, model, f"M={m} N={n} K={k}", t, gbps, tflops, 100 * gbps / ceil["hbm_gbps"],
+                                    100 * tflops / ceil["bf16_tflops"], t_xla, note))  # fmt: skip
+                    print(_fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -317,7 +321,7 @@ def _fmt(r: Row) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="matmul,attention")
+    p.add_argument("--only", default="bf16,matmul,attention")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--m", default="1,16,512", help="token counts for the matmul rows")
     p.add_argument("--formats", default=",".join(QTYPES))
@@ -333,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     sections = {
         "tune": lambda: tune(ceil),
-        "matmul": lambda: bench_bf16_dot(ceil, ms, models) + bench_matmul(ceil, ms, formats, models),
+        "matmul": lambda: bench_matmul(ceil, ms, formats, models),
+        "bf16": lambda: bench_bf16(ceil, ms, models),
         "attention": lambda: bench_decode_attention(ceil, models) + bench_flash(ceil, models),
     }
     for name, run in sections.items():

@@ -26,7 +26,7 @@ CONFIGS = {  # name: (shape, quant, path, max_context)
     "qwen3-8b/q8_0": ("qwen3-8b", "q8_0", "packed", 4096),
     "qwen3.5-27b/mxfp4-packed": ("qwen3.5-27b", "mxfp4", "packed", 4096),
     "qwen3.5-27b/mxfp4-bf16-fallback": ("qwen3.5-27b", "mxfp4", "dense", 2048),
-    "llama-70b/bf16": ("llama-70b", "bf16", "packed", 4096),
+    "llama-70b/bf16": ("llama-70b", "bf16", "packed", 32768),  # at 4096 it would nearly fit a 141 GB H200
 }
 GiB = 2**30
 
@@ -184,9 +184,9 @@ def main() -> None:
         print(row.get("report", row.get("error_text", "")), flush=True)
         if "refused" in row:
             print("  refused: " + row["refused"], flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.json:  # after every configuration: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     print(table(rows))
 
 

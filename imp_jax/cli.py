@@ -110,7 +110,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     mf = open_gguf(args.input)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task(f"quantizing to {args.type}", total=len(mf.tensors))
-        out = quantize_file(mf, args.output, args.type, on_tensor=lambda _: bar.advance(task))
+        out = quantize_file(mf, args.output, args.type, pure=args.pure, on_tensor=lambda _: bar.advance(task))
     print(out)
 
 
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input .gguf")
     p.add_argument("output", help="output .gguf (written atomically)")
     p.add_argument("--type", required=True, choices=["mxfp4", "q8_0", "q4_0"])
+    p.add_argument("--pure", action="store_true", help="every matrix in --type (no Q8_0 for attn_v / ffn_down)")
     p.set_defaults(run=_cmd_quantize)
     return parser
 

@@ -436,8 +436,12 @@ def _weight_lines(abstract: dict) -> tuple[WeightLine, ...]:
         if spec.dtype is None:
             mp = ops.matmul_path(leaf)
             key = (mp if mp == ops.REFERENCE else f"kernel:{mp}", "packed")
-        else:
-            key = ("fallback" if is_fallback(spec) else "dense", spec.dtype)
+        elif is_fallback(spec):
+            key = ("fallback", spec.dtype)
+        else:  # a float weight: XLA's dot, or the Pallas kernel reading a bf16 matrix in place
+            matrix = len(spec.shape) == 2 and not spec.gathered
+            mp = ops.matmul_path(abstract_leaf(_unstacked(spec))) if matrix else ops.DENSE
+            key = ("dense" if mp == ops.DENSE else f"kernel:{mp}", spec.dtype)
         entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key), [0, 0])
         entry[0] += len(spec.names)
         entry[1] += _nbytes(leaf)
@@ -584,7 +588,7 @@ def _path_words(w: WeightLine) -> str:
     if w.path == "reference":
         return "packed, dequantized in the step"
     if w.path.startswith("kernel:"):
-        return f"packed, {w.path[7:]} kernel"
+        return f"{'packed' if w.stored == 'packed' else _short_dtype(w.stored)}, {w.path[7:]} kernel"
     if w.path == "fallback":
         return f"dequantized at load to {_short_dtype(w.stored)}"
     return f"dense {_short_dtype(w.stored)}"

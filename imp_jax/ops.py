@@ -3,11 +3,13 @@
 ``matmul(x, w)`` picks its implementation from the weight leaf: a ``pallas.PackedWeight`` (made at load on a
 Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
-array is a plain dot; ``expert_matmul`` is the same choice for a stack of MoE experts. ``attention_prefill`` /
-``attention_decode`` pick the Pallas attention kernels on Hopper for what they support and the jnp reference
-otherwise. ``kernels_enabled`` says which world applies;
-``IMP_JAX_KERNELS=0`` turns the kernels off (debugging: compare against the reference path). A kernel that cannot
-run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
+array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading the bf16 weight in place where
+``BF16_KERNEL`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts.
+``attention_prefill`` / ``attention_decode`` pick the Pallas attention kernels on Hopper for what they support and
+the jnp reference otherwise. ``kernel_mode`` says which world applies: ``IMP_JAX_KERNELS=0`` turns the kernels off
+(debugging: compare against the reference path), ``IMP_JAX_KERNELS=all`` also runs the ones measured slower than
+XLA (benchmarks, debugging). A kernel that cannot run raises KernelError naming op, shapes and dtypes: nothing
+silently falls back inside a step.
 """
 
 from __future__ import annotations
@@ -28,13 +30,24 @@ REFERENCE = "reference"  # dequantize to the compute dtype, then jnp.dot with f3
 PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
 DENSE = "dense"  # a float weight: jnp.dot
 
+# Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. XLA's dot already
+# streams a bf16 GEMV near HBM speed and runs prefill on cuBLAS; docs/BENCHMARKS.md has the measured comparison.
+BF16_KERNEL = False
+
+
+def kernel_mode() -> str:
+    """ "off" (IMP_JAX_KERNELS=0, or not a Hopper GPU: compute capability 9.x), "all" (IMP_JAX_KERNELS=all) or
+    "auto" (the default: every kernel that beats the XLA path)."""
+    env = os.environ.get("IMP_JAX_KERNELS", "1")
+    dev = jax.devices()[0]
+    if env == "0" or not (dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")):
+        return "off"
+    return "all" if env == "all" else "auto"
+
 
 def kernels_enabled() -> bool:
-    """Pallas kernels run on Hopper GPUs (compute capability 9.x) unless IMP_JAX_KERNELS=0."""
-    if os.environ.get("IMP_JAX_KERNELS", "1") == "0":
-        return False
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    """Pallas kernels run (Hopper GPU, not IMP_JAX_KERNELS=0)."""
+    return kernel_mode() != "off"
 
 
 def prepare_weight(w: Weight) -> Weight:
@@ -71,10 +84,21 @@ def _repack(w: QTensor):
 
 
 def matmul_path(w) -> str:
-    """The implementation ``matmul`` uses for this leaf (or abstract leaf)."""
+    """The implementation ``matmul`` uses for this leaf (or abstract leaf) of one layer."""
     if isinstance(w, QTensor):
         return REFERENCE
-    return DENSE if hasattr(w, "dtype") and not hasattr(w, "fmt") else PALLAS
+    if hasattr(w, "fmt"):
+        return PALLAS
+    return PALLAS if _bf16_kernel(w) else DENSE
+
+
+def _bf16_kernel(w) -> bool:
+    mode = kernel_mode()
+    if mode == "off" or not (mode == "all" or BF16_KERNEL):
+        return False
+    import pallas
+
+    return pallas.can_view_dense(w)
 
 
 def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
@@ -85,7 +109,8 @@ def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
     if matmul_path(w) == PALLAS:
         import pallas
 
-        return pallas.quantized_matmul(x, w).astype(out_dtype or x.dtype)
+        pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
+        return pallas.quantized_matmul(x, pw).astype(out_dtype or x.dtype)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)

@@ -1,9 +1,11 @@
 """``imp-jax quantize``: rewrite a GGUF with its weight matrices in another block format, through gguf.quants.
 
 Follows llama-quantize's rules: 1-D tensors (norms, biases), routers, the conv filter and tensors whose rows do not
-split into blocks keep their type; the token embedding and output head take Q8_0 under 4-bit targets (they are the
-most sensitive matrices, and llama.cpp's MXFP4 files keep them 8-bit too). The output is written to a temporary
-file next to OUT and renamed into place only when complete.
+split into blocks keep their type. Under a 4-bit target the matrices llama.cpp's mixes give more bits stay Q8_0:
+the token embedding and output head (llama.cpp's MXFP4 files keep them 8-bit too) and, as in its Q4_K_M-style
+mixes, every layer's ``attn_v`` and ``ffn_down`` (dense ones: MoE experts take the target). ``pure=True`` is
+llama-quantize's ``--pure``: every matrix in the target type. The output is written to a temporary file next to
+OUT and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -38,16 +40,19 @@ _FILE_TYPES = {
 }
 _KEEP = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.SSM_CONV1D, MODEL_TENSOR.ROPE_FREQS}
 _HEADS = {TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD], TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}
+_MORE_BITS = {TENSOR_NAMES[k].split(".")[-1] for k in (MODEL_TENSOR.ATTN_V, MODEL_TENSOR.FFN_DOWN)}
+_FOUR_BIT = {_T.MXFP4, _T.Q4_0}
 
 
-def target_type(info: TensorInfo, target: GGMLQuantizationType) -> GGMLQuantizationType:
+def target_type(info: TensorInfo, target: GGMLQuantizationType, *, pure: bool = False) -> GGMLQuantizationType:
     """The type a tensor gets in the output file."""
     base = info.name.removesuffix(".weight")
     if len(info.shape) < 2 or not info.name.endswith(".weight"):
         return _T(info.qtype)
     if any(f".{TENSOR_NAMES[k].split('.')[-1]}." in f".{info.name}" for k in _KEEP):
         return _T(info.qtype)
-    want = _T.Q8_0 if base in _HEADS and target != _T.Q8_0 else target
+    sensitive = base in _HEADS or (not pure and base.split(".")[-1] in _MORE_BITS)
+    want = _T.Q8_0 if sensitive and target in _FOUR_BIT else target
     if info.shape[-1] % GGML_QUANT_SIZES[want][0]:
         return _T(info.qtype)
     return want
@@ -58,15 +63,17 @@ def quantize_file(
     out: str | os.PathLike[str],
     target: str | Callable[[TensorInfo], GGMLQuantizationType],
     *,
+    pure: bool = False,
     on_tensor: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``mf`` to ``out`` with its weight matrices in ``target`` (mxfp4, q8_0 or q4_0), or with the type a
-    function picks per tensor (any type gguf.quants can write: mixed-format files for tests)."""
+    """Write ``mf`` to ``out`` with its weight matrices in ``target`` (mxfp4, q8_0 or q4_0; ``pure``: no
+    more-bits mix), or with the type a function picks per tensor (any type gguf.quants can write: mixed-format
+    files for tests)."""
     if isinstance(target, str):
         if target not in TARGETS:
             raise ImpError(f"quant type '{target}' is not one imp-jax can write; choose one of {', '.join(TARGETS)}")
         qtype = TARGETS[target]
-        choose = lambda info: target_type(info, qtype)  # noqa: E731
+        choose = lambda info: target_type(info, qtype, pure=pure)  # noqa: E731
     else:
         qtype, choose = None, target
     out = Path(out)

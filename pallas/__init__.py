@@ -4,15 +4,16 @@ The surface ``imp_jax.ops`` dispatches to. Every entry point takes ``interpret=T
 Mosaic GPU's CPU interpreter (tests), raises ``imp_jax.errors.KernelError`` naming op, shapes and dtypes when it
 cannot run, and has a jnp reference beside its kernel.
 
-- ``repack(qtensor) -> PackedWeight`` once at load (``can_repack`` says which QTensors qualify), then
-  ``quantized_matmul(x, w)`` for ``x @ W.T`` (``supports(w, x)`` checks first).
+- ``repack(qtensor) -> PackedWeight`` once at load (``can_repack`` says which QTensors qualify), or
+  ``dense_weight(w)`` for a bf16 matrix read in place (``can_view_dense``), then ``quantized_matmul(x, w)`` for
+  ``x @ W.T`` (``supports(w, x)`` checks first).
 - ``flash_attention(q, k, v, *, causal, window, sinks, scale)`` for prefill,
   ``decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale)`` over a KV cache.
 """
 
 from pallas.attention_decode import decode_attention
 from pallas.attention_prefill import flash_attention
-from pallas.qformats import Fmt, PackedWeight, can_repack, repack
+from pallas.qformats import Fmt, PackedWeight, can_repack, can_view_dense, dense_weight, repack
 from pallas.qmatmul import MatmulConfig, quantized_matmul, supports
 
 __all__ = [
@@ -20,7 +21,9 @@ __all__ = [
     "MatmulConfig",
     "PackedWeight",
     "can_repack",
+    "can_view_dense",
     "decode_attention",
+    "dense_weight",
     "flash_attention",
     "quantized_matmul",
     "repack",

@@ -31,7 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas.qformats import Fmt
 
-_SCALE_BLOCKS = {Fmt.MXFP4: (32,), Fmt.Q8_0: (32,), Fmt.Q4_K: (256, 256, 32, 32)}
+_SCALE_BLOCKS = {Fmt.MXFP4: (32,), Fmt.Q8_0: (32,), Fmt.Q4_K: (256, 256, 32, 32), Fmt.BF16: ()}
 
 
 def scale_blocks(fmt: Fmt) -> tuple[int, ...]:

@@ -37,6 +37,7 @@ class Fmt(enum.Enum):
     MXFP4 = (_T.MXFP4, 4)
     Q8_0 = (_T.Q8_0, 8)
     Q4_K = (_T.Q4_K, 4)
+    BF16 = (_T.BF16, 16)  # a plain bf16 weight, read by the MMA straight from shared memory (``dense_weight``)
 
     @property
     def qtype(self) -> GGMLQuantizationType:
@@ -57,7 +58,7 @@ class Fmt(enum.Enum):
         return 2.0**32 if self is Fmt.MXFP4 else 1.0
 
 
-_BY_QTYPE = {f.qtype: f for f in Fmt}
+_BY_QTYPE = {f.qtype: f for f in Fmt if f is not Fmt.BF16}  # the formats ``repack`` takes from QTensors
 N_ALIGN = 128
 MXFP4_MAX_SCALE_BYTE = 160  # E8M0 byte: the decode multiplies by 2**(E - 33) in bf16 (mgpu_decode.py)
 
@@ -74,7 +75,7 @@ class PackedWeight:
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        return self.qs.shape[-2], self.qs.shape[-1] * 8 // self.fmt.bits
+        return self.qs.shape[-2], self.qs.shape[-1] * jnp.dtype(self.qs.dtype).itemsize * 8 // self.fmt.bits
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
@@ -135,6 +136,28 @@ def repack(w) -> PackedWeight:
     )
     qs = _pack4(codes) if fmt.bits == 4 else _pack8(codes)
     return PackedWeight(qs=qs, scales=scales, fmt=fmt, shape=(n, k))
+
+
+def can_view_dense(w: object) -> bool:
+    """Whether ``dense_weight`` takes this array: a bf16 matrix [N, K] already on the kernel's grid."""
+    shape = getattr(w, "shape", ())
+    return (
+        len(shape) == 2
+        and getattr(w, "dtype", None) == jnp.bfloat16
+        and shape[0] % N_ALIGN == 0
+        and shape[1] % Fmt.BF16.k_align == 0
+    )
+
+
+def dense_weight(w: jax.Array) -> PackedWeight:
+    """A bf16 weight [N, K] as the matmul kernel's BF16 operand: the same array, no copy, no repack (a bf16 tile
+    is its own kernel layout). Shapes off the kernel's grid are refused (``can_view_dense``)."""
+    if not can_view_dense(w):
+        raise KernelError(
+            f"pallas.dense_weight: {getattr(w, 'dtype', '?')} weight {getattr(w, 'shape', '?')} is not a bf16 "
+            f"matrix with N a multiple of {N_ALIGN} and K of {Fmt.BF16.k_align}"
+        )
+    return PackedWeight(qs=w, scales=(), fmt=Fmt.BF16, shape=tuple(w.shape))
 
 
 # --- per-format split of GGUF blocks into element codes [N, nb, block] and scale planes [N, nb'] ---------------
@@ -198,7 +221,10 @@ def _unpack8(qs: jax.Array) -> jax.Array:
 
 
 def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
-    """Kernel-order code bytes ``[rows, bytes]`` -> element codes ``[rows, K]`` (uint8) in logical order."""
+    """Kernel-order code bytes ``[rows, bytes]`` -> element codes ``[rows, K]`` (uint8) in logical order (a
+    BF16 tile is already its values)."""
+    if fmt is Fmt.BF16:
+        return qs
     return _unpack4(qs) if fmt.bits == 4 else _unpack8(qs)
 
 
@@ -215,6 +241,8 @@ def decode_values(codes: jax.Array, scales: tuple[jax.Array, ...], fmt: Fmt) -> 
     def per_block(s: jax.Array) -> jax.Array:
         return jnp.repeat(s.astype(jnp.float32), k // s.shape[1], axis=1)
 
+    if fmt is Fmt.BF16:
+        return codes.astype(jnp.float32)
     if fmt is Fmt.MXFP4:
         return jnp.ldexp(_e2m1_doubled(codes), per_block(scales[0]).astype(jnp.int32) - 128 - 32)
     if fmt is Fmt.Q8_0:

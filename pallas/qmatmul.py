@@ -1,8 +1,9 @@
-"""Quantized weight x bf16 activation matmul (y = x @ W.T) on Hopper, Mosaic GPU.
+"""Quantized (or bf16) weight x bf16 activation matmul (y = x @ W.T) on Hopper, Mosaic GPU.
 
 One kernel serves decode (1..16 tokens) and prefill: the *weights* sit in the wgmma M slot ("swap AB"). Each
 warpgroup decodes a ``[tn, 64]`` slice of W from its packed bytes straight into wgmma A-operand registers (integer
-shifts and masks, no FP4 hardware needed, see ``mgpu_decode.py``) and multiplies it with the activations' tile
+shifts and masks, no FP4 hardware needed, see ``mgpu_decode.py``; a bf16 weight is read by the MMA from shared
+memory as it arrives) and multiplies it with the activations' tile
 ``x[tm, 64]`` read transposed from shared memory, accumulating ``acc[tn, tm] = W x^T`` in f32. For decode tm is
 the token count rounded up to 8, so no MMA work is wasted on padding to 64 rows, and the grid is split over K
 (``splits``) to put every SM to work streaming bytes; the f32 partial sums are added by XLA. TMA streams the
@@ -47,15 +48,18 @@ def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132, gr
     Decode: 64 W rows per CTA and the K range split in 4 or more (short K ranges per CTA beat a tail wave of
     long ones); with ``groups`` of rows on different experts there are already that many times more CTAs, so
     the K split only tops the grid up to one CTA per SM. Prefill: 64 W rows x 128 tokens x 256 K per step, 3
-    buffers.
+    buffers; bf16 weights (nothing to decode) take the classic 128 x 128 x 64 tile, 4 buffers. bf16 decode steps
+    over 256 K (32 KiB of weights a buffer) so that 5 buffers stay in flight.
     """
     if m > 64:
+        if fmt is Fmt.BF16:
+            return MatmulConfig(tn=128, tm=128, tk=64, stages=4)
         if fmt is Fmt.Q8_0:
             return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
         return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
     n_tiles = n_pad // 64 * groups
     tm = _round_up(max(m, 1), 8)
-    tk = 512 if n_tiles > 64 and k_pad % 512 == 0 and tm <= 16 else 256
+    tk = 512 if n_tiles > 64 and k_pad % 512 == 0 and tm <= 16 and fmt is not Fmt.BF16 else 256
     k_steps = k_pad // tk
     want = max(4 if groups == 1 else 1, -(-num_sms // n_tiles))  # a CTA for every SM
     splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
@@ -143,7 +147,7 @@ def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
         or n_pad % cfg.tn
         or cfg.tm % 8
         or not 8 <= cfg.tm <= 256
-        or cfg.tk % max(CHUNK, *mgpu_decode.scale_blocks(w.fmt))
+        or cfg.tk % max((CHUNK, *mgpu_decode.scale_blocks(w.fmt)))
         or k_pad % cfg.tk
         or k_pad % (cfg.tk * cfg.splits)
         or (cfg.tk * w.fmt.bits // 8) % 32
@@ -161,6 +165,7 @@ def _kernel_call(
     tn, tm, tk, splits = cfg.tn, cfg.tm, cfg.tk, cfg.splits
     tkb = tk * fmt.bits // 8
     qs_swizzle = next(sw for sw in (128, 64, 32) if tkb % sw == 0)  # bytes of codes per swizzled tile row
+    qs_item = 2 if fmt is Fmt.BF16 else 1  # bytes per element of the qs array
     k_steps = k_pad // tk // splits
     out_dtype = jnp.float32 if splits > 1 else jnp.bfloat16
     scale_rows = [tk // b for b in mgpu_decode.scale_blocks(fmt)]
@@ -178,10 +183,16 @@ def _kernel_call(
         def compute(acc_ref):
             def step(_, qs_smem, *smem):
                 *scale_smem, x_smem = smem
-                chunks = _decode(fmt, qs_smem, scale_smem, tn, tk, interpret)
+                if fmt is Fmt.BF16:  # the A operand straight from shared memory
+                    chunks = [qs_smem.at[:, pl.ds(j * CHUNK, CHUNK)] for j in range(tk // CHUNK)]
+                else:
+                    chunks = _decode(fmt, qs_smem, scale_smem, tn, tk, interpret)
                 for j, w_chunk in enumerate(chunks):
                     x_chunk = x_smem.at[:, pl.ds(j * CHUNK, CHUNK)].T
-                    wgmma_from_regs(acc_ref, w_chunk, x_chunk, interpret=interpret)
+                    if fmt is Fmt.BF16:
+                        plgpu.wgmma(acc_ref, w_chunk, x_chunk)
+                    else:
+                        wgmma_from_regs(acc_ref, w_chunk, x_chunk, interpret=interpret)
                     plgpu.wgmma_wait(1)
                 # The next step decodes into the registers of this step's operands (same loop body), and the
                 # pipeline refills this step's x slot: no wgmma may still be reading either.
@@ -189,9 +200,12 @@ def _kernel_call(
 
             in_specs = [
                 plgpu.BlockSpec(
-                    (tn, tkb),
+                    (tn, tkb // qs_item),
                     lambda k: (ni, k0 + k),
-                    transforms=(plgpu.TilingTransform((8, qs_swizzle)), plgpu.SwizzleTransform(qs_swizzle)),
+                    transforms=(
+                        plgpu.TilingTransform((8, qs_swizzle // qs_item)),
+                        plgpu.SwizzleTransform(qs_swizzle),
+                    ),
                 ),
                 *(plgpu.BlockSpec((rows, tn), lambda k: (k0 + k, ni)) for rows in scale_rows),
                 plgpu.BlockSpec(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imp_jax import bench, engine, sampling
+from imp_jax import bench, engine, ops, sampling
 from imp_jax.models import moe
 
 pytestmark = pytest.mark.gpu
@@ -75,6 +75,21 @@ def test_expert_kernels_match_reference_moe_layer(shape, quant, tokens):
     got = np.asarray(jax.jit(moe.moe_ffn, static_argnums=1)(layer0(fast), cfg.moe, x), np.float64)
     want = np.asarray(jax.jit(moe.moe_ffn, static_argnums=1)(layer0(ref), cfg.moe, x), np.float64)
     assert _rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_bf16_kernel_path_matches_xla_dot(n, monkeypatch):
+    """IMP_JAX_KERNELS=all runs the bf16 weights through the Pallas kernel too (the default leaves them on XLA's
+    dot where that is faster, ops.BF16_KERNEL)."""
+    params, cfg = _model("bf16", True)
+    ids = [int(i) for i in np.random.default_rng(n).integers(0, cfg.vocab_size, n)]
+    monkeypatch.setenv("IMP_JAX_KERNELS", "all")
+    assert ops.matmul_path(params.output) == ops.PALLAS
+    out, _ = engine.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
+    monkeypatch.setenv("IMP_JAX_KERNELS", "0")
+    jax.clear_caches()  # the dispatch is decided at trace time, and both runs have the same argument types
+    ref, _ = engine.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
+    assert _rel(np.asarray(out[0, :n], np.float64), np.asarray(ref[0, :n], np.float64)) < 3e-2
 
 
 def test_generate_with_kernels():

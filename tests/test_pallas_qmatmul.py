@@ -61,6 +61,27 @@ def test_repack_and_kernel_interpret(qtype, m):
     assert rel_err(y, reference(x, w)) < 1e-2
 
 
+@pytest.mark.parametrize(("n", "k", "m"), [(256, 512, 3), (128, 256, 130)])
+def test_bf16_kernel_interpret(n, k, m):
+    """A plain bf16 weight through the same kernel (BF16 format: the MMA reads it in place), decode and prefill."""
+    rng = np.random.default_rng(n + k + m)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+    pw = pallas.dense_weight(w)
+    assert pw.qs is w and pw.padded_shape == (n, k) and pw.fmt is pallas.Fmt.BF16
+    np.testing.assert_array_equal(np.asarray(pw.dequantize()), np.asarray(w, np.float32))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = pallas.quantized_matmul(x, pw, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert rel_err(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-2
+
+
+def test_bf16_view_refuses_off_grid_weights():
+    assert not pallas.can_view_dense(jnp.zeros((128, 2880), jnp.bfloat16))
+    assert not pallas.can_view_dense(jnp.zeros((128, 256), jnp.float32))
+    with pytest.raises(KernelError, match=r"\(100, 256\)"):
+        pallas.dense_weight(jnp.zeros((100, 256), jnp.bfloat16))
+
+
 def test_kernel_interpret_split_k():
     """Two K splits (f32 partials summed by XLA), two N tiles, 3-D x."""
     rng = np.random.default_rng(7)
@@ -151,3 +172,15 @@ def test_kernel_gpu(qtype, n, k, m):
     for _ in range(2):  # fresh inputs: a stale or unwritten output cannot match twice
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         assert rel_err(f(x, pw), reference(x, w)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (1024, 4096), (2944, 2816)])
+@pytest.mark.parametrize("m", [1, 3, 17, 300])
+def test_bf16_kernel_gpu(n, k, m):
+    rng = np.random.default_rng(n + k + m)
+    w = jnp.asarray(rng.standard_normal((n, k)) / 50, jnp.bfloat16)
+    f = jax.jit(lambda x, w: pallas.quantized_matmul(x, pallas.dense_weight(w)))
+    for _ in range(2):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        assert rel_err(f(x, w), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-2

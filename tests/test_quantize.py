@@ -38,11 +38,23 @@ def test_bad_type_and_overwrite_are_refused(real_model, tmp_path):
         quantize_file(src, src.path, "q8_0")
 
 
-# Teacher-forced top-1 agreement with the original smollm2 file (Q4_1 + Q8_0) over 200 tokens, f32 compute,
-# measured 2026-11-25: re-quantized to Q8_0 0.974, Q4_0 0.846, MXFP4 0.812 (scale chosen per block by least
-# squares; gguf-py's rule 0.80). The target of 0.90 is not reached by round-to-nearest MXFP4 from an
-# already 4-bit source on a 135M model; this test guards the measured level.
-MXFP4_MIN_AGREEMENT = 0.78
+def test_four_bit_targets_keep_the_sensitive_matrices_8bit_unless_pure(real_model, tmp_path):
+    src = open_gguf(real_model("smollm2-135m"))
+    mixed = open_gguf(quantize_file(src, tmp_path / "mix.gguf", "mxfp4"))
+    pure = open_gguf(quantize_file(src, tmp_path / "pure.gguf", "mxfp4", pure=True))
+    for name in ("blk.0.attn_v.weight", "blk.29.ffn_down.weight", "token_embd.weight"):
+        assert mixed.tensors[name].qtype_name == "Q8_0", name
+    for name in ("blk.0.attn_q.weight", "blk.29.ffn_up.weight"):
+        assert mixed.tensors[name].qtype_name == "MXFP4", name
+    assert pure.tensors["blk.0.attn_v.weight"].qtype_name == "MXFP4"
+    assert pure.tensors["token_embd.weight"].qtype_name == "Q8_0"
+
+
+# Teacher-forced top-1 agreement with the original smollm2 file (Q4_1 + Q8_0) over the 117 tokens of TEXT * 3,
+# f32 compute, measured 2026-12-02: re-quantized to Q8_0 0.974, Q4_0 0.846, pure MXFP4 0.812 (scale chosen per
+# block by least squares; gguf-py's rule 0.80), MXFP4 with ffn_down at Q8_0 0.855, MXFP4 with attn_v and ffn_down
+# at Q8_0 (the default mix, 40.5 MB of MXFP4 beside 61.8 MB of Q8_0 of which 30.1 MB is the embedding) 0.906.
+MXFP4_MIN_AGREEMENT = 0.90
 
 
 @pytest.mark.slow

@@ -128,13 +128,13 @@ def grouped_tiles(n_rows: int, n_experts: int, matrix_bytes: int) -> tuple[int, 
 
 
 def _dense(w: Weight, dtype) -> jax.Array:
-    return w.astype(dtype) if ops.matmul_path(w) == ops.DENSE else w.dequantize(dtype)
+    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
 
 
 def _stack_shape(w: Weight) -> tuple[int, ...]:
     if isinstance(w, QTensor):
         return w.full_shape
-    return (*w.stack_shape, *w.shape) if ops.matmul_path(w) == ops.PALLAS else tuple(w.shape)
+    return (*w.stack_shape, *w.shape) if hasattr(w, "fmt") else tuple(w.shape)
 
 
 def expert_matmul(

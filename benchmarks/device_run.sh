@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One device call (device tool, Hopper GPU) that checks and measures everything the GPU issues ask for, inside a
+# deadline, and packs what it wrote into $OUT/results.tgz (the tool brings back at most 8 files).
+#
+#   track P (not timed, two background jobs): the gpu-marked tests, and benchmarks/memory.py (planned vs measured
+#           peak, one process per configuration; its allocator may use 95% of the card);
+#   track T (timed, one after the other): benchmarks/e2e.py per model shape, the decode profile, the bf16 kernel
+#           rows of benchmarks/kernels.py, the XLA-path baselines.
+#
+# The two tracks share the GPU: P is mostly compilation (CPU), and the timed runs take the best of several reps.
+# Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS]
+set -u
+BUDGET=${1:-560}
+START=$(date +%s)
+OUT=${OUT:-/tmp/out}
+R=/tmp/run
+mkdir -p "$R" "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+step() {  # step NAME MAX_SECONDS CMD...: run CMD with a timeout inside the deadline, log to $R/NAME.log
+    local name=$1 max=$2
+    shift 2
+    local t=$(($(left) - 15))
+    ((t > max)) && t=$max
+    if ((t < 20)); then echo "SKIP $name (deadline)" | tee -a "$R/steps.txt"; return; fi
+    local t0=$(date +%s)
+    timeout "$t" "$@" >"$R/$name.log" 2>&1
+    echo "$name rc=$? ${t}s-limit $(($(date +%s) - t0))s" | tee -a "$R/steps.txt"
+}
+pack() { tar -C "$R" -czf "$OUT/results.tgz" --exclude trace . 2>/dev/null; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$R/gpu.txt" 2>&1
+date -u +%FT%TZ >>"$R/gpu.txt"
+
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_pallas_qmatmul.py tests/test_pallas_attention.py tests/test_gpu_e2e.py &
+XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benchmarks/memory.py --timeout 170 \
+    --configs llama-70b/bf16,qwen3-8b/mxfp4,qwen3.5-27b/mxfp4-packed,qwen3.5-27b/mxfp4-bf16-fallback,qwen3-8b/q8_0 \
+    --json "$R/memory.json" &
+
+step e2e_gptoss 110 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
+    --out "$R/e2e_gptoss.json"
+step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
+    --torch --out "$R/e2e_8b.json"
+step profile 80 python3 benchmarks/profile_decode.py --shape qwen3-8b --quant mxfp4 --steps 32 \
+    --trace-dir "$R/trace" --json "$R/profile.json"
+pack
+step e2e_shapes 170 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,qwen3.5-27b --quants mxfp4 \
+    --pp 512 --batches 1,8 --out "$R/e2e_shapes.json"
+step kernels_bf16 70 python3 benchmarks/kernels.py --only bf16 --m 1,16,512 --out "$R"
+pack
+step e2e_xla 120 python3 benchmarks/e2e.py --shapes qwen3-8b,gpt-oss-20b --quants mxfp4 --pp 512 --batches 1 \
+    --paths xla --out "$R/e2e_xla.json"
+
+while [ -n "$(jobs -pr)" ] && (($(left) > 10)); do sleep 2; done
+pkill -f "pytest -q -m gpu" 2>/dev/null
+pkill -f benchmarks/memory.py 2>/dev/null
+pack
+tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
+echo "=== steps"; cat "$R/steps.txt"
+echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
+echo "=== memory"; tail -9 "$R/memory.log"
+echo "=== e2e"; grep -h "^| imp-jax\|^| torch" "$R"/e2e_*.log
+echo "=== profile"; head -30 "$R/profile.log"
+echo "=== bf16 kernel"; grep -h "^| bf16" "$R/kernels_bf16.log"

@@ -374,7 +374,9 @@ def abstract_leaf(spec: TensorSpec):
     abstractly): no bytes are read, nothing touches the device."""
     if spec.dtype is None:
         stored = abstract_stored(spec)
-        return stored if spec.gathered else jax.eval_shape(ops.prepare_weight, stored)
+        # A fresh function each time: eval_shape caches traces by function, and the repacking depends on the
+        # kernel mode of the moment (IMP_JAX_KERNELS), which the cache key would not see.
+        return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w), stored)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 

@@ -129,8 +129,11 @@ def quantized_matmul(
     m_pad = _round_up(m, cfg.tm)
     if w.stack_shape or interpret:  # whole tiles per group (and the interpreter slices like jnp)
         xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, m_pad - m), (0, k_pad - k)))
-    else:  # TMA zero-fills the last tile's rows past m (out-of-bounds reads): no separate pad kernel for M
-        xp = jnp.pad(x3.astype(jnp.bfloat16), ((0, 0), (0, 0), (0, k_pad - k))) if k_pad != k else x3
+    else:  # TMA zero-fills the last tile's rows past m (out-of-bounds reads), but its (8, 64) tiling of x needs
+        # M below 8 or a multiple of it: only M > 8 off that grid pads (to 8 rows, not to the tile)
+        m_tma = m if m < 8 else _round_up(m, 8)
+        pad = ((0, 0), (0, m_tma - m), (0, k_pad - k))
+        xp = jnp.pad(x3.astype(jnp.bfloat16), pad) if (m_tma, k_pad) != (m, k) else x3
     xp = xp.reshape(-1, k_pad).astype(jnp.bfloat16)
     call = _kernel_call(w.fmt, n_pad, k_pad, groups * m_pad, cfg, interpret, m_pad // cfg.tm if w.stack_shape else 0)
     ids = () if expert_ids is None else (expert_ids.astype(jnp.int32),)

@@ -8,9 +8,13 @@
 #           rows of benchmarks/kernels.py, the XLA-path baselines.
 #
 # The two tracks share the GPU: P is mostly compilation (CPU), and the timed runs take the best of several reps.
-# Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS]
+# Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS] [PARTS]
+# PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla. Seen on an H200 beside the
+# background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8); qwen3-8b two quants + torch
+# over 190 s; the kernel GPU tests ~150 s alone, all gpu-marked tests over 300 s.
 set -u
 BUDGET=${1:-560}
+PARTS=",${2:-tests,memory,gptoss,8b,profile,shapes,bf16,xla},"
 START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 R=/tmp/run
@@ -19,6 +23,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
+want() { [[ $PARTS == *",$1,"* ]]; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 step() {  # step NAME MAX_SECONDS CMD...: run CMD with a timeout inside the deadline, log to $R/NAME.log
     local name=$1 max=$2
@@ -35,24 +40,24 @@ pack() { tar -C "$R" -czf "$OUT/results.tgz" --exclude trace . 2>/dev/null; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$R/gpu.txt" 2>&1
 date -u +%FT%TZ >>"$R/gpu.txt"
 
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+want tests && XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_pallas_qmatmul.py tests/test_pallas_attention.py tests/test_gpu_e2e.py &
-XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benchmarks/memory.py --timeout 170 \
+want memory && XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benchmarks/memory.py --timeout 170 \
     --configs llama-70b/bf16,qwen3-8b/mxfp4,qwen3.5-27b/mxfp4-packed,qwen3.5-27b/mxfp4-bf16-fallback,qwen3-8b/q8_0 \
     --json "$R/memory.json" &
 
-step e2e_gptoss 110 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
+want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
-step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
+want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
     --torch --out "$R/e2e_8b.json"
-step profile 80 python3 benchmarks/profile_decode.py --shape qwen3-8b --quant mxfp4 --steps 32 \
+want profile && step profile 80 python3 benchmarks/profile_decode.py --shape qwen3-8b --quant mxfp4 --steps 32 \
     --trace-dir "$R/trace" --json "$R/profile.json"
 pack
-step e2e_shapes 170 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,qwen3.5-27b --quants mxfp4 \
+want shapes && step e2e_shapes 170 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,qwen3.5-27b --quants mxfp4 \
     --pp 512 --batches 1,8 --out "$R/e2e_shapes.json"
-step kernels_bf16 70 python3 benchmarks/kernels.py --only bf16 --m 1,16,512 --out "$R"
+want bf16 && step kernels_bf16 70 python3 benchmarks/kernels.py --only bf16 --m 1,16,512 --out "$R"
 pack
-step e2e_xla 120 python3 benchmarks/e2e.py --shapes qwen3-8b,gpt-oss-20b --quants mxfp4 --pp 512 --batches 1 \
+want xla && step e2e_xla 120 python3 benchmarks/e2e.py --shapes qwen3-8b,gpt-oss-20b --quants mxfp4 --pp 512 --batches 1 \
     --paths xla --out "$R/e2e_xla.json"
 
 while [ -n "$(jobs -pr)" ] && (($(left) > 10)); do sleep 2; done

@@ -197,3 +197,18 @@ def test_plan_command_prints_table_and_refusal(tinycoder, capsys):
     assert "memory plan: tinycoder-tiny.gguf" in out and "does NOT fit" in out and "Try" in out
     with pytest.raises(ImpError, match="--context"):
         cmd_plan(parser.parse_args(["plan", "--model", str(path), "--context", "lots"]))
+
+
+def test_bf16_matrices_name_the_kernel_when_it_runs_them(monkeypatch):
+    """The plan's weight lines say which bf16 matrices the Pallas kernel reads in place (IMP_JAX_KERNELS=all on a
+    Hopper GPU) and which stay on XLA's dot (the embedding, read by row; norms)."""
+    from imp_jax import memory, ops
+    from imp_jax.params import abstract_leaf
+
+    _, specs = synthetic_specs("tiny", "bf16")
+    leaves = memory._leaves(specs)
+    for mode, expect in (("auto", set()), ("all", {("BF16", "kernel:pallas", "bfloat16")})):
+        monkeypatch.setattr(ops, "kernel_mode", lambda mode=mode: mode)
+        lines = memory._weight_lines({s: abstract_leaf(s) for s in leaves})
+        assert {(w.qtype, w.path, w.stored) for w in lines if w.path.startswith("kernel:")} == expect
+        assert any(w.path == "dense" and w.qtype == "BF16" for w in lines)  # the embedding table

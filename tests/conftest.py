@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import jax
@@ -18,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """XLA:CPU maps each compiled program's code and data as separate memory mappings, released only when the
+    program is freed, and the jit caches keep every program the suite compiles: past ~400 tests the process nears
+    the kernel's limit of 65530 mappings (vm.max_map_count), the next compile fails, and jaxlib 0.11.2 crashes
+    (SIGSEGV) unwinding that error. Dropping the caches after each module keeps one module's programs alive."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

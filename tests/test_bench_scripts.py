@@ -128,7 +128,6 @@ def test_profile_decode_cpu_end_to_end(tmp_path, capsys):
 
 
 def test_plot_decode(tmp_path):
-    pytest.importorskip("matplotlib")
     plot = load_script("plot_decode")
     roof = dict(test="tg128", batch=1, gb_per_token=4.3, roofline=680.0)
     rows = [

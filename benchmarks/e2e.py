@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true", help="also transformers bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    paths = args.paths.split(",")
+    if not set(paths) <= {"pallas", "xla"}:
+        ap.error(f"--paths takes pallas and/or xla, not {args.paths}")
     pp = [int(x) for x in args.pp.split(",") if x]
     batches = [int(x) for x in args.batches.split(",")]
     bw = copy_bandwidth()
@@ -135,7 +138,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for quant in args.quants.split(","):
-            for kernels in [p == "pallas" for p in args.paths.split(",")]:
+            for kernels in [p == "pallas" for p in paths]:
                 new = imp_rows(shape, quant, kernels, pp, args.tg, batches, bw)
                 rows += new
                 for r in new:

@@ -36,8 +36,8 @@ BF16_KERNEL = False
 
 
 def kernel_mode() -> str:
-    """ "off" (IMP_JAX_KERNELS=0, or not a Hopper GPU: compute capability 9.x), "all" (IMP_JAX_KERNELS=all) or
-    "auto" (the default: every kernel that beats the XLA path)."""
+    """Which kernels run: "off" (IMP_JAX_KERNELS=0, or not a Hopper GPU: compute capability 9.x), "all"
+    (IMP_JAX_KERNELS=all) or "auto" (the default: every kernel that beats the XLA path)."""
     env = os.environ.get("IMP_JAX_KERNELS", "1")
     dev = jax.devices()[0]
     if env == "0" or not (dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")):
@@ -87,14 +87,13 @@ def matmul_path(w) -> str:
     """The implementation ``matmul`` uses for this leaf (or abstract leaf) of one layer."""
     if isinstance(w, QTensor):
         return REFERENCE
-    if hasattr(w, "fmt"):
-        return PALLAS
-    return PALLAS if _bf16_kernel(w) else DENSE
+    return PALLAS if hasattr(w, "fmt") or _bf16_kernel(w) else DENSE
 
 
 def _bf16_kernel(w) -> bool:
+    """A dense bf16 matrix runs the kernel under IMP_JAX_KERNELS=all, or by default where BF16_KERNEL says so."""
     mode = kernel_mode()
-    if mode == "off" or not (mode == "all" or BF16_KERNEL):
+    if not (mode == "all" or (mode == "auto" and BF16_KERNEL)):
         return False
     import pallas
 

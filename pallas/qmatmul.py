@@ -15,6 +15,7 @@ The kernel writes ``y^T`` (``[N, M]``); the wrapper transposes, sums the splits 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -188,14 +189,12 @@ def _kernel_call(
                 *scale_smem, x_smem = smem
                 if fmt is Fmt.BF16:  # the A operand straight from shared memory
                     chunks = [qs_smem.at[:, pl.ds(j * CHUNK, CHUNK)] for j in range(tk // CHUNK)]
-                else:
+                    mma = plgpu.wgmma
+                else:  # decoded into registers
                     chunks = _decode(fmt, qs_smem, scale_smem, tn, tk, interpret)
+                    mma = functools.partial(wgmma_from_regs, interpret=interpret)
                 for j, w_chunk in enumerate(chunks):
-                    x_chunk = x_smem.at[:, pl.ds(j * CHUNK, CHUNK)].T
-                    if fmt is Fmt.BF16:
-                        plgpu.wgmma(acc_ref, w_chunk, x_chunk)
-                    else:
-                        wgmma_from_regs(acc_ref, w_chunk, x_chunk, interpret=interpret)
+                    mma(acc_ref, w_chunk, x_smem.at[:, pl.ds(j * CHUNK, CHUNK)].T)
                     plgpu.wgmma_wait(1)
                 # The next step decodes into the registers of this step's operands (same loop body), and the
                 # pipeline refills this step's x slot: no wgmma may still be reading either.

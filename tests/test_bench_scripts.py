@@ -142,9 +142,11 @@ def test_plot_decode(tmp_path):
     bws, kept = plot.load([str(src)])
     assert bws == [2930.0] and len(kept) == 3
     assert list(plot.groups(kept)) == [("qwen3-8b", "mxfp4"), ("qwen3-8b", "bf16")]
+    mixed = [dict(kept[0], shape="a"), dict(kept[1], shape="b"), dict(kept[0], shape="b")]  # pallas seen first
+    assert [r["engine"] for r in plot.groups(mixed)["b", "mxfp4"]] == ["imp-jax pallas", "imp-jax xla"]
     png = tmp_path / "roof.png"
     plot.main([str(src), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
 
-    assert imread(png).shape[:2] == (500, 1000)
+    assert imread(png).shape[:2] == (500, 1200)

@@ -5,16 +5,19 @@
 #   track P (not timed, two background jobs): the gpu-marked tests, and benchmarks/memory.py (planned vs measured
 #           peak, one process per configuration; its allocator may use 95% of the card);
 #   track T (timed, one after the other): benchmarks/e2e.py per model shape, the decode profile, the bf16 kernel
-#           rows of benchmarks/kernels.py, the XLA-path baselines.
+#           rows of benchmarks/kernels.py, the XLA-path baselines, the transformers baselines of the other shapes.
 #
 # The two tracks share the GPU: P is mostly compilation (CPU), and the timed runs take the best of several reps.
 # Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS] [PARTS]
-# PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla. Seen on an H200 beside the
-# background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8); qwen3-8b two quants + torch
-# over 190 s; the kernel GPU tests ~150 s alone, all gpu-marked tests over 300 s.
+# PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch.
+# Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
+# qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
+# tests ~600 s (more than one call: split them by file); qwen3-8b MXFP4 pallas + xla + torch 165 s, Q8_0 pallas +
+# xla 116 s; qwen3-30b-a3b + qwen3.5-27b pallas 288 s; their XLA paths with gpt-oss-20b and qwen3.5-9b 190 s. The
+# torch part (transformers on the non-dense shapes) has not run on a GPU yet.
 set -u
 BUDGET=${1:-560}
-PARTS=",${2:-tests,memory,gptoss,8b,profile,shapes,bf16,xla},"
+PARTS=",${2:-tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch},"
 START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 R=/tmp/run
@@ -59,6 +62,8 @@ want bf16 && step kernels_bf16 70 python3 benchmarks/kernels.py --only bf16 --m 
 pack
 want xla && step e2e_xla 120 python3 benchmarks/e2e.py --shapes qwen3-8b,gpt-oss-20b --quants mxfp4 --pp 512 --batches 1 \
     --paths xla --out "$R/e2e_xla.json"
+want torch && step e2e_torch 300 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,gpt-oss-20b,qwen3.5-27b \
+    --paths none --torch --pp 512 --batches 1,8 --out "$R/e2e_torch.json"
 
 while [ -n "$(jobs -pr)" ] && (($(left) > 10)); do sleep 2; done
 pkill -f "pytest -q -m gpu" 2>/dev/null

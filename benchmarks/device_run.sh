@@ -13,8 +13,8 @@
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
 # qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
 # tests ~600 s (more than one call: split them by file); qwen3-8b MXFP4 pallas + xla + torch 165 s, Q8_0 pallas +
-# xla 116 s; qwen3-30b-a3b + qwen3.5-27b pallas 288 s; their XLA paths with gpt-oss-20b and qwen3.5-9b 190 s. The
-# torch part (transformers on the non-dense shapes) has not run on a GPU yet.
+# xla 116 s; qwen3-30b-a3b + qwen3.5-27b pallas 288 s; their XLA paths with gpt-oss-20b and qwen3.5-9b 190 s; the
+# torch part (transformers on the four non-dense shapes) 320 s.
 set -u
 BUDGET=${1:-560}
 PARTS=",${2:-tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch},"
@@ -62,7 +62,7 @@ want bf16 && step kernels_bf16 70 python3 benchmarks/kernels.py --only bf16 --m 
 pack
 want xla && step e2e_xla 120 python3 benchmarks/e2e.py --shapes qwen3-8b,gpt-oss-20b --quants mxfp4 --pp 512 --batches 1 \
     --paths xla --out "$R/e2e_xla.json"
-want torch && step e2e_torch 300 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,gpt-oss-20b,qwen3.5-27b \
+want torch && step e2e_torch 500 python3 benchmarks/e2e.py --shapes qwen3.5-9b,qwen3-30b-a3b,gpt-oss-20b,qwen3.5-27b \
     --paths none --torch --pp 512 --batches 1,8 --out "$R/e2e_torch.json"
 
 while [ -n "$(jobs -pr)" ] && (($(left) > 10)); do sleep 2; done

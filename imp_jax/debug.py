@@ -80,11 +80,16 @@ class Weight:
 
     @property
     def op(self) -> str:
-        m = _BLOCK.match(self.names[0])
-        return m.group(2) if m else self.names[0].removesuffix(".weight")
+        """The tensor kind ("attn_q"), or the fused kinds joined by '+' ("attn_q+attn_k+attn_v")."""
+        return "+".join(_op(name) for name in self.names[0].split("+"))
 
     def __str__(self) -> str:
         return f"{self.op} ({self.fmt})"
+
+
+def _op(name: str) -> str:
+    m = _BLOCK.match(name)
+    return m.group(2) if m else name.removesuffix(".weight")
 
 
 def check_prefill(
@@ -116,7 +121,7 @@ def weight_tags(params, specs=None) -> list[Weight]:
         raise ImpError(f"the spec tree has {len(spec_leaves)} leaves, the params {len(flat)}")
     tags: list[Weight] = []
     for (path, leaf), spec in zip(flat, spec_leaves, strict=True):
-        names = spec.names if spec is not None else (jax.tree_util.keystr(path).lstrip("."),)
+        names = spec.labels if spec is not None else (jax.tree_util.keystr(path).lstrip("."),)
         fmt = _packed_format(leaf)
         if fmt is not None:
             tags += [Weight(names, f"{fmt} {list(leaf.shape)}")] * len(jax.tree.leaves(leaf))

@@ -421,7 +421,13 @@ def _leaves(specs) -> list[TensorSpec]:
 
 
 def _unstacked(spec: TensorSpec) -> TensorSpec:
-    return dataclasses.replace(spec, names=spec.names[:1], stacked=False, scale_names=spec.scale_names[:1])
+    return dataclasses.replace(
+        spec,
+        names=spec.names[:1],
+        fused=tuple(names[:1] for names in spec.fused),
+        stacked=False,
+        scale_names=spec.scale_names[:1],
+    )
 
 
 def _without_kernel(spec: TensorSpec) -> bool:
@@ -443,7 +449,7 @@ def _weight_lines(abstract: dict) -> tuple[WeightLine, ...]:
             mp = ops.matmul_path(abstract_leaf(_unstacked(spec))) if matrix else ops.DENSE
             key = ("dense" if mp == ops.DENSE else f"kernel:{mp}", spec.dtype)
         entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key), [0, 0])
-        entry[0] += len(spec.names)
+        entry[0] += len(spec.names) * len(spec.parts)
         entry[1] += _nbytes(leaf)
     lines = [WeightLine(q, p, s, n, b) for (q, p, s), (n, b) in groups.items()]
     return tuple(sorted(lines, key=lambda w: -w.nbytes))

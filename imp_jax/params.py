@@ -98,6 +98,15 @@ _REQUIRED = {
 # Float tensors that feed f32 arithmetic and stay f32 whatever the compute dtype (biases too, even the [E, F]
 # expert biases).
 _KEEP_F32 = {_M.FFN_GATE_INP, _M.FFN_GATE_INP_SHEXP, _M.SSM_CONV1D}
+# Matrices that read the same input, loaded as one where they are stored alike (field -> its parts, in order):
+# one matmul launch instead of two or three, and small matrices (k/v, the GDN gates) no longer run alone. Measured in
+# docs/BENCHMARKS.md (decode is launch-bound beside the weight reads).
+_FUSED = {
+    "wqkv": ("wq", "wk", "wv"),
+    "w_gate_up": ("w_gate", "w_up"),
+    "w_qkvz": ("w_qkv", "w_z"),
+    "w_alpha_beta": ("w_alpha", "w_beta"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +120,18 @@ class TensorSpec:
     stacked: bool
     scale_names: tuple[str, ...] = ()  # NVFP4 per-tensor scales
     gathered: bool = False  # read by row (the embedding table), so never repacked for a matmul kernel
+    fused: tuple[tuple[str, ...], ...] = ()  # tensors concatenated after ``names`` along N, each its names per unit
+    rows: tuple[int, ...] = ()  # with ``fused``: N of every part, this spec's own first (``shape`` has their sum)
+
+    @property
+    def parts(self) -> tuple[tuple[str, ...], ...]:
+        """Per part (one unless fused), the GGUF tensor names per unit."""
+        return (self.names, *self.fused)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Per unit, the tensor's name (fused parts' names joined by '+'), for messages."""
+        return tuple("+".join(unit) for unit in zip(*self.parts, strict=True))
 
     @property
     def stack(self) -> tuple[int, ...]:
@@ -241,7 +262,24 @@ def _stack(mf: ModelFile, trees: list, cls, compute_dtype: str):
             fields[field] = _stack(mf, [t[field] for t in trees], sub, compute_dtype)
         else:
             fields[field] = _spec(mf, [t[field] for t in trees], compute_dtype, stacked=True)
-    return cls(**fields)
+    return cls(**_fuse(fields))
+
+
+def _fuse(fields: dict) -> dict:
+    """Fields with each ``_FUSED`` group whose matrices share qtype, storage and K replaced by one spec."""
+    for name, group in _FUSED.items():
+        specs = [fields.get(field) for field in group]
+        if not all(isinstance(s, TensorSpec) and len(s.shape) == 2 and not s.scale_names for s in specs):
+            continue
+        first = specs[0]
+        if any((s.qtype, s.dtype, s.shape[1]) != (first.qtype, first.dtype, first.shape[1]) for s in specs):
+            continue
+        rows = tuple(s.shape[0] for s in specs)
+        fields = {k: v for k, v in fields.items() if k not in group}
+        fields[name] = dataclasses.replace(
+            first, shape=(sum(rows), first.shape[1]), fused=tuple(s.names for s in specs[1:]), rows=rows
+        )
+    return fields
 
 
 def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
@@ -320,14 +358,23 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
 
 
 def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
-    def one(name: str) -> np.ndarray:
+    """The leaf's bytes on the host: stacked over units, fused parts concatenated along N (on the host, so the
+    device never holds the parts beside their concatenation)."""
+
+    def one(name: str, shape: tuple[int, ...]) -> np.ndarray:
         raw = np.asarray(mf.raw(name))
         if spec.dtype is None:
-            return raw.reshape(*spec.shape[:-1], row_bytes(spec.qtype, spec.shape[-1]))
-        return raw.view(_FLOAT_NP[GGMLQuantizationType(spec.qtype)]).reshape(spec.shape)
+            return raw.reshape(*shape[:-1], row_bytes(spec.qtype, shape[-1]))
+        return raw.view(_FLOAT_NP[GGMLQuantizationType(spec.qtype)]).reshape(shape)
 
-    parts = [one(n) for n in spec.names]
-    return np.stack(parts) if spec.stacked else parts[0]
+    def part(names: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+        arrays = [one(n, shape) for n in names]
+        return np.stack(arrays) if spec.stacked else arrays[0]
+
+    if not spec.fused:
+        return part(spec.names, spec.shape)
+    shapes = [(r, *spec.shape[1:]) for r in spec.rows]
+    return np.concatenate([part(n, s) for n, s in zip(spec.parts, shapes, strict=True)], axis=-2)
 
 
 def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:

@@ -139,11 +139,15 @@ def test_plot_decode(tmp_path):
     ]
     src = tmp_path / "e2e.json"
     src.write_text(json.dumps(dict(copy_gb_s=2930.0, rows=rows)))
-    bws, kept = plot.load([str(src)])
-    assert bws == [2930.0] and len(kept) == 3
-    assert list(plot.groups(kept)) == [("qwen3-8b", "mxfp4"), ("qwen3-8b", "bf16")]
+    rerun = tmp_path / "rerun.json"
+    rerun.write_text(json.dumps(dict(copy_gb_s=2950.0, rows=[dict(rows[0], tok_s=170.0, pct=25.0)])))
+    bws, kept = plot.load([str(src), str(rerun)])
+    assert bws == [2930.0, 2950.0] and len(kept) == 4
+    assert [r["series"] for r in plot.groups(kept)["qwen3-8b"]] == [
+        "imp-jax pallas MXFP4", "imp-jax xla MXFP4", "torch bf16", "imp-jax pallas MXFP4 [rerun]",
+    ]  # fmt: skip
     mixed = [dict(kept[0], shape="a"), dict(kept[1], shape="b"), dict(kept[0], shape="b")]  # pallas seen first
-    assert [r["engine"] for r in plot.groups(mixed)["b", "mxfp4"]] == ["imp-jax pallas", "imp-jax xla"]
+    assert [r["series"] for r in plot.groups(mixed)["b"]] == ["imp-jax pallas MXFP4", "imp-jax xla MXFP4"]
     png = tmp_path / "roof.png"
     plot.main([str(src), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,7 +35,8 @@ def test_clean_model_passes(tiny):
 def test_corrupt_block_scale_is_named_with_layer_op_and_format(tiny):
     config, specs, params = tiny
     w = params.segments[0][0].w_down
-    poisoned = dataclasses.replace(w, data=w.data.at[1, 3, 0:2].set(jnp.asarray(F16_INF, jnp.uint8)))
+    block = jnp.asarray([*F16_INF, *[1] * 32], jnp.uint8)  # scale +inf, every quant 1 (not 0: inf * 0 is NaN)
+    poisoned = dataclasses.replace(w, data=w.data.at[1, 3, 0:34].set(block))
     with pytest.raises(NonFiniteError) as e:
         check_prefill(_with_ffn_down(params, poisoned), config, TOKENS, specs=specs)
     err = e.value

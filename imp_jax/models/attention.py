@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from imp_jax import ops
 from imp_jax.config import ModelConfig
-from imp_jax.models.layers import apply_rope, rms_norm
+from imp_jax.models.layers import apply_rope, projections, rms_norm
 
 Weight = ops.Weight
 
@@ -22,10 +22,14 @@ Weight = ops.Weight
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    wq: Weight
-    wk: Weight
-    wv: Weight
+    """``wqkv`` is q, k and v concatenated along N where the loader could fuse them (stored alike): one matmul
+    launch instead of three, the small k/v matrices riding on q's; otherwise wq, wk and wv hold them."""
+
     wo: Weight
+    wq: Weight | None = None
+    wk: Weight | None = None
+    wv: Weight | None = None
+    wqkv: Weight | None = None
     bq: jax.Array | None = None
     bk: jax.Array | None = None
     bv: jax.Array | None = None
@@ -65,14 +69,16 @@ def attention_mixer(
     """
     b, t, _ = x.shape
     hd = cfg.head_dim
-    q = _add(ops.matmul(x, p.wq), p.bq)
+    q_out, kv_out = cfg.n_head * hd * (2 if cfg.attn_gate else 1), cfg.n_head_kv * hd
+    q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out))
+    q, k, v = _add(q, p.bq), _add(k, p.bk), _add(v, p.bv)
     gate = None
     if cfg.attn_gate:
         q = q.reshape(b, t, cfg.n_head, 2 * hd)
         q, gate = q[..., :hd], q[..., hd:]
     q = q.reshape(b, t, cfg.n_head, hd)
-    k = _add(ops.matmul(x, p.wk), p.bk).reshape(b, t, cfg.n_head_kv, hd)
-    v = _add(ops.matmul(x, p.wv), p.bv).reshape(b, t, cfg.n_head_kv, hd)
+    k = k.reshape(b, t, cfg.n_head_kv, hd)
+    v = v.reshape(b, t, cfg.n_head_kv, hd)
     if p.q_norm is not None:
         q = head_norm(q, p.q_norm, cfg.rms_eps)
     if p.k_norm is not None:

@@ -40,6 +40,7 @@ class Layer:
     ffn_norm: jax.Array
     w_gate: Weight | None = None
     w_up: Weight | None = None
+    w_gate_up: Weight | None = None  # gate and up fused (stored alike), see params._fuse
     w_down: Weight | None = None
     moe: MoE | None = None
     post_mixer_norm: jax.Array | None = None
@@ -59,7 +60,7 @@ class Decoder:
 def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     if p.moe is not None:
         return moe_ffn(p.moe, cfg.moe, h)
-    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation)
+    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up)
 
 
 def _unit_body(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from imp_jax import ops
 from imp_jax.config import GDNConfig, ModelConfig
 from imp_jax.models import gdn
+from imp_jax.models.layers import projections
 
 Weight = ops.Weight
 
@@ -33,6 +34,8 @@ class Recurrent:
     w_beta: Weight | None = None  # ssm_beta [Hv, D]
     w_ba: Weight | None = None  # ssm_ba [2Hv, D], per key group [b (rf) | a (rf)]
     w_in: Weight | None = None  # legacy ssm_in [2Hk*dk + 2Hv*dv, D], per key group [q | k | v | z]
+    w_qkvz: Weight | None = None  # w_qkv and w_z fused where stored alike (params._fuse): [C + Hv*dv, D]
+    w_alpha_beta: Weight | None = None  # w_alpha and w_beta fused likewise: [2Hv, D]
 
 
 def _projections(p: Recurrent, g: GDNConfig, x: jax.Array):
@@ -47,14 +50,13 @@ def _projections(p: Recurrent, g: GDNConfig, x: jax.Array):
         mixed = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], axis=-1)
         z = z.reshape(b, t, hv, dv)
     else:
-        mixed = ops.matmul(x, p.w_qkv)
-        z = ops.matmul(x, p.w_z).reshape(b, t, hv, dv)
+        mixed, z = projections(x, p.w_qkvz, (p.w_qkv, p.w_z), (g.conv_channels, hv * dv))
+        z = z.reshape(b, t, hv, dv)
     if p.w_ba is not None:
         ba = ops.matmul(x, p.w_ba, jnp.float32).reshape(b, t, hk, 2 * rf)
         beta_in, alpha_in = ba[..., :rf].reshape(b, t, hv), ba[..., rf:].reshape(b, t, hv)
     else:
-        alpha_in = ops.matmul(x, p.w_alpha, jnp.float32)
-        beta_in = ops.matmul(x, p.w_beta, jnp.float32)
+        alpha_in, beta_in = projections(x, p.w_alpha_beta, (p.w_alpha, p.w_beta), (hv, hv), jnp.float32)
     return mixed, z, alpha_in, beta_in
 
 

@@ -1,0 +1,91 @@
+"""q/k/v and gate/up stored alike load as one matrix each (one matmul launch instead of three and two); stored
+differently they stay apart, and both layouts compute the same logits."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from imp_jax import engine
+from imp_jax.config import config_from_gguf
+from imp_jax.debug import weight_tags
+from imp_jax.gguf import open_gguf
+from imp_jax.gguf.qtensor import QTensor
+from imp_jax.params import param_specs
+from imp_jax.quantize import quantize_file
+from imp_jax.synthetic import synthetic_params, synthetic_specs
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _layer_specs(path):
+    mf = open_gguf(path)
+    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
+    return cfg, param_specs(mf, cfg, "float32").segments[0][0]
+
+
+def test_alike_matrices_are_fused_in_order():
+    cfg, layer = _layer_specs(FIXTURES / "qwen2" / "model-f32.gguf")
+    qkv, kv = layer.mixer.wqkv, cfg.n_head_kv * cfg.head_dim
+    assert layer.mixer.wq is layer.mixer.wk is layer.mixer.wv is None
+    assert qkv.rows == (cfg.n_head * cfg.head_dim, kv, kv) and qkv.shape == (sum(qkv.rows), cfg.n_embd)
+    assert qkv.labels[1] == "blk.1.attn_q.weight+blk.1.attn_k.weight+blk.1.attn_v.weight"
+    assert layer.mixer.bq is not None  # biases stay apart: added after the split
+    assert layer.w_gate_up.rows == (cfg.n_ff, cfg.n_ff) and layer.w_gate is layer.w_up is None
+
+
+def test_gated_deltanet_projections_are_fused():
+    cfg, layer = _layer_specs(FIXTURES / "qwen35" / "model-f32.gguf")
+    g = cfg.gdn
+    assert layer.mixer.w_qkvz.rows == (g.conv_channels, g.n_v_heads * g.head_v_dim)
+    assert layer.mixer.w_alpha_beta.rows == (g.n_v_heads, g.n_v_heads)
+    assert layer.mixer.w_qkv is layer.mixer.w_z is layer.mixer.w_alpha is layer.mixer.w_beta is None
+
+
+def test_matrices_stored_differently_stay_apart(tmp_path):
+    src = open_gguf(FIXTURES / "qwen2" / "model-f32.gguf")
+    mixed = quantize_file(src, tmp_path / "m.gguf", lambda i: T.Q8_0 if ".attn_v." in i.name else T(i.qtype))
+    _, layer = _layer_specs(mixed)
+    assert layer.mixer.wqkv is None and layer.mixer.wv.qtype == T.Q8_0 and layer.mixer.wq.qtype == T.F32
+    assert layer.w_gate_up is not None
+
+
+def _split(w: QTensor, rows: tuple[int, ...]) -> list[QTensor]:
+    bounds = np.cumsum(rows)[:-1].tolist()
+    return [QTensor(d, None, w.qtype, (d.shape[-2], w.shape[1])) for d in jnp.split(w.data, bounds, axis=-2)]
+
+
+def test_fused_and_split_layouts_compute_the_same_logits():
+    cfg, specs = synthetic_specs("tiny", "q8_0")
+    params = synthetic_params(specs, jax.random.key(1), config=cfg)
+    spec, layer = specs.segments[0][0], params.segments[0][0]
+    wq, wk, wv = _split(layer.mixer.wqkv, spec.mixer.wqkv.rows)
+    w_gate, w_up = _split(layer.w_gate_up, spec.w_gate_up.rows)
+    split = dataclasses.replace(
+        layer,
+        mixer=dataclasses.replace(layer.mixer, wqkv=None, wq=wq, wk=wk, wv=wv),
+        w_gate_up=None,
+        w_gate=w_gate,
+        w_up=w_up,
+    )
+    ids = list(range(3, 20))
+
+    def logits(p):
+        out, _ = engine.run_prefill(p, cfg, ids, 32, jnp.float32, all_logits=True)
+        return np.asarray(out[0, : len(ids)])
+
+    fused = logits(params)
+    assert np.isfinite(fused).all()
+    np.testing.assert_allclose(logits(dataclasses.replace(params, segments=((split,),))), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_tracer_names_every_fused_part():
+    cfg, specs = synthetic_specs("tiny", "q8_0")
+    params = synthetic_params(specs, jax.random.key(0), config=cfg)
+    ops = {t.op for t in weight_tags(params, specs)}
+    assert {"attn_q+attn_k+attn_v", "ffn_gate+ffn_up"} <= ops

@@ -106,6 +106,8 @@ _FUSED = {
     "w_gate_up": ("w_gate", "w_up"),
     "w_qkvz": ("w_qkv", "w_z"),
     "w_alpha_beta": ("w_alpha", "w_beta"),
+    "gate_up_exps": ("gate_exps", "up_exps"),  # [E, 2F, D], gate rows first: the layout converters also write
+    "shared_gate_up": ("shared_gate", "shared_up"),
 }
 
 
@@ -266,18 +268,23 @@ def _stack(mf: ModelFile, trees: list, cls, compute_dtype: str):
 
 
 def _fuse(fields: dict) -> dict:
-    """Fields with each ``_FUSED`` group whose matrices share qtype, storage and K replaced by one spec."""
+    """Fields with each ``_FUSED`` group whose matrices (or expert stacks) share qtype, storage, K and stack shape
+    replaced by one spec, concatenated along N."""
     for name, group in _FUSED.items():
         specs = [fields.get(field) for field in group]
-        if not all(isinstance(s, TensorSpec) and len(s.shape) == 2 and not s.scale_names for s in specs):
+        if not all(isinstance(s, TensorSpec) and len(s.shape) >= 2 and not s.scale_names for s in specs):
             continue
         first = specs[0]
-        if any((s.qtype, s.dtype, s.shape[1]) != (first.qtype, first.dtype, first.shape[1]) for s in specs):
+        key = (first.qtype, first.dtype, first.shape[:-2], first.shape[-1])
+        if any((s.qtype, s.dtype, s.shape[:-2], s.shape[-1]) != key for s in specs):
             continue
-        rows = tuple(s.shape[0] for s in specs)
+        rows = tuple(s.shape[-2] for s in specs)
         fields = {k: v for k, v in fields.items() if k not in group}
         fields[name] = dataclasses.replace(
-            first, shape=(sum(rows), first.shape[1]), fused=tuple(s.names for s in specs[1:]), rows=rows
+            first,
+            shape=(*first.shape[:-2], sum(rows), first.shape[-1]),
+            fused=tuple(s.names for s in specs[1:]),
+            rows=rows,
         )
     return fields
 
@@ -373,7 +380,7 @@ def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
 
     if not spec.fused:
         return part(spec.names, spec.shape)
-    shapes = [(r, *spec.shape[1:]) for r in spec.rows]
+    shapes = [(*spec.shape[:-2], r, spec.shape[-1]) for r in spec.rows]
     return np.concatenate([part(n, s) for n, s in zip(spec.parts, shapes, strict=True)], axis=-2)
 
 

@@ -23,10 +23,16 @@ from imp_jax.synthetic import synthetic_params, synthetic_specs
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _layer_specs(path):
+def _layers(path):
+    """The config, and the spec of every position of every segment's unit."""
     mf = open_gguf(path)
     cfg = config_from_gguf(mf.metadata, set(mf.tensors))
-    return cfg, param_specs(mf, cfg, "float32").segments[0][0]
+    return cfg, [p for segment in param_specs(mf, cfg, "float32").segments for p in segment]
+
+
+def _layer_specs(path):
+    cfg, layers = _layers(path)
+    return cfg, layers[0]
 
 
 def test_alike_matrices_are_fused_in_order():
@@ -45,6 +51,15 @@ def test_gated_deltanet_projections_are_fused():
     assert layer.mixer.w_qkvz.rows == (g.conv_channels, g.n_v_heads * g.head_v_dim)
     assert layer.mixer.w_alpha_beta.rows == (g.n_v_heads, g.n_v_heads)
     assert layer.mixer.w_qkv is layer.mixer.w_z is layer.mixer.w_alpha is layer.mixer.w_beta is None
+
+
+def test_expert_stacks_and_the_shared_expert_are_fused():
+    cfg, layers = _layers(FIXTURES / "qwen35moe" / "model-f32.gguf")
+    layer = next(p for p in layers if p.moe is not None)
+    m = cfg.moe
+    assert layer.moe.gate_up_exps.shape == (m.n_experts, 2 * m.n_ff_exp, cfg.n_embd)
+    assert layer.moe.gate_up_exps.rows == (m.n_ff_exp, m.n_ff_exp) and layer.moe.gate_exps is None
+    assert layer.moe.shared_gate_up is not None and layer.moe.shared_gate is layer.moe.shared_up is None
 
 
 def test_matrices_stored_differently_stay_apart(tmp_path):

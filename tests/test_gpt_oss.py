@@ -110,7 +110,7 @@ def test_params_carry_sinks_and_biases_in_f32(f32_file):
     for spec in (layer.mixer.sinks, layer.mixer.bo, layer.mixer.bq, layer.moe.router_bias, layer.moe.gate_bias):
         assert spec.dtype == "float32", spec.names
     assert layer.moe.gate_bias.shape == (cfg.moe.n_experts, cfg.moe.n_ff_exp)
-    assert layer.moe.gate_exps.dtype == "bfloat16"
+    assert layer.moe.gate_up_exps.dtype == "bfloat16"  # gate and up stacks fused (params._FUSED)
 
 
 # --- attention sinks ---------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def mxfp4_model():
 def test_mxfp4_file_keeps_experts_packed(mxfp4_model, stats):
     cfg, params = mxfp4_model
     moe = params.segments[0][0].moe
-    for w in (moe.gate_exps, moe.up_exps, moe.down_exps):
+    for w in (moe.gate_up_exps, moe.down_exps):
         assert isinstance(w, QTensor) and w.qtype == GGMLQuantizationType.MXFP4
     # the converter's repack of the MXFP4 checkpoint dequantizes to what transformers makes of it
     assert stats["mxfp4_experts_equal_transformers_dequantized"] is True

@@ -68,5 +68,5 @@ def test_kernel_layout_is_planned_without_bytes(monkeypatch):
     _, specs = synthetic_specs("tiny-gpt-oss", "mxfp4")
     tree = abstract_params(specs)
     moe = tree.segments[0][0].moe
-    assert ops.matmul_path(moe.gate_exps) == ops.PALLAS and moe.gate_exps.stack_shape == (1, 4)
+    assert ops.matmul_path(moe.gate_up_exps) == ops.PALLAS and moe.gate_up_exps.stack_shape == (1, 4)
     assert ops.matmul_path(tree.output) == ops.PALLAS and ops.matmul_path(tree.embed) == ops.REFERENCE

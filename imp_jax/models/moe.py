@@ -98,6 +98,7 @@ class MoE:
     down_bias: jax.Array | None = None  # [E, D]
     shared_gate: Weight | None = None  # ffn_gate_shexp [Fs, D]
     shared_up: Weight | None = None  # ffn_up_shexp [Fs, D]
+    shared_gate_up: Weight | None = None  # the two above fused where stored alike (params._fuse): [2Fs, D]
     shared_down: Weight | None = None  # ffn_down_shexp [D, Fs]
     shared_router: Weight | None = None  # ffn_gate_inp_shexp [D] (or [1, D]): one gate logit per token
 
@@ -243,7 +244,7 @@ def _experts(p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: 
 
 def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
     """The always-on expert (f32), scaled per token by ``sigmoid(x . w)`` when the file has that gate."""
-    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu").astype(jnp.float32)
+    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu", p.shared_gate_up).astype(jnp.float32)
     if cfg.shared_gate:
         w = _dense(p.shared_router, jnp.float32).reshape(-1)
         logit = jnp.einsum("...d,d->...", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)

@@ -345,7 +345,12 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
     else:
         m = cfg.moe
         common.update(
-            {_M.FFN_GATE_INP: (m.n_experts, cfg.n_embd), _M.FFN_DOWN_EXP: (m.n_experts, cfg.n_embd, m.n_ff_exp)}
+            {
+                _M.FFN_GATE_INP: (m.n_experts, cfg.n_embd),
+                _M.FFN_DOWN_EXP: (m.n_experts, cfg.n_embd, m.n_ff_exp),
+                _M.FFN_GATE_EXP: (m.n_experts, m.n_ff_exp, cfg.n_embd),
+                _M.FFN_UP_EXP: (m.n_experts, m.n_ff_exp, cfg.n_embd),
+            }
         )
     recurrent = {}
     if cfg.gdn is not None:
@@ -353,6 +358,11 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
         recurrent = {
             _M.SSM_CONV1D: (g.conv_channels, g.conv_kernel),
             _M.SSM_OUT: (cfg.n_embd, g.n_v_heads * g.head_v_dim),
+            # the parts the loader may fuse (params._FUSED), whose split points come from these shapes
+            _M.ATTN_QKV: (g.conv_channels, cfg.n_embd),
+            _M.ATTN_GATE: (g.n_v_heads * g.head_v_dim, cfg.n_embd),
+            _M.SSM_ALPHA: (g.n_v_heads, cfg.n_embd),
+            _M.SSM_BETA: (g.n_v_heads, cfg.n_embd),
         }
     for layer, kind in enumerate(cfg.kinds):
         expected = {**common, **(attention if kind == ATTENTION else recurrent)}
@@ -362,6 +372,11 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
                 raise GGUFError(
                     mf.path, f"shape {mf.tensors[name].shape}, expected {shape} from the metadata", tensor=name
                 )
+        gate, up = (tensor_name(t, "weight", layer) for t in (_M.FFN_GATE_SHEXP, _M.FFN_UP_SHEXP))
+        if gate in mf.tensors and up in mf.tensors and mf.tensors[gate].shape != mf.tensors[up].shape:
+            raise GGUFError(
+                mf.path, f"shape {mf.tensors[up].shape}, expected {gate}'s {mf.tensors[gate].shape}", tensor=up
+            )
 
 
 def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:

@@ -9,16 +9,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as T
 
 from imp_jax import engine
 from imp_jax.config import config_from_gguf
 from imp_jax.debug import weight_tags
+from imp_jax.errors import GGUFError
 from imp_jax.gguf import open_gguf
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.params import param_specs
 from imp_jax.quantize import quantize_file
-from imp_jax.synthetic import synthetic_params, synthetic_specs
+from imp_jax.synthetic import synthetic_file, synthetic_params, synthetic_specs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -68,6 +70,24 @@ def test_matrices_stored_differently_stay_apart(tmp_path):
     _, layer = _layer_specs(mixed)
     assert layer.mixer.wqkv is None and layer.mixer.wv.qtype == T.Q8_0 and layer.mixer.wq.qtype == T.F32
     assert layer.w_gate_up is not None
+
+
+@pytest.mark.parametrize(
+    "tensor, shape",
+    [
+        ("blk.0.ssm_alpha.weight", (6, 256)),
+        ("blk.0.attn_gate.weight", (192, 256)),
+        ("blk.3.ffn_up_exps.weight", (8, 192, 256)),
+        ("blk.0.ffn_up_shexp.weight", (192, 256)),
+    ],
+)
+def test_a_misshapen_part_is_named_before_it_could_be_fused(tensor, shape):
+    """The split points of a fused leaf come from the config, so every part's shape is checked against it."""
+    mf = synthetic_file("tiny-moe", "q8_0")
+    cfg = config_from_gguf(mf.metadata, set(mf.tensors))
+    mf.tensors[tensor] = dataclasses.replace(mf.tensors[tensor], shape=shape)
+    with pytest.raises(GGUFError, match=tensor.replace(".", r"\.")):
+        param_specs(mf, cfg, "bfloat16")
 
 
 def _split(w: QTensor, rows: tuple[int, ...]) -> list[QTensor]:

@@ -69,18 +69,19 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: jax.Array, neox: bool) ->
     return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
 
 
-def projections(x: jax.Array, fused, parts: tuple, sizes: tuple[int, ...], out_dtype=None) -> tuple[jax.Array, ...]:
+def projections(x: jax.Array, fused, parts: tuple, sizes: tuple[int, ...] | None = None, out_dtype=None):
     """``x @ W.T`` for several matrices that read the same x (q/k/v, gate/up): one matmul over their
-    concatenation where the loader fused them (``fused``, rows in ``sizes``), else one per matrix of ``parts``."""
+    concatenation where the loader fused them (``fused``, split at ``sizes``, or in equal parts without), else one
+    per matrix of ``parts``."""
     if fused is None:
         return tuple(ops.matmul(x, w, out_dtype) for w in parts)
-    return tuple(jnp.split(ops.matmul(x, fused, out_dtype), np.cumsum(sizes)[:-1].tolist(), axis=-1))
+    sections = len(parts) if sizes is None else np.cumsum(sizes)[:-1].tolist()
+    return tuple(jnp.split(ops.matmul(x, fused, out_dtype), sections, axis=-1))
 
 
 def gated_mlp(x: jax.Array, w_gate, w_up, w_down, activation: str, w_gate_up=None) -> jax.Array:
     """SwiGLU (silu) or GeGLU (tanh-approximated gelu) feed-forward; ``w_gate_up`` is gate and up fused."""
-    n_ff = (w_gate_up.shape[-2] if w_gate_up is not None else 0) // 2
-    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up), (n_ff, n_ff)))
+    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up)))
     act = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=True)
     return ops.matmul((act * u).astype(x.dtype), w_down)
 

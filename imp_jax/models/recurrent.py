@@ -56,7 +56,7 @@ def _projections(p: Recurrent, g: GDNConfig, x: jax.Array):
         ba = ops.matmul(x, p.w_ba, jnp.float32).reshape(b, t, hk, 2 * rf)
         beta_in, alpha_in = ba[..., :rf].reshape(b, t, hv), ba[..., rf:].reshape(b, t, hv)
     else:
-        alpha_in, beta_in = projections(x, p.w_alpha_beta, (p.w_alpha, p.w_beta), (hv, hv), jnp.float32)
+        alpha_in, beta_in = projections(x, p.w_alpha_beta, (p.w_alpha, p.w_beta), out_dtype=jnp.float32)
     return mixed, z, alpha_in, beta_in
 
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import bench
-from imp_jax.config import GPT_OSS, LLAMA, QWEN3, QWEN3MOE, QWEN35, RECURRENT
-from imp_jax.synthetic import SHAPES
+from imp_jax.models.config import GPT_OSS, LLAMA, QWEN3, QWEN3MOE, QWEN35, RECURRENT
+from imp_jax.weights.synthetic import SHAPES
 
 
 def copy_bandwidth() -> float:

@@ -1,8 +1,8 @@
 """Planned vs measured device memory for synthetic models of real shapes, and a refusal before any allocation.
 
 Each configuration runs in its own process (the allocator's peak is a process-lifetime high-water mark): plan
-with ``imp_jax.memory.plan_specs`` (XLA compiles the real prefill/decode steps from abstract inputs), check the
-plan, then build the weights on the device (``imp_jax.synthetic``), prefill a full max_context prompt, decode a
+with ``imp_jax.planning.memory.plan_specs`` (XLA compiles the real prefill/decode steps from abstract inputs), check the
+plan, then build the weights on the device (``imp_jax.weights.synthetic``), prefill a full max_context prompt, decode a
 few tokens, and compare ``peak_bytes_in_use`` with the plan's peak. A plan that does not fit must be refused
 before anything is allocated.
 
@@ -37,12 +37,12 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from imp_jax import engine
-    from imp_jax.cache import init_cache
     from imp_jax.errors import ModelTooLarge
-    from imp_jax.memory import check_fits, plan_specs, resolve_budget
-    from imp_jax.sampling import RECENT, SamplingParams
-    from imp_jax.synthetic import synthetic_params, synthetic_specs
+    from imp_jax.planning.memory import check_fits, plan_specs, resolve_budget
+    from imp_jax.runtime import steps
+    from imp_jax.runtime.cache import init_cache
+    from imp_jax.runtime.sampling import RECENT, SamplingParams
+    from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
 
     model_shape, quant, path, ctx = CONFIGS[name]
     cfg, specs = synthetic_specs(shape or model_shape, quant)
@@ -89,7 +89,7 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     n = ctx - 4  # a full prefill bucket (the planned worst case), then a few decode steps in the room left
     tokens = jax.random.randint(jax.random.key(1), (1, ctx), 0, cfg.vocab_size, jnp.int32)
     t0 = time.perf_counter()
-    logits, cache = engine.prefill_step(
+    logits, cache = steps.prefill_step(
         params, cfg, tokens, jnp.asarray([n], jnp.int32), init_cache(cfg, 1, ctx, "bfloat16")
     )
     logits = jax.block_until_ready(logits)
@@ -98,7 +98,7 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
         finite=bool(np.isfinite(np.asarray(logits)).all()),
         peak_after_prefill=stats().get("peak_bytes_in_use"),
     )
-    state = engine.DecodeState(
+    state = steps.DecodeState(
         jnp.zeros((1,), jnp.int32),
         jnp.asarray([n], jnp.int32),
         jnp.full((1, RECENT), -1, jnp.int32),
@@ -106,7 +106,7 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     )
     p = SamplingParams(temperature=0.8, repeat_penalty=1.1).arrays()
     for _ in range(4):
-        state, cache = engine.decode_step(params, cfg, cache, state, p, greedy=False, penalty=True)
+        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=False, penalty=True)
     jax.block_until_ready(state.token)
     out.update(peak_measured=stats().get("peak_bytes_in_use"), in_use_end=stats().get("bytes_in_use"))
     return out

@@ -12,8 +12,8 @@ _PUBLIC = {
     "generate": "imp_jax.model",
     "Model": "imp_jax.model",
     "Generation": "imp_jax.model",
-    "plan_memory": "imp_jax.memory",
-    "MemoryPlan": "imp_jax.memory",
+    "plan_memory": "imp_jax.planning.memory",
+    "MemoryPlan": "imp_jax.planning.memory",
 }
 __all__ = [*_PUBLIC, "errors", "gguf"]
 

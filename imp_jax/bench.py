@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine, ops, sampling
-from imp_jax.cache import init_cache
-from imp_jax.config import ModelConfig
+from imp_jax import ops
+from imp_jax.models.config import ModelConfig
+from imp_jax.runtime import sampling, steps
+from imp_jax.runtime.cache import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> flo
     tokens, lengths = _prompt(cfg, batch, n), jnp.full((batch,), n, jnp.int32)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    logits, cache = engine.prefill_step(params, cfg, tokens, lengths, cache)
+    logits, cache = steps.prefill_step(params, cfg, tokens, lengths, cache)
     jax.block_until_ready(logits)
     return time.perf_counter() - t0
 
@@ -61,19 +62,19 @@ def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> flo
 def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> float:
     """Seconds for n greedy decode steps of batch sequences after a one-token prompt."""
     cache = init_cache(cfg, batch, n + 8 - (n % 8), dtype)
-    logits, cache = engine.prefill_step(params, cfg, _prompt(cfg, batch, 1), jnp.ones((batch,), jnp.int32), cache)
+    logits, cache = steps.prefill_step(params, cfg, _prompt(cfg, batch, 1), jnp.ones((batch,), jnp.int32), cache)
     p = sampling.SamplingParams().arrays()
-    state = engine.DecodeState(
+    state = steps.DecodeState(
         jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), jnp.int32),
         jnp.full((batch, sampling.RECENT), -1, jnp.int32),
         jax.random.key(0),
     )
-    state = engine.first_token(logits, state, p, greedy=True, penalty=False)
+    state = steps.first_token(logits, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(n):
-        state, cache = engine.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
+        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     return time.perf_counter() - t0
 
@@ -117,8 +118,8 @@ def run(
 def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
     """Random weights of a real model's shape, built on the device (no file), in this backend's kernel layout.
     Returns (params, config, weight bytes, parameter count)."""
-    from imp_jax.params import ROPE, is_spec
-    from imp_jax.synthetic import synthetic_params, synthetic_specs
+    from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
+    from imp_jax.weights.tensor_spec import ROPE, is_spec
 
     cfg, specs = synthetic_specs(shape, quant, dtype)
     leaves = [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if s.names != (ROPE,)]

@@ -16,8 +16,8 @@ def _cmd_pull(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from imp_jax.files import open_model_file
     from imp_jax.inspect import summarize
+    from imp_jax.weights.files import open_model_file
 
     summary = summarize(open_model_file(args.model))
     width = max(len(k) for k, _ in summary.rows())
@@ -105,7 +105,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
     from imp_jax.gguf import open_gguf
-    from imp_jax.quantize import quantize_file
+    from imp_jax.weights.quantize import quantize_file
 
     mf = open_gguf(args.input)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     p.set_defaults(run=_cmd_bench)
 
-    from imp_jax.memory import add_plan_parser
+    from imp_jax.planning.memory import add_plan_parser
 
     add_plan_parser(sub)
 

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from imp_jax.cache import init_cache
-from imp_jax.config import ModelConfig
 from imp_jax.errors import ImpError, NonFiniteError
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import forward
-from imp_jax.params import is_spec
+from imp_jax.runtime.cache import init_cache
+from imp_jax.weights.tensor_spec import is_spec
 
 ENV = "IMP_JAX_DEBUG_NANS"
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

@@ -11,16 +11,20 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine, harmony, memory
-from imp_jax.chat import ChatTemplate
-from imp_jax.config import ModelConfig, config_from_gguf
 from imp_jax.debug import check_prefill, debug_nans_enabled
 from imp_jax.errors import ContextOverflow, ImpError
-from imp_jax.files import open_model_file
 from imp_jax.gguf.reader import ModelFile
-from imp_jax.params import TensorSpec, load_params, param_specs
-from imp_jax.sampling import SamplingParams
-from imp_jax.tokenizer import Tokenizer
+from imp_jax.models.config import ModelConfig, config_from_gguf
+from imp_jax.planning import memory
+from imp_jax.runtime import steps
+from imp_jax.runtime.sampling import SamplingParams
+from imp_jax.text import harmony
+from imp_jax.text.chat import ChatTemplate
+from imp_jax.text.tokenizer import Tokenizer
+from imp_jax.weights.files import open_model_file
+from imp_jax.weights.loading import load_params
+from imp_jax.weights.specs import param_specs
+from imp_jax.weights.tensor_spec import TensorSpec
 
 DTYPES = ("bfloat16", "float32")
 
@@ -30,7 +34,7 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    timings: engine.Timings
+    timings: steps.Timings
     # Harmony models (gpt-oss): the analysis channel, while ``text`` holds the final answer. None otherwise.
     reasoning: str | None = None
 
@@ -78,11 +82,11 @@ class Model:
         """[len(token_ids), vocab] f32: one causal forward of the whole sequence from an empty cache."""
         ids = [int(t) for t in token_ids]
         self._check_ids(ids)
-        logits, _ = engine.run_prefill(
+        logits, _ = steps.run_prefill(
             self.params,
             self.config,
             ids,
-            engine.bucket(len(ids), self.max_context),
+            steps.bucket(len(ids), self.max_context),
             jnp.dtype(self.dtype),
             all_logits=True,
         )
@@ -149,7 +153,7 @@ def _progress(mf: ModelFile, specs: Any, show: bool | None):
     """A rich progress bar over weight bytes for loads long enough to want one."""
     import jax
 
-    from imp_jax.params import is_spec
+    from imp_jax.weights.tensor_spec import is_spec
 
     leaves = jax.tree.leaves(specs, is_leaf=is_spec)
     total = sum(s.nbytes for s in leaves if isinstance(s, TensorSpec))
@@ -220,7 +224,7 @@ class _Run:
         decoder = m.tokenizer.stream()
         emitted = 0
         hold = max((len(s) for s in self.stop), default=1) - 1
-        tokens = engine.token_stream(
+        tokens = steps.token_stream(
             m.params,
             m.config,
             self.ids,
@@ -257,7 +261,7 @@ class _Run:
         return min(hits) if hits else None
 
     def result(self) -> Generation:
-        timings = engine.Timings(len(self.ids), len(self.out_ids), self.times["prefill_s"], self.times["decode_s"])
+        timings = steps.Timings(len(self.ids), len(self.out_ids), self.times["prefill_s"], self.times["decode_s"])
         text, reasoning = self.text, None
         if harmony.is_harmony(self.model.tokenizer):
             text, reasoning = harmony.split_reply(self.text)

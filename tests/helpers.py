@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import engine
-from imp_jax.config import config_from_gguf
 from imp_jax.gguf import open_gguf
+from imp_jax.models.config import config_from_gguf
 from imp_jax.models.decoder import forward
-from imp_jax.params import load_params, param_specs
+from imp_jax.runtime import steps
+from imp_jax.weights.loading import load_params
+from imp_jax.weights.specs import param_specs
 
 _decode = jax.jit(functools.partial(forward, decode=True), static_argnames=("cfg",))
 
@@ -25,7 +26,7 @@ def load_raw(path, dtype):
 
 def incremental_logits(params, cfg, ids, split, max_len, dtype):
     """Prefill ids[:split], then feed the rest one token at a time through the decode path."""
-    logits, cache = engine.run_prefill(params, cfg, ids[:split], max_len, dtype, all_logits=True)
+    logits, cache = steps.run_prefill(params, cfg, ids[:split], max_len, dtype, all_logits=True)
     out = [np.asarray(logits[0, :split])]
     for i in range(split, len(ids)):
         tok = jnp.asarray([[ids[i]]], jnp.int32)

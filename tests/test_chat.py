@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from imp_jax import registry
-from imp_jax.chat import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, render_chat
 from imp_jax.gguf import open_gguf
-from imp_jax.tokenizer import Tokenizer
+from imp_jax.text.chat import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, render_chat
+from imp_jax.text.tokenizer import Tokenizer
 
 SMOLLM2_TEMPLATE = (  # tokenizer.chat_template of SmolLM2-135M-Instruct
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"

@@ -10,7 +10,7 @@ import pytest
 
 from imp_jax.debug import ENV, check_prefill, debug_nans_enabled
 from imp_jax.errors import ImpError, NonFiniteError
-from imp_jax.synthetic import synthetic_params, synthetic_specs
+from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
 
 TOKENS = list(range(1, 9))
 F16_INF = (0x00, 0x7C)  # little-endian bytes of +inf in f16

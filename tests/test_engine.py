@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imp_jax import engine, sampling
-from imp_jax.cache import init_cache
+from imp_jax.runtime import sampling, steps
+from imp_jax.runtime.cache import init_cache
 from tests.helpers import incremental_logits, load_raw
 
 
@@ -16,7 +16,7 @@ from tests.helpers import incremental_logits, load_raw
 def test_prefill_then_decode_equals_full_forward(real_model, name):
     cfg, params = load_raw(real_model(name), "float32")
     ids = [int(i) for i in np.random.default_rng(0).integers(3, cfg.vocab_size, 21)]
-    full, _ = engine.run_prefill(params, cfg, ids, 32, jnp.float32, all_logits=True)
+    full, _ = steps.run_prefill(params, cfg, ids, 32, jnp.float32, all_logits=True)
     full = np.asarray(full[0, : len(ids)])
     inc = incremental_logits(params, cfg, ids, 5, 32, jnp.float32)
     np.testing.assert_allclose(inc, full, atol=2e-4, rtol=2e-4)
@@ -26,27 +26,27 @@ def test_prefill_then_decode_equals_full_forward(real_model, name):
 def test_padding_bucket_does_not_change_logits(real_model):
     cfg, params = load_raw(real_model("tinycoder"), "float32")
     ids = [5, 17, 300, 12, 9]
-    a, _ = engine.run_prefill(params, cfg, ids, 16, jnp.float32, all_logits=True)
-    b, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
+    a, _ = steps.run_prefill(params, cfg, ids, 16, jnp.float32, all_logits=True)
+    b, _ = steps.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
     np.testing.assert_allclose(np.asarray(a[0, :5]), np.asarray(b[0, :5]), atol=1e-5)
 
 
 def test_bucket_sizes():
-    assert [engine.bucket(n, 4096) for n in (1, 16, 17, 100, 4000)] == [16, 16, 32, 128, 4096]
-    assert engine.bucket(5000, 4096) == 4096
+    assert [steps.bucket(n, 4096) for n in (1, 16, 17, 100, 4000)] == [16, 16, 32, 128, 4096]
+    assert steps.bucket(5000, 4096) == 4096
 
 
 def test_new_prompt_length_in_same_bucket_does_not_recompile(real_model):
     cfg, params = load_raw(real_model("tinycoder"), "float32")
-    engine.run_prefill(params, cfg, [1, 2, 3], 64, jnp.float32)
-    before = engine.prefill_step._cache_size()
-    engine.run_prefill(params, cfg, [1, 2, 3, 4, 5, 6, 7], 64, jnp.float32)
-    assert engine.prefill_step._cache_size() == before
+    steps.run_prefill(params, cfg, [1, 2, 3], 64, jnp.float32)
+    before = steps.prefill_step._cache_size()
+    steps.run_prefill(params, cfg, [1, 2, 3, 4, 5, 6, 7], 64, jnp.float32)
+    assert steps.prefill_step._cache_size() == before
 
 
 def _stream(params, cfg, ids, sp, n):
     timings: dict = {}
-    return list(engine.token_stream(params, cfg, ids, 64, jnp.float32, sp, n, timings)), timings
+    return list(steps.token_stream(params, cfg, ids, 64, jnp.float32, sp, n, timings)), timings
 
 
 def test_greedy_stream_matches_argmax_of_full_forward(real_model):
@@ -56,7 +56,7 @@ def test_greedy_stream_matches_argmax_of_full_forward(real_model):
     assert len(out) == 6 and timings["prefill_s"] > 0
     seq = list(ids)
     for tok in out:
-        full, _ = engine.run_prefill(params, cfg, seq, 64, jnp.float32, all_logits=True)
+        full, _ = steps.run_prefill(params, cfg, seq, 64, jnp.float32, all_logits=True)
         assert tok == int(np.argmax(np.asarray(full[0, len(seq) - 1])))
         seq.append(tok)
 
@@ -97,9 +97,9 @@ def test_bf16_cache_and_compute_stay_close_to_f32(real_model):
     path = real_model("smollm2-135m")
     ids = [504, 3575, 282, 4649, 314]
     cfg, p32 = load_raw(path, "float32")
-    f32, _ = engine.run_prefill(p32, cfg, ids, 16, jnp.float32, all_logits=True)
+    f32, _ = steps.run_prefill(p32, cfg, ids, 16, jnp.float32, all_logits=True)
     _, p16 = load_raw(path, "bfloat16")
-    b16, _ = engine.run_prefill(p16, cfg, ids, 16, jnp.bfloat16, all_logits=True)
+    b16, _ = steps.run_prefill(p16, cfg, ids, 16, jnp.bfloat16, all_logits=True)
     f32, b16 = np.asarray(f32[0, :5]), np.asarray(b16[0, :5])
     assert b16.dtype == np.float32
     assert np.abs(b16 - f32).max() < 0.35 * np.abs(f32).max() / 10
@@ -111,9 +111,9 @@ def test_empty_prompt_and_overflow_raise_imp_errors(real_model):
 
     cfg, params = load_raw(real_model("tinycoder"), "float32")
     with pytest.raises(ImpError, match="empty"):
-        engine.run_prefill(params, cfg, [], 16, jnp.float32)
+        steps.run_prefill(params, cfg, [], 16, jnp.float32)
     with pytest.raises(ContextOverflow, match="20 tokens but the context holds 16"):
-        engine.run_prefill(params, cfg, list(range(20)), 16, jnp.float32)
+        steps.run_prefill(params, cfg, list(range(20)), 16, jnp.float32)
 
 
 def test_cache_init_is_zero_and_sized_from_config(real_model):

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from imp_jax import engine
-from imp_jax.config import config_from_gguf
 from imp_jax.debug import weight_tags
 from imp_jax.errors import GGUFError
 from imp_jax.gguf import open_gguf
 from imp_jax.gguf.qtensor import QTensor
-from imp_jax.params import param_specs
-from imp_jax.quantize import quantize_file
-from imp_jax.synthetic import synthetic_file, synthetic_params, synthetic_specs
+from imp_jax.models.config import config_from_gguf
+from imp_jax.runtime import steps
+from imp_jax.weights.quantize import quantize_file
+from imp_jax.weights.specs import param_specs
+from imp_jax.weights.synthetic import synthetic_file, synthetic_params, synthetic_specs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -111,7 +111,7 @@ def test_fused_and_split_layouts_compute_the_same_logits():
     ids = list(range(3, 20))
 
     def logits(p):
-        out, _ = engine.run_prefill(p, cfg, ids, 32, jnp.float32, all_logits=True)
+        out, _ = steps.run_prefill(p, cfg, ids, 32, jnp.float32, all_logits=True)
         return np.asarray(out[0, : len(ids)])
 
     fused = logits(params)

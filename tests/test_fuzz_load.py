@@ -19,7 +19,7 @@ import pytest
 import imp_jax
 from imp_jax.errors import GGUFError, ImpError, UnsupportedModel
 from imp_jax.gguf import open_gguf
-from imp_jax.memory import plan_memory
+from imp_jax.planning.memory import plan_memory
 from tests.tiny_gguf import write_tiny_llama
 
 CASES = int(os.environ.get("IMP_JAX_FUZZ_CASES", "300"))

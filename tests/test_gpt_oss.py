@@ -21,15 +21,17 @@ import pytest
 from gguf import GGMLQuantizationType
 
 import imp_jax
-from imp_jax import engine, harmony, ops
-from imp_jax.chat import ChatTemplate
-from imp_jax.config import RopeConfig, config_from_gguf
+from imp_jax import ops
 from imp_jax.gguf import open_gguf
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.models.config import RopeConfig, config_from_gguf
 from imp_jax.models.layers import rope_inv_freq
 from imp_jax.models.moe import GATHER, expert_path
-from imp_jax.params import param_specs
-from imp_jax.tokenizer import Tokenizer
+from imp_jax.runtime import steps
+from imp_jax.text import harmony
+from imp_jax.text.chat import ChatTemplate
+from imp_jax.text.tokenizer import Tokenizer
+from imp_jax.weights.specs import param_specs
 from tests.helpers import incremental_logits, load_raw
 
 FIX = Path(__file__).parent / "fixtures" / "gpt-oss"
@@ -54,7 +56,7 @@ def f32_file():
 
 
 def _prefill(cfg, params, ids: list[int]) -> np.ndarray:
-    out, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
+    out, _ = steps.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
     return np.asarray(out[0, : len(ids)])
 
 
@@ -110,7 +112,7 @@ def test_params_carry_sinks_and_biases_in_f32(f32_file):
     for spec in (layer.mixer.sinks, layer.mixer.bo, layer.mixer.bq, layer.moe.router_bias, layer.moe.gate_bias):
         assert spec.dtype == "float32", spec.names
     assert layer.moe.gate_bias.shape == (cfg.moe.n_experts, cfg.moe.n_ff_exp)
-    assert layer.moe.gate_up_exps.dtype == "bfloat16"  # gate and up stacks fused (params._FUSED)
+    assert layer.moe.gate_up_exps.dtype == "bfloat16"  # gate and up stacks fused (weights.fusion.FUSED)
 
 
 # --- attention sinks ---------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def test_generate_separates_reasoning_from_the_answer(model, monkeypatch):
     def scripted(*args, **kwargs):
         yield from script
 
-    monkeypatch.setattr(engine, "token_stream", scripted)
+    monkeypatch.setattr(steps, "token_stream", scripted)
     gen = imp_jax.generate(model, "Hi", max_tokens=len(script))
     assert (gen.text, gen.reasoning, gen.finish_reason) == ("The answer.", "Think first.", "stop")
     assert gen.token_ids == script[:-3]

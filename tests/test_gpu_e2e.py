@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imp_jax import bench, engine, ops, sampling
+from imp_jax import bench, ops
 from imp_jax.models import moe
+from imp_jax.runtime import sampling, steps
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +34,7 @@ CASES = [("tiny", q, n) for q in ("mxfp4", "q8_0", "q4_k") for n in (1, 17, 300)
 def _logits(params, cfg, ids, dtype, kernels: bool) -> np.ndarray:
     os.environ["IMP_JAX_KERNELS"] = "1" if kernels else "0"
     try:
-        out, _ = engine.run_prefill(params, cfg, ids, 512, dtype, all_logits=True)
+        out, _ = steps.run_prefill(params, cfg, ids, 512, dtype, all_logits=True)
     finally:
         os.environ.pop("IMP_JAX_KERNELS")
     return np.asarray(out[0, : len(ids)], np.float64)
@@ -80,20 +81,20 @@ def test_expert_kernels_match_reference_moe_layer(shape, quant, tokens):
 @pytest.mark.parametrize("n", [1, 300])
 def test_bf16_kernel_path_matches_xla_dot(n, monkeypatch):
     """IMP_JAX_KERNELS=all runs the bf16 weights through the Pallas kernel too (the default leaves them on XLA's
-    dot where that is faster, ops.BF16_KERNEL)."""
+    dot where that is faster, ops.policy.BF16_KERNEL)."""
     params, cfg = _model("bf16", True)
     ids = [int(i) for i in np.random.default_rng(n).integers(0, cfg.vocab_size, n)]
     monkeypatch.setenv("IMP_JAX_KERNELS", "all")
     assert ops.matmul_path(params.output) == ops.PALLAS
-    out, _ = engine.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
+    out, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
     monkeypatch.setenv("IMP_JAX_KERNELS", "0")
     jax.clear_caches()  # the dispatch is decided at trace time, and both runs have the same argument types
-    ref, _ = engine.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
+    ref, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
     assert _rel(np.asarray(out[0, :n], np.float64), np.asarray(ref[0, :n], np.float64)) < 3e-2
 
 
 def test_generate_with_kernels():
     params, cfg = _model("mxfp4", True)
     timings: dict = {}
-    out = list(engine.token_stream(params, cfg, [1, 2, 3], 64, jnp.bfloat16, sampling.SamplingParams(), 20, timings))
+    out = list(steps.token_stream(params, cfg, [1, 2, 3], 64, jnp.bfloat16, sampling.SamplingParams(), 20, timings))
     assert len(out) == 20 and all(0 <= t < cfg.vocab_size for t in out)

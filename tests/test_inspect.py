@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from imp_jax.cli import main
-from imp_jax.files import open_model_file
 from imp_jax.inspect import summarize
+from imp_jax.weights.files import open_model_file
 
 # name: (arch, layers, file bytes, tokenizer, chat template) from models.md
 FACTS = {

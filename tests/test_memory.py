@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from imp_jax import engine
-from imp_jax.cache import init_cache
 from imp_jax.errors import ImpError, ModelTooLarge
-from imp_jax.files import open_model_file
 from imp_jax.gguf.qtensor import QTensor
-from imp_jax.memory import (
+from imp_jax.planning.memory import (
     Budget,
     MemoryWarning,
     add_plan_parser,
@@ -29,8 +26,11 @@ from imp_jax.memory import (
     plan_memory,
     replan,
 )
-from imp_jax.params import abstract_params, load_params
-from imp_jax.synthetic import SHAPES, _random_blocks, synthetic_params, synthetic_specs
+from imp_jax.runtime import steps
+from imp_jax.runtime.cache import init_cache
+from imp_jax.weights.files import open_model_file
+from imp_jax.weights.loading import abstract_params, load_params
+from imp_jax.weights.synthetic import SHAPES, _random_blocks, synthetic_params, synthetic_specs
 from tests.tiny_gguf import write_tiny_llama
 
 CTX = 256
@@ -82,7 +82,7 @@ def test_plan_parts_match_what_is_loaded(tinycoder):
     for line in ("weights total", "KV cache", "workspace  prefill[256]", "peak", "verdict: fits"):
         assert line in report
     tokens = jnp.zeros((1, CTX), jnp.int32)
-    logits, _ = engine.prefill_step(params, plan.config, tokens, jnp.asarray([3], jnp.int32), cache)
+    logits, _ = steps.prefill_step(params, plan.config, tokens, jnp.asarray([3], jnp.int32), cache)
     assert bool(jnp.isfinite(logits).all())
 
 
@@ -183,7 +183,7 @@ def test_synthetic_model_matches_the_loader_tree_and_runs():
     assert all(jax.tree.leaves(same))
     cache = init_cache(config, 1, 16, jnp.bfloat16)
     tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, config.vocab_size, jnp.int32)
-    logits, _ = engine.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
+    logits, _ = steps.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
     assert bool(jnp.isfinite(logits).all()) and 0.3 < float(logits.std()) < 3
 
 
@@ -202,13 +202,14 @@ def test_plan_command_prints_table_and_refusal(tinycoder, capsys):
 def test_bf16_matrices_name_the_kernel_when_it_runs_them(monkeypatch):
     """The plan's weight lines say which bf16 matrices the Pallas kernel reads in place (IMP_JAX_KERNELS=all on a
     Hopper GPU) and which stay on XLA's dot (the embedding, read by row; norms)."""
-    from imp_jax import memory, ops
-    from imp_jax.params import abstract_leaf
+    from imp_jax import ops
+    from imp_jax.planning import memory
+    from imp_jax.weights.loading import abstract_leaf
 
     _, specs = synthetic_specs("tiny", "bf16")
     leaves = memory._leaves(specs)
     for mode, expect in (("auto", set()), ("all", {("BF16", "kernel:pallas", "bfloat16")})):
-        monkeypatch.setattr(ops, "kernel_mode", lambda mode=mode: mode)
+        monkeypatch.setattr(ops.policy, "kernel_mode", lambda mode=mode: mode)
         lines = memory._weight_lines({s: abstract_leaf(s) for s in leaves})
         assert {(w.qtype, w.path, w.stored) for w in lines if w.path.startswith("kernel:")} == expect
         assert any(w.path == "dense" and w.qtype == "BF16" for w in lines)  # the embedding table

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from imp_jax import engine
 from imp_jax.gguf import open_gguf
-from imp_jax.quantize import quantize_file
+from imp_jax.runtime import steps
+from imp_jax.weights.quantize import quantize_file
 from tests.helpers import load_raw
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,7 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def _logits(path, ids):
     cfg, params = load_raw(path, "float32")
-    out, _ = engine.run_prefill(params, cfg, ids, engine.bucket(len(ids), 256), jnp.float32, all_logits=True)
+    out, _ = steps.run_prefill(params, cfg, ids, steps.bucket(len(ids), 256), jnp.float32, all_logits=True)
     return np.asarray(out[0, : len(ids)])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import imp_jax
-from imp_jax import engine
+from imp_jax.runtime import steps
 from tests.helpers import incremental_logits, load_raw
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,7 +33,7 @@ def _sequences(ref):
 
 def _logits(path: Path, dtype: str, ids: list[int]) -> np.ndarray:
     cfg, params = load_raw(path, dtype)
-    out, _ = engine.run_prefill(params, cfg, ids, engine.bucket(len(ids), 256), jnp.dtype(dtype), all_logits=True)
+    out, _ = steps.run_prefill(params, cfg, ids, steps.bucket(len(ids), 256), jnp.dtype(dtype), all_logits=True)
     return np.asarray(out[0, : len(ids)])
 
 
@@ -76,7 +76,7 @@ def test_prefill_then_decode_equals_full_forward(arch):
     d, ref = _fixture(arch)
     ids = ref["ids"][: min(40, len(ref["ids"]))].tolist()
     cfg, params = load_raw(d / "model-f32.gguf", "float32")
-    full, _ = engine.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
+    full, _ = steps.run_prefill(params, cfg, ids, 64, jnp.float32, all_logits=True)
     inc = incremental_logits(params, cfg, ids, len(ids) // 2, 64, jnp.float32)
     np.testing.assert_allclose(inc, np.asarray(full[0, : len(ids)]), atol=1e-4, rtol=1e-4)
 

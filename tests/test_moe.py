@@ -19,7 +19,8 @@ from imp_jax.errors import KernelError, UnsupportedModel
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import quantize
 from imp_jax.models import moe
-from imp_jax.models.moe import MoE, MoEConfig
+from imp_jax.models.config import MoEConfig
+from imp_jax.models.moe import MoE
 
 T_ = GGMLQuantizationType
 E, K, D, F, FS = 8, 2, 64, 32, 96  # all different, so a dequantized stack is recognisable by its shape

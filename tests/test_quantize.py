@@ -9,7 +9,7 @@ import imp_jax
 from imp_jax.cli import main
 from imp_jax.errors import ImpError
 from imp_jax.gguf import open_gguf
-from imp_jax.quantize import quantize_file
+from imp_jax.weights.quantize import quantize_file
 
 TEXT = (
     "The lighthouse stood at the edge of the northern cliffs for nearly two hundred years. Its keepers kept "
@@ -75,7 +75,7 @@ def test_mxfp4_scale_search_is_no_worse_than_gguf():
     import gguf
 
     from imp_jax.gguf.quant import dequantize
-    from imp_jax.quantize import quantize_mxfp4
+    from imp_jax.weights.quantize import quantize_mxfp4
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((16, 1024)) * 0.02).astype(np.float32)

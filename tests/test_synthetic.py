@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imp_jax import engine, ops
-from imp_jax.cache import init_cache
-from imp_jax.config import config_from_gguf
+from imp_jax import ops
 from imp_jax.errors import UnsupportedModel
 from imp_jax.gguf.reader import open_gguf
-from imp_jax.params import abstract_params
-from imp_jax.synthetic import SHAPES, synthetic_file, synthetic_params, synthetic_specs, synthetic_tensors
+from imp_jax.models.config import config_from_gguf
+from imp_jax.runtime import steps
+from imp_jax.runtime.cache import init_cache
+from imp_jax.weights.loading import abstract_params
+from imp_jax.weights.synthetic import SHAPES, synthetic_file, synthetic_params, synthetic_specs, synthetic_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -37,7 +38,7 @@ def test_every_family_builds_and_runs(shape, quant):
     assert all(jax.tree.leaves(same))
     cache = init_cache(config, 1, 32, jnp.bfloat16)
     tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, config.vocab_size, jnp.int32)
-    logits, _ = engine.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
+    logits, _ = steps.prefill_step(params, config, tokens, jnp.asarray([16], jnp.int32), cache)
     assert bool(jnp.isfinite(logits).all()) and 0.2 < float(logits.std()) < 5
     for layer in (layer for segment in params.segments for layer in segment):
         if hasattr(layer.mixer, "ssm_a"):  # a positive decay rate would grow the GDN state without bound
@@ -64,7 +65,7 @@ def test_bad_shape_or_quant_is_named():
 def test_kernel_layout_is_planned_without_bytes(monkeypatch):
     """As on a Hopper GPU: the plan's abstract tree repacks every matrix but the embedding, expert stacks
     included (traced, so the MXFP4 scale check that needs the bytes is left to the load)."""
-    monkeypatch.setattr(ops, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(ops.policy, "kernels_enabled", lambda: True)
     _, specs = synthetic_specs("tiny-gpt-oss", "mxfp4")
     tree = abstract_params(specs)
     moe = tree.segments[0][0].moe

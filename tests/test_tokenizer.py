@@ -14,7 +14,7 @@ from gguf import TokenType
 from imp_jax import registry
 from imp_jax.errors import ImpError, UnsupportedModel
 from imp_jax.gguf import open_gguf
-from imp_jax.tokenizer import Tokenizer, _spm_merges
+from imp_jax.text.tokenizer import Tokenizer, _spm_merges
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (
     int(TokenType.NORMAL),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import ops
-from imp_jax.config import ModelConfig
+from imp_jax.models.config import ModelConfig
 from imp_jax.models.layers import apply_rope, projections, rms_norm
 
 Weight = ops.Weight

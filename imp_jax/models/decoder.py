@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import ops
-from imp_jax.cache import Cache
-from imp_jax.config import ATTENTION, ModelConfig
 from imp_jax.models.attention import Attention, attention_mixer
+from imp_jax.models.config import ATTENTION, ModelConfig
 from imp_jax.models.layers import gated_mlp, rms_norm, softcap
 from imp_jax.models.moe import MoE, moe_ffn
 from imp_jax.models.recurrent import Recurrent, recurrent_mixer
+from imp_jax.runtime.cache import Cache
 
 Weight = ops.Weight
 
@@ -40,7 +40,7 @@ class Layer:
     ffn_norm: jax.Array
     w_gate: Weight | None = None
     w_up: Weight | None = None
-    w_gate_up: Weight | None = None  # gate and up fused (stored alike), see params._fuse
+    w_gate_up: Weight | None = None  # gate and up fused (stored alike), see weights.fusion.fuse
     w_down: Weight | None = None
     moe: MoE | None = None
     post_mixer_norm: jax.Array | None = None

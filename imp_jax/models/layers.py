@@ -12,7 +12,7 @@ import numpy as np
 from imp_jax import ops
 
 if TYPE_CHECKING:
-    from imp_jax.config import RopeConfig
+    from imp_jax.models.config import RopeConfig
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:

@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import ops
-from imp_jax.errors import KernelError, UnsupportedModel
+from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.models.config import MoEConfig
 from imp_jax.models.layers import gated_mlp
 
 Weight = QTensor | jax.Array
@@ -45,40 +46,6 @@ Weight = QTensor | jax.Array
 GATHER = "gather"
 GROUPED = "grouped"
 TILE_WEIGHT_BYTES = 256 * 2**20  # dequantized expert weights the grouped path holds at once
-GATINGS = ("softmax", "topk_softmax")
-ACTIVATIONS = ("silu", "swiglu_oai")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """Static MoE settings, read from the file's ``expert_*`` keys.
-
-    ``gating``: "softmax" takes the top-k of a softmax over all experts (renormalised over the k when
-    ``norm_topk``; llama.cpp always does for qwen3moe, qwen35moe and qwen3next); "topk_softmax" (gpt-oss) takes
-    the top-k logits and a softmax over those k. ``activation``: "silu" is SwiGLU; "swiglu_oai" is gpt-oss's
-    clamped variant ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
-    """
-
-    n_experts: int
-    top_k: int
-    n_ff_exp: int
-    gating: str = "softmax"
-    norm_topk: bool = True
-    activation: str = "silu"
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    has_shared: bool = False
-    shared_gate: bool = False
-
-    def __post_init__(self):
-        if self.gating not in GATINGS:
-            raise UnsupportedModel(f"expert gating '{self.gating}' is not supported (supported: {GATINGS})")
-        if self.activation not in ACTIVATIONS:
-            raise UnsupportedModel(f"expert activation '{self.activation}' is not supported ({ACTIVATIONS})")
-        if not 0 < self.top_k <= self.n_experts:
-            raise UnsupportedModel(f"{self.top_k} experts used per token out of {self.n_experts} is not valid")
-        if self.shared_gate and not self.has_shared:
-            raise UnsupportedModel("a shared-expert gate without a shared expert")
 
 
 @jax.tree_util.register_dataclass
@@ -98,7 +65,7 @@ class MoE:
     down_bias: jax.Array | None = None  # [E, D]
     shared_gate: Weight | None = None  # ffn_gate_shexp [Fs, D]
     shared_up: Weight | None = None  # ffn_up_shexp [Fs, D]
-    shared_gate_up: Weight | None = None  # the two above fused where stored alike (params._fuse): [2Fs, D]
+    shared_gate_up: Weight | None = None  # the two above fused where stored alike (weights.fusion.fuse): [2Fs, D]
     shared_down: Weight | None = None  # ffn_down_shexp [D, Fs]
     shared_router: Weight | None = None  # ffn_gate_inp_shexp [D] (or [1, D]): one gate logit per token
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax import ops
-from imp_jax.config import GDNConfig, ModelConfig
 from imp_jax.models import gdn
+from imp_jax.models.config import GDNConfig, ModelConfig
 from imp_jax.models.layers import projections
 
 Weight = ops.Weight
@@ -34,7 +34,7 @@ class Recurrent:
     w_beta: Weight | None = None  # ssm_beta [Hv, D]
     w_ba: Weight | None = None  # ssm_ba [2Hv, D], per key group [b (rf) | a (rf)]
     w_in: Weight | None = None  # legacy ssm_in [2Hk*dk + 2Hv*dv, D], per key group [q | k | v | z]
-    w_qkvz: Weight | None = None  # w_qkv and w_z fused where stored alike (params._fuse): [C + Hv*dv, D]
+    w_qkvz: Weight | None = None  # w_qkv and w_z fused where stored alike (weights.fusion.fuse): [C + Hv*dv, D]
     w_alpha_beta: Weight | None = None  # w_alpha and w_beta fused likewise: [2Hv, D]
 
 

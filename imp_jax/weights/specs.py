@@ -1,10 +1,10 @@
-"""GGUF tensors -> params pytree, and its abstract twin for planning.
+"""GGUF tensor table -> the params tree with ``TensorSpec`` leaves, validated against the config.
 
 ``param_specs`` builds the params tree once with ``TensorSpec`` leaves (names, stored qtype, logical shape,
-target dtype). The same tree is turned into ShapeDtypeStructs for the memory planner (``abstract_params``) and
-into device arrays for the model (``load_params``), so planning and loading cannot disagree. Quantized tensors
-stay packed (QTensor leaves); float matrices take the compute dtype; norms, biases, routers, the conv filter and
-rope factors stay f32.
+target dtype). The same tree is turned into ShapeDtypeStructs for the memory planner (``loading.abstract_params``)
+and into device arrays for the model (``loading.load_params``), so planning and loading cannot disagree.
+Quantized tensors stay packed (QTensor leaves); float matrices take the compute dtype; norms, biases, routers, the
+conv filter and rope factors stay f32.
 
 The layer stack is cut into repeating units (models/decoder.py) and units with identical tensors (names aside)
 into segments; every leaf of a segment is stacked over its units.
@@ -13,32 +13,21 @@ into segments; every leaf of a segment is stacked over its units.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from itertools import groupby
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
-from imp_jax import ops
-from imp_jax.config import ATTENTION, ModelConfig
 from imp_jax.errors import GGUFError, UnsupportedModel
-from imp_jax.gguf.qtensor import QTensor, row_bytes
 from imp_jax.gguf.quant import SUPPORTED_QTYPES, is_quantized
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.attention import Attention
+from imp_jax.models.config import ATTENTION, ModelConfig
 from imp_jax.models.decoder import Decoder, Layer
-from imp_jax.models.layers import rope_inv_freq
 from imp_jax.models.moe import MoE
 from imp_jax.models.recurrent import Recurrent
+from imp_jax.weights.fusion import fuse
+from imp_jax.weights.tensor_spec import ROPE, TensorSpec, tensor_name
 
-_FLOAT_NP = {
-    GGMLQuantizationType.F32: np.float32,
-    GGMLQuantizationType.F16: np.float16,
-    GGMLQuantizationType.BF16: ml_dtypes.bfloat16,
-}
 _M = MODEL_TENSOR
 
 # field -> (tensor kind, suffix); suffix "" for the few tensors stored without one (ssm_a)
@@ -98,67 +87,6 @@ _REQUIRED = {
 # Float tensors that feed f32 arithmetic and stay f32 whatever the compute dtype (biases too, even the [E, F]
 # expert biases).
 _KEEP_F32 = {_M.FFN_GATE_INP, _M.FFN_GATE_INP_SHEXP, _M.SSM_CONV1D}
-# Matrices that read the same input, loaded as one where they are stored alike (field -> its parts, in order):
-# one matmul launch instead of two or three, and small matrices (k/v, the GDN gates) no longer run alone. Measured in
-# docs/BENCHMARKS.md (decode is launch-bound beside the weight reads).
-_FUSED = {
-    "wqkv": ("wq", "wk", "wv"),
-    "w_gate_up": ("w_gate", "w_up"),
-    "w_qkvz": ("w_qkv", "w_z"),
-    "w_alpha_beta": ("w_alpha", "w_beta"),
-    "gate_up_exps": ("gate_exps", "up_exps"),  # [E, 2F, D], gate rows first: the layout converters also write
-    "shared_gate_up": ("shared_gate", "shared_up"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """Where one params leaf comes from: one GGUF tensor, or one per unit stacked on a leading axis."""
-
-    names: tuple[str, ...]
-    qtype: int
-    shape: tuple[int, ...]  # logical numpy-order shape of one tensor
-    dtype: str | None  # dense target dtype; None keeps the packed blocks (QTensor)
-    stacked: bool
-    scale_names: tuple[str, ...] = ()  # NVFP4 per-tensor scales
-    gathered: bool = False  # read by row (the embedding table), so never repacked for a matmul kernel
-    fused: tuple[tuple[str, ...], ...] = ()  # tensors concatenated after ``names`` along N, each its names per unit
-    rows: tuple[int, ...] = ()  # with ``fused``: N of every part, this spec's own first (``shape`` has their sum)
-
-    @property
-    def parts(self) -> tuple[tuple[str, ...], ...]:
-        """Per part (one unless fused), the GGUF tensor names per unit."""
-        return (self.names, *self.fused)
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Per unit, the tensor's name (fused parts' names joined by '+'), for messages."""
-        return tuple("+".join(unit) for unit in zip(*self.parts, strict=True))
-
-    @property
-    def stack(self) -> tuple[int, ...]:
-        return (len(self.names),) if self.stacked else ()
-
-    @property
-    def qshape(self) -> tuple[int, ...]:
-        """The QTensor's matrix shape; leading axes (experts) become stack axes."""
-        return self.shape[-2:]
-
-    @property
-    def nbytes(self) -> int:
-        n = len(self.names)
-        if self.dtype is None:
-            return n * int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.qtype, self.shape[-1])
-        return n * int(np.prod(self.shape, dtype=np.int64)) * jnp.dtype(self.dtype).itemsize
-
-
-ROPE = "<rope>"  # the per-layer rope table is computed from the config, not read from the file
-
-
-def tensor_name(kind: MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
-    base = TENSOR_NAMES[kind]
-    base = base.format(bid=layer) if layer is not None else base
-    return f"{base}.{suffix}" if suffix else base
 
 
 def _present(mf: ModelFile, table: dict, layer: int) -> dict[str, str]:
@@ -264,29 +192,7 @@ def _stack(mf: ModelFile, trees: list, cls, compute_dtype: str):
             fields[field] = _stack(mf, [t[field] for t in trees], sub, compute_dtype)
         else:
             fields[field] = _spec(mf, [t[field] for t in trees], compute_dtype, stacked=True)
-    return cls(**_fuse(fields))
-
-
-def _fuse(fields: dict) -> dict:
-    """Fields with each ``_FUSED`` group whose matrices (or expert stacks) share qtype, storage, K and stack shape
-    replaced by one spec, concatenated along N."""
-    for name, group in _FUSED.items():
-        specs = [fields.get(field) for field in group]
-        if not all(isinstance(s, TensorSpec) and len(s.shape) >= 2 and not s.scale_names for s in specs):
-            continue
-        first = specs[0]
-        key = (first.qtype, first.dtype, first.shape[:-2], first.shape[-1])
-        if any((s.qtype, s.dtype, s.shape[:-2], s.shape[-1]) != key for s in specs):
-            continue
-        rows = tuple(s.shape[-2] for s in specs)
-        fields = {k: v for k, v in fields.items() if k not in group}
-        fields[name] = dataclasses.replace(
-            first,
-            shape=(*first.shape[:-2], sum(rows), first.shape[-1]),
-            fused=tuple(s.names for s in specs[1:]),
-            rows=rows,
-        )
-    return fields
+    return cls(**fuse(fields))
 
 
 def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
@@ -358,7 +264,7 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
         recurrent = {
             _M.SSM_CONV1D: (g.conv_channels, g.conv_kernel),
             _M.SSM_OUT: (cfg.n_embd, g.n_v_heads * g.head_v_dim),
-            # the parts the loader may fuse (params._FUSED), whose split points come from these shapes
+            # the parts the loader may fuse (weights.fusion.FUSED), whose split points come from these shapes
             _M.ATTN_QKV: (g.conv_channels, cfg.n_embd),
             _M.ATTN_GATE: (g.n_v_heads * g.head_v_dim, cfg.n_embd),
             _M.SSM_ALPHA: (g.n_v_heads, cfg.n_embd),
@@ -377,104 +283,3 @@ def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:
             raise GGUFError(
                 mf.path, f"shape {mf.tensors[up].shape}, expected {gate}'s {mf.tensors[gate].shape}", tensor=up
             )
-
-
-def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
-    """The leaf's bytes on the host: stacked over units, fused parts concatenated along N (on the host, so the
-    device never holds the parts beside their concatenation)."""
-
-    def one(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        raw = np.asarray(mf.raw(name))
-        if spec.dtype is None:
-            return raw.reshape(*shape[:-1], row_bytes(spec.qtype, shape[-1]))
-        return raw.view(_FLOAT_NP[GGMLQuantizationType(spec.qtype)]).reshape(shape)
-
-    def part(names: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-        arrays = [one(n, shape) for n in names]
-        return np.stack(arrays) if spec.stacked else arrays[0]
-
-    if not spec.fused:
-        return part(spec.names, spec.shape)
-    shapes = [(*spec.shape[:-2], r, spec.shape[-1]) for r in spec.rows]
-    return np.concatenate([part(n, s) for n, s in zip(spec.parts, shapes, strict=True)], axis=-2)
-
-
-def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
-    factors_name = tensor_name(_M.ROPE_FREQS, "weight")
-    factors = np.asarray(mf.raw(factors_name)).view(np.float32) if factors_name in mf.tensors else None
-    rows = []
-    for window in cfg.layer_window:
-        rope = cfg.rope_local if (window and cfg.rope_local is not None) else cfg.rope
-        rows.append(rope_inv_freq(rope, factors if rope.scaling == "llama3" else None))
-    return np.stack(rows).astype(np.float32)
-
-
-def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | jax.Array:
-    """One leaf on the device."""
-    if spec.names == (ROPE,):
-        return jnp.asarray(_rope_table(mf, cfg))
-    if spec.dtype is not None and is_quantized(spec.qtype):  # the dequantized fallback (imp_jax.fallback)
-        from imp_jax.fallback import packed_spec, to_dense
-
-        return to_dense(_qtensor(mf, packed_spec(spec)), spec.dtype)
-    if spec.dtype is None:
-        return prepared(spec, _qtensor(mf, spec))
-    host = _host_array(mf, spec)
-    return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
-
-
-def prepared(spec: TensorSpec, w: QTensor):
-    """The packed leaf in the layout this backend's kernels read (``ops.prepare_weight``), unless it is gathered
-    by row (the embedding: a tied output head then takes the reference path)."""
-    return w if spec.gathered else ops.prepare_weight(w)
-
-
-def _qtensor(mf: ModelFile, spec: TensorSpec) -> QTensor:
-    """The packed blocks on the device as stored (before any kernel repacking)."""
-    scale = None
-    if spec.scale_names:
-        s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
-        scale = jnp.asarray(s if spec.stacked else s[0])
-    return QTensor(jnp.asarray(_host_array(mf, spec)), scale, spec.qtype, spec.qshape)
-
-
-def abstract_leaf(spec: TensorSpec):
-    """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
-    abstractly): no bytes are read, nothing touches the device."""
-    if spec.dtype is None:
-        stored = abstract_stored(spec)
-        # A fresh function each time: eval_shape caches traces by function, and the repacking depends on the
-        # kernel mode of the moment (IMP_JAX_KERNELS), which the cache key would not see.
-        return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w), stored)
-    return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
-
-
-def abstract_stored(spec: TensorSpec) -> QTensor:
-    """The abstract QTensor of a quantized spec as stored in the file (what ``_qtensor`` puts on the device)."""
-    data = jax.ShapeDtypeStruct(spec.stack + spec.shape[:-1] + (row_bytes(spec.qtype, spec.shape[-1]),), jnp.uint8)
-    scale = jax.ShapeDtypeStruct(spec.stack, jnp.float32) if spec.scale_names else None
-    return QTensor(data, scale, spec.qtype, spec.qshape)
-
-
-def is_spec(x) -> bool:
-    return isinstance(x, TensorSpec)
-
-
-def map_specs(fn: Callable[[TensorSpec], object], specs: Decoder) -> Decoder:
-    return jax.tree.map(fn, specs, is_leaf=is_spec)
-
-
-def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_leaf: Callable[[TensorSpec], None] | None = None):
-    """Read every leaf from the memmap and put it on the device (``on_leaf`` reports progress)."""
-
-    def load(spec: TensorSpec):
-        leaf = materialize(mf, cfg, spec)
-        if on_leaf is not None:
-            on_leaf(spec)
-        return leaf
-
-    return map_specs(load, specs)
-
-
-def abstract_params(specs: Decoder):
-    return map_specs(abstract_leaf, specs)

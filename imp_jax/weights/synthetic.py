@@ -26,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, GGMLQuantizationType
 
-from imp_jax.config import (
+from imp_jax.errors import UnsupportedModel
+from imp_jax.gguf.qtensor import QTensor, row_bytes
+from imp_jax.gguf.reader import ModelFile, TensorInfo
+from imp_jax.models.config import (
     ATTENTION,
     GPT_OSS,
     LLAMA,
@@ -38,13 +41,12 @@ from imp_jax.config import (
     ModelConfig,
     config_from_gguf,
 )
-from imp_jax.errors import UnsupportedModel
-from imp_jax.fallback import is_fallback, packed_spec, to_dense
-from imp_jax.gguf.qtensor import QTensor, row_bytes
-from imp_jax.gguf.reader import ModelFile, TensorInfo
 from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
-from imp_jax.params import ROPE, TensorSpec, is_spec, param_specs, prepared, tensor_name
+from imp_jax.weights.fallback import is_fallback, packed_spec, to_dense
+from imp_jax.weights.loading import prepared
+from imp_jax.weights.specs import param_specs
+from imp_jax.weights.tensor_spec import ROPE, TensorSpec, is_spec, tensor_name
 
 _T = GGMLQuantizationType
 _M = MODEL_TENSOR

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from imp_jax.tokenizer import Tokenizer
+from imp_jax.text.tokenizer import Tokenizer
 
 MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
 

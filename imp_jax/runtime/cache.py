@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from imp_jax.config import ModelConfig
+from imp_jax.models.config import ModelConfig
 
 
 @jax.tree_util.register_dataclass

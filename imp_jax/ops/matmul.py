@@ -1,20 +1,14 @@
-"""The one dispatch point per op.
+"""Matrix products over weight leaves: the one dispatch point for ``x @ W.T``, expert stacks and embeddings.
 
 ``matmul(x, w)`` picks its implementation from the weight leaf: a ``pallas.PackedWeight`` (made at load on a
 Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
 array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading the bf16 weight in place where
-``BF16_KERNEL`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts.
-``attention_prefill`` / ``attention_decode`` pick the Pallas attention kernels on Hopper for what they support and
-the jnp reference otherwise. ``kernel_mode`` says which world applies: ``IMP_JAX_KERNELS=0`` turns the kernels off
-(debugging: compare against the reference path), ``IMP_JAX_KERNELS=all`` also runs the ones measured slower than
-XLA (benchmarks, debugging). A kernel that cannot run raises KernelError naming op, shapes and dtypes: nothing
-silently falls back inside a step.
+``policy.BF16_KERNEL`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
+that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +17,7 @@ from gguf import GGMLQuantizationType
 from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
+from imp_jax.ops import policy
 
 Weight = QTensor | jax.Array
 
@@ -30,30 +25,11 @@ REFERENCE = "reference"  # dequantize to the compute dtype, then jnp.dot with f3
 PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
 DENSE = "dense"  # a float weight: jnp.dot
 
-# Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. XLA's dot already
-# streams a bf16 GEMV near HBM speed and runs prefill on cuBLAS; docs/BENCHMARKS.md has the measured comparison.
-BF16_KERNEL = False
-
-
-def kernel_mode() -> str:
-    """Which kernels run: "off" (IMP_JAX_KERNELS=0, or not a Hopper GPU: compute capability 9.x), "all"
-    (IMP_JAX_KERNELS=all) or "auto" (the default: every kernel that beats the XLA path)."""
-    env = os.environ.get("IMP_JAX_KERNELS", "1")
-    dev = jax.devices()[0]
-    if env == "0" or not (dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")):
-        return "off"
-    return "all" if env == "all" else "auto"
-
-
-def kernels_enabled() -> bool:
-    """Pallas kernels run (Hopper GPU, not IMP_JAX_KERNELS=0)."""
-    return kernel_mode() != "off"
-
 
 def prepare_weight(w: Weight) -> Weight:
     """The leaf ``matmul`` should hold for this weight on this backend: on Hopper, QTensors of a format the
     kernels read are repacked (once, at load) into the kernel layout; everything else is kept as is."""
-    if not (kernels_enabled() and isinstance(w, QTensor) and w.scale is None):
+    if not (policy.kernels_enabled() and isinstance(w, QTensor) and w.scale is None):
         return w
     import pallas
 
@@ -92,8 +68,8 @@ def matmul_path(w) -> str:
 
 def _bf16_kernel(w) -> bool:
     """A dense bf16 matrix runs the kernel under IMP_JAX_KERNELS=all, or by default where BF16_KERNEL says so."""
-    mode = kernel_mode()
-    if not (mode == "all" or (mode == "auto" and BF16_KERNEL)):
+    mode = policy.kernel_mode()
+    if not (mode == "all" or (mode == "auto" and policy.BF16_KERNEL)):
         return False
     import pallas
 
@@ -143,77 +119,3 @@ def embed(table: Weight, ids: jax.Array, dtype) -> jax.Array:
             out = out * table.scale
         return out.astype(dtype)
     return jnp.take(table, ids, axis=0).astype(dtype)
-
-
-def _kernel_attention_ok(q: jax.Array, softcap: float) -> bool:
-    return kernels_enabled() and not softcap and q.shape[-1] in (64, 128, 256)
-
-
-def attention_prefill(q, k, v, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None) -> jax.Array:
-    """Causal self-attention of a chunk that starts at position 0: q [B, T, H, D], k/v [B, T, Hkv, D]."""
-    if _kernel_attention_ok(q, softcap):
-        import pallas
-
-        return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
-    b, t = q.shape[:2]
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return attention(q, k, v, pos, pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
-
-
-def attention_decode(
-    q, k_cache, v_cache, q_pos, layer, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
-) -> jax.Array:
-    """New tokens q [B, T, H, D] at positions q_pos [B, T] against layer ``layer`` of the caches
-    [L, B, S, Hkv, D], which already hold them. The kernel reads the layer in place."""
-    if _kernel_attention_ok(q, softcap) and k_cache.shape[2] % 8 == 0:
-        import pallas
-
-        lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
-        return pallas.decode_attention(
-            q, k_cache, v_cache, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
-        )
-    k_cache, v_cache = k_cache[layer], v_cache[layer]
-    b, s = k_cache.shape[:2]
-    k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    return attention(q, k_cache, v_cache, q_pos, k_pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    *,
-    scale: float,
-    window: jax.Array | int = 0,
-    softcap: float = 0.0,
-    sinks: jax.Array | None = None,
-) -> jax.Array:
-    """Causal GQA attention with f32 scores and softmax (DESIGN rule 2).
-
-    q [B, T, H, D]; k, v [B, S, Hkv, D]; q_pos [B, T] and k_pos [B, S] absolute positions. A key is visible when
-    ``k_pos <= q_pos`` and, with a window w > 0, ``q_pos - k_pos < w``. ``sinks`` [H] adds a learned logit to
-    each head's softmax denominator (gpt-oss).
-    """
-    b, t, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if softcap:
-        s = softcap * jnp.tanh(s / softcap)
-    rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-    visible = (rel >= 0) & ((window <= 0) | (rel < window))
-    s = jnp.where(visible[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, hkv, h // hkv, 1, 1)
-        m = jnp.maximum(m, sink)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - m)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(b, t, h, d).astype(q.dtype)

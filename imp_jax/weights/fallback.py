@@ -4,7 +4,7 @@ This is imp's FP16 fallback made explicit and plannable. A ``TensorSpec`` whose 
 stored qtype is a block format means: read the packed blocks, dequantize them once on the device, keep only the
 dense array. It costs 2-4x the packed bytes (the planner counts them, and the packed copy that exists while one
 leaf converts) and saves the reference path's dequantization inside every step. Which leaves take it is the
-planner's choice (``imp_jax.memory``); nothing here decides.
+planner's choice (``imp_jax.planning.memory``); nothing here decides.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import is_quantized
-from imp_jax.params import TensorSpec, map_specs
+from imp_jax.weights.tensor_spec import TensorSpec, map_specs
 
 
 def is_fallback(spec: TensorSpec) -> bool:

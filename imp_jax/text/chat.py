@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from imp_jax.errors import ImpError
 
 if TYPE_CHECKING:
-    from imp_jax.tokenizer import Tokenizer
+    from imp_jax.text.tokenizer import Tokenizer
 
 # llama.cpp's fallback (common/chat.cpp, CHATML_TEMPLATE_SRC), verbatim.
 CHATML_TEMPLATE = (

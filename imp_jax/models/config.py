@@ -14,7 +14,6 @@ from typing import Any
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
 from imp_jax.errors import UnsupportedModel
-from imp_jax.models.moe import MoEConfig
 
 LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]
 QWEN2 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]
@@ -28,6 +27,42 @@ GPT_OSS = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]
 
 ATTENTION = "attention"
 RECURRENT = "recurrent"
+
+
+GATINGS = ("softmax", "topk_softmax")
+ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Static MoE settings, read from the file's ``expert_*`` keys.
+
+    ``gating``: "softmax" takes the top-k of a softmax over all experts (renormalised over the k when
+    ``norm_topk``; llama.cpp always does for qwen3moe, qwen35moe and qwen3next); "topk_softmax" (gpt-oss) takes
+    the top-k logits and a softmax over those k. ``activation``: "silu" is SwiGLU; "swiglu_oai" is gpt-oss's
+    clamped variant ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
+    """
+
+    n_experts: int
+    top_k: int
+    n_ff_exp: int
+    gating: str = "softmax"
+    norm_topk: bool = True
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    has_shared: bool = False
+    shared_gate: bool = False
+
+    def __post_init__(self):
+        if self.gating not in GATINGS:
+            raise UnsupportedModel(f"expert gating '{self.gating}' is not supported (supported: {GATINGS})")
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModel(f"expert activation '{self.activation}' is not supported ({ACTIVATIONS})")
+        if not 0 < self.top_k <= self.n_experts:
+            raise UnsupportedModel(f"{self.top_k} experts used per token out of {self.n_experts} is not valid")
+        if self.shared_gate and not self.has_shared:
+            raise UnsupportedModel("a shared-expert gate without a shared expert")
 
 
 @dataclasses.dataclass(frozen=True)

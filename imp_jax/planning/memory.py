@@ -31,15 +31,18 @@ import jax
 import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
-from imp_jax import engine, ops
-from imp_jax.cache import abstract_cache
-from imp_jax.config import ModelConfig, config_from_gguf
+from imp_jax import ops
 from imp_jax.errors import ImpError, ModelTooLarge, gib
-from imp_jax.fallback import fallback_specs, is_fallback, packed_spec, to_dense
-from imp_jax.files import open_model_file
 from imp_jax.gguf.qtensor import QTensor
-from imp_jax.params import TensorSpec, abstract_leaf, abstract_stored, is_spec, map_specs, param_specs
-from imp_jax.sampling import RECENT, SamplingParams
+from imp_jax.models.config import ModelConfig, config_from_gguf
+from imp_jax.runtime import steps
+from imp_jax.runtime.cache import abstract_cache
+from imp_jax.runtime.sampling import RECENT, SamplingParams
+from imp_jax.weights.fallback import fallback_specs, is_fallback, packed_spec, to_dense
+from imp_jax.weights.files import open_model_file
+from imp_jax.weights.loading import abstract_leaf, abstract_stored
+from imp_jax.weights.specs import param_specs
+from imp_jax.weights.tensor_spec import TensorSpec, is_spec, map_specs
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -353,11 +356,11 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
     params = map_specs(abstract.__getitem__, planned)
     tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    prefill = engine.prefill_step.lower(params, config, tokens, lengths, cache).compile()
+    prefill = steps.prefill_step.lower(params, config, tokens, lengths, cache).compile()
     sampling = jax.eval_shape(SamplingParams().arrays)
     # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
-    decode = engine.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True).compile()
-    steps = (
+    decode = steps.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True).compile()
+    step_memory = (
         _step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
         _step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
     )
@@ -371,7 +374,7 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         weights=weights,
         kv_cache_bytes=kv_bytes,
         state_bytes=state_bytes,
-        steps=steps,
+        steps=step_memory,
         load_transient_bytes=max((_load_transient(s, a) for s, a in abstract.items()), default=0),
         budget=budget,
         specs=planned,
@@ -396,9 +399,9 @@ def _step_memory(name: str, compiled, persistent: int) -> StepMemory:
     return StepMemory(name, int(stats.temp_size_in_bytes), max(int(io), 0))
 
 
-def _abstract_decode_state(batch: int) -> engine.DecodeState:
+def _abstract_decode_state(batch: int) -> steps.DecodeState:
     i32 = jnp.int32
-    return engine.DecodeState(
+    return steps.DecodeState(
         jax.ShapeDtypeStruct((batch,), i32),
         jax.ShapeDtypeStruct((batch,), i32),
         jax.ShapeDtypeStruct((batch, RECENT), i32),

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import sampling
-from imp_jax.cache import Cache, init_cache
-from imp_jax.config import ModelConfig
 from imp_jax.errors import ContextOverflow, ImpError
+from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder, forward
+from imp_jax.runtime import sampling
+from imp_jax.runtime.cache import Cache, init_cache
 
 MIN_BUCKET = 16
 

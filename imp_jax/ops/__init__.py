@@ -1,0 +1,33 @@
+"""The one dispatch point per op: matrix products (``matmul``), attention (``attention``), and the kernel policy
+that decides between the Pallas kernels and the XLA reference (``policy``)."""
+
+from imp_jax.ops.attention import attention, attention_decode, attention_prefill
+from imp_jax.ops.matmul import (
+    DENSE,
+    PALLAS,
+    REFERENCE,
+    Weight,
+    embed,
+    expert_matmul,
+    matmul,
+    matmul_path,
+    prepare_weight,
+)
+from imp_jax.ops.policy import kernel_mode, kernels_enabled
+
+__all__ = [
+    "DENSE",
+    "PALLAS",
+    "REFERENCE",
+    "Weight",
+    "attention",
+    "attention_decode",
+    "attention_prefill",
+    "embed",
+    "expert_matmul",
+    "kernel_mode",
+    "kernels_enabled",
+    "matmul",
+    "matmul_path",
+    "prepare_weight",
+]

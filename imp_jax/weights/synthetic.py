@@ -190,7 +190,37 @@ SHAPES: dict[str, SyntheticShape] = {
     )
 }
 
-QUANTS: dict[str, GGMLQuantizationType] = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "bf16": _T.BF16}
+QUANTS: dict[str, GGMLQuantizationType] = {
+    "mxfp4": _T.MXFP4,
+    "q8_0": _T.Q8_0,
+    "q4_k": _T.Q4_K,
+    "bf16": _T.BF16,
+    "q4_k_m": _T.Q4_K,
+    "q5_k_m": _T.Q5_K,
+}
+# llama.cpp's K-quant "medium" mixes: attn_v, ffn_down (in the layers ``more_bits`` picks) and the output head
+# take Q6_K, everything else the base type. Their irregular layer pattern is what a real user's file looks like.
+_MORE_BITS_MIXES = {"q4_k_m", "q5_k_m"}
+_MORE_BITS_TENSORS = (_M.ATTN_V, _M.FFN_DOWN)
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third one between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _mixed_qtype(name: str, quant: str, n_layers: int) -> GGMLQuantizationType:
+    """The qtype of matrix ``name`` in a file of ``quant`` (a uniform quant, or a K-quant medium mix)."""
+    if quant not in _MORE_BITS_MIXES:
+        return QUANTS[quant]
+    if name == tensor_name(_M.OUTPUT, "weight"):
+        return _T.Q6_K
+    for kind in _MORE_BITS_TENSORS:
+        for layer in range(n_layers):
+            if name == tensor_name(kind, "weight", layer):
+                return _T.Q6_K if more_bits(layer, n_layers) else QUANTS[quant]
+    return QUANTS[quant]
+
 
 _POST_ATTENTION_FFN_NORM = {QWEN35, QWEN35MOE, QWEN3NEXT, GPT_OSS}  # their FFN input norm is post_attention_norm
 _NO_QK_NORM = {LLAMA, GPT_OSS}
@@ -272,10 +302,10 @@ def synthetic_file(shape: str | SyntheticShape, quant: str) -> ModelFile:
         shape = SHAPES[shape]
     if quant not in QUANTS:
         raise UnsupportedModel(f"unknown synthetic quant {quant!r}; use one of {', '.join(QUANTS)}")
-    qtype = QUANTS[quant]
-    block = GGML_QUANT_SIZES[qtype][0]
     tensors = {}
     for name, (dims, matrix) in synthetic_tensors(shape.config, shape.metadata).items():
+        qtype = _mixed_qtype(name, quant, shape.config.n_layers)
+        block = GGML_QUANT_SIZES[qtype][0]
         if matrix and dims[-1] % block:
             raise UnsupportedModel(f"{quant} needs rows that are multiples of {block}; {shape.name} has {name} {dims}")
         t = int(qtype if matrix else _T.F32)

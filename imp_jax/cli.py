@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,10 +26,17 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def compile_cache_setting(environ: dict[str, str] | None = None) -> bool | str:
+    """``IMP_JAX_COMPILE_CACHE``: unset or 1 keeps compiled steps in the imp-jax cache folder, 0 turns the
+    persistent compile cache off, anything else is the folder to use."""
+    value = (os.environ if environ is None else environ).get("IMP_JAX_COMPILE_CACHE", "1")
+    return {"1": True, "0": False}.get(value, value)
+
+
 def _load(args: argparse.Namespace):
     import imp_jax
 
-    return imp_jax.load(args.model, dtype=args.dtype, max_context=args.context)
+    return imp_jax.load(args.model, dtype=args.dtype, max_context=args.context, compile_cache=compile_cache_setting())
 
 
 def _sampling(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from imp_jax.errors import ContextOverflow, ImpError
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.planning import memory
+from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
 from imp_jax.runtime.sampling import SamplingParams
 from imp_jax.text import harmony
@@ -24,7 +25,6 @@ from imp_jax.text.tokenizer import Tokenizer
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
 from imp_jax.weights.specs import param_specs
-from imp_jax.weights.tensor_spec import TensorSpec
 
 DTYPES = ("bfloat16", "float32")
 
@@ -121,6 +121,7 @@ def load(
     force: bool = False,
     debug: bool = False,
     progress: bool | None = None,
+    compile_cache: bool | str | os.PathLike[str] = True,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -130,8 +131,11 @@ def load(
     what the device reports free). ``path`` picks how quantized weights run ("auto": packed kernels where they
     exist, the dequantized fallback only where it fits); ``force`` loads past the budget with a warning.
     ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
+    ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
+    imp-jax cache folder, a folder of your own, or False.
     """
     dtype = _parse_dtype(dtype)
+    compile_cache_mod.configure(compile_cache)
     mf = open_model_file(path_or_name)
     config = config_from_gguf(mf.metadata, set(mf.tensors))
     tokenizer = Tokenizer.from_metadata(mf.metadata)
@@ -141,7 +145,7 @@ def load(
         budget=memory.resolve_budget(device_memory), path=path,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
-    params = load_params(mf, config, plan.specs, on_leaf=_progress(mf, plan.specs, progress))
+    params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan.specs, progress))
     if debug or debug_nans_enabled():
         check_prefill(params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs)
     model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch)
@@ -150,13 +154,13 @@ def load(
 
 
 def _progress(mf: ModelFile, specs: Any, show: bool | None):
-    """A rich progress bar over weight bytes for loads long enough to want one."""
+    """A rich progress bar over weight bytes (with GB/s) for loads long enough to want one."""
     import jax
 
     from imp_jax.weights.tensor_spec import is_spec
 
     leaves = jax.tree.leaves(specs, is_leaf=is_spec)
-    total = sum(s.nbytes for s in leaves if isinstance(s, TensorSpec))
+    total = sum(mf.tensors[n].nbytes for s in leaves for part in s.parts for n in part if n in mf.tensors)
     if show is None:
         show = total > 512 * 2**20 and os.isatty(2)
     if not show:
@@ -166,15 +170,15 @@ def _progress(mf: ModelFile, specs: Any, show: bool | None):
     bar = Progress("loading", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
     task = bar.add_task(mf.path.name, total=total)
     bar.start()
-    done = {"n": 0}
+    done = {"bytes": 0}
 
-    def on_leaf(spec: TensorSpec) -> None:
-        bar.advance(task, spec.nbytes)
-        done["n"] += 1
-        if done["n"] == len(leaves):
+    def on_bytes(n: int) -> None:
+        bar.advance(task, n)
+        done["bytes"] += n
+        if done["bytes"] >= total:
             bar.stop()
 
-    return on_leaf
+    return on_bytes
 
 
 def generate(

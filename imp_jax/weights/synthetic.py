@@ -418,6 +418,13 @@ def _random_blocks(key, lead: tuple[int, ...], qtype: GGMLQuantizationType, std:
         # d * sc * q - dmin * m with 6-bit sc, m and 4-bit q uniform: dmin = 7.5 d zeroes the mean, rms ~258 d.
         d = std * jitter / 258.0
         return blocks.at[..., :2].set(_f16_bytes(d)).at[..., 2:4].set(_f16_bytes(7.5 * d))
+    if qtype == _T.Q5_K:
+        # as Q4_K with 5-bit q: dmin = 15.5 d zeroes the mean, rms ~527 d.
+        d = std * jitter / 527.0
+        return blocks.at[..., :2].set(_f16_bytes(d)).at[..., 2:4].set(_f16_bytes(15.5 * d))
+    if qtype == _T.Q6_K:
+        # d * sc * (q - 32) with int8 sc (rms ~73.9) and 6-bit q (q - 32 rms ~18.5): rms ~1367 d; d is last.
+        return blocks.at[..., 208:210].set(_f16_bytes(std * jitter / 1367.0))
     raise UnsupportedModel(f"synthetic blocks for {qtype.name} are not implemented (use one of {', '.join(QUANTS)})")
 
 

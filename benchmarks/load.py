@@ -8,7 +8,8 @@ Each model runs in new processes, the page cache warm (the file is read once fir
 
 - ``cold``: an empty compile cache; ``cached``: the same cache again (what every run after the first sees);
 - in each process: ``load_s`` (``imp_jax.load``: open, plan, weights on the device), the file's GB/s over it,
-  ``compile_s`` (XLA backend compiles during load + first generation, from jax.monitoring), ``ttft_s`` (first
+  ``compile_s`` (XLA backend compiles or compile-cache reads during load + first generation, from
+  jax.monitoring; ``cache_hits`` says how many were reads), ``ttft_s`` (first
   ``generate`` of a 5-token prompt until its first token, compiles included) and ``gen_s`` (32 tokens);
 - ``wall_s``: the whole ``imp-jax generate -n 32`` command in a new process, the way a user runs it;
 - llama.cpp, with ``--llama-completion``: the same prompt and 32 tokens through ``llama-completion``, its wall

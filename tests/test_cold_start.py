@@ -64,8 +64,7 @@ _CHILD = textwrap.dedent(
     import json, sys, jax
     hits, compiles = [], []
     jax.monitoring.register_event_listener(lambda n, **_: hits.append(n) if n.endswith("cache_hits") else None)
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda n, s, **_: compiles.append(n) if n.endswith("backend_compile_duration") else None)
+    jax.monitoring.register_event_listener(lambda n, **_: compiles.append(n) if n.endswith("cache_misses") else None)
     import imp_jax
     model = imp_jax.load(sys.argv[1], max_context=64, dtype=sys.argv[3], compile_cache=sys.argv[2])
     text = imp_jax.generate(model, sys.argv[4], max_tokens=3).text

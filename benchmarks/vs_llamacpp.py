@@ -1,17 +1,17 @@
 """imp-jax beside llama.cpp on the same GGUF files, same GPU, same call (issue 22 item 3; issues 14, 17).
 
-How to run it on the H200 (the lead's calls; carry ``[".llama"]``: llama.cpp source 23 MiB, gguf wheel, tokenizer
-6 MiB; prepare it here first with ``python scripts/llamacpp_tree.py`` and
-``python benchmarks/random_gguf.py tokenizer``):
+How to run it on the H200. Here first: ``python scripts/llamacpp_tree.py`` and ``python benchmarks/random_gguf.py
+tokenizer``; every call carries ``[".llama"]`` (29 MiB: llama.cpp source, gguf wheel, tokenizer) and starts with
+``S="pip install -q --no-index --no-deps --target /tmp/site .llama/wheels/*.whl"; $S; export PYTHONPATH=.:/tmp/site
+PYTHONUNBUFFERED=1;`` (called P below).
 
-1. build start (seconds; the build runs on about 7 minutes in the background, GPU tests can run in the same call):
+1. build start (seconds; the build then runs about 7 minutes under setsid, GPU tests can follow in the same call):
    ``bash benchmarks/device_llamacpp.sh start``
-2. build wait, then write the F16 file and quantize (about 2-3 minutes after the build):
-   ``pip install -q --no-deps --target /tmp/site .llama/wheels/*.whl; export PYTHONPATH=.:/tmp/site;
-   bash benchmarks/device_llamacpp.sh wait 540 && python benchmarks/vs_llamacpp.py --prepare-only``
-3. benchmark (about 1 minute per file for llama-bench, 1-2 for imp-jax; split across calls with --files):
-   ``export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1; python benchmarks/vs_llamacpp.py --files f16,q8_0
-   --out $OUT/vs_a.json`` then ``--files q4_k_m,q5_k_m,mxfp4 --out $OUT/vs_b.json``
+2. build wait, write the 16 GB F16 file and quantize the four others (about 3 minutes after the build):
+   ``P; bash benchmarks/device_llamacpp.sh wait 540 && python benchmarks/vs_llamacpp.py --prepare-only``
+3. benchmark, split across calls (llama-bench about 1 minute a file, imp-jax 1-2 minutes a file):
+   ``P; python benchmarks/vs_llamacpp.py --files f16,q8_0 --out $OUT/vs_a.json`` then
+   ``P; python benchmarks/vs_llamacpp.py --files q4_k_m,q5_k_m,mxfp4 --out $OUT/vs_b.json``
 
 Files live in /tmp/vs-llamacpp (the device's disk, kept while the machine stays warm). For every file: llama-bench
 (``-p 512 -n 128 -r 5 -ngl 99 -fa 1``, median of its samples) beside imp-jax's pp512 and tg128 at batch 1 and 8

@@ -66,7 +66,7 @@ _CHILD = textwrap.dedent(
     jax.monitoring.register_event_listener(lambda n, **_: hits.append(n) if n.endswith("cache_hits") else None)
     jax.monitoring.register_event_listener(lambda n, **_: compiles.append(n) if n.endswith("cache_misses") else None)
     import imp_jax
-    model = imp_jax.load(sys.argv[1], max_context=64, dtype=sys.argv[3], compile_cache=sys.argv[2])
+    model = imp_jax.load(sys.argv[1], max_context=256, dtype=sys.argv[3], compile_cache=sys.argv[2])
     text = imp_jax.generate(model, sys.argv[4], max_tokens=3).text
     print(json.dumps(dict(hits=len(hits), compiles=len(compiles), text=text)))
     """
@@ -99,7 +99,7 @@ def test_a_changed_dtype_or_bucket_misses_the_cache(real_model, tmp_path):
     base = compile_cache.entries(tmp_path)
     _child(path, tmp_path, prompt="Hello there")  # same prefill bucket
     assert compile_cache.entries(tmp_path) == base
-    _child(path, tmp_path, prompt=" ".join(["word"] * 40))  # a longer bucket: only its prefill is new
+    _child(path, tmp_path, prompt=" ".join(["word"] * 24))  # a longer bucket (not the plan's 256): a new prefill
     longer = compile_cache.entries(tmp_path)
     assert len(longer) > len(base)
     _child(path, tmp_path, dtype="bfloat16")

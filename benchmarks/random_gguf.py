@@ -25,7 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from imp_jax.synthetic import SHAPES, SyntheticShape, synthetic_tensors
+from imp_jax.weights.synthetic import SHAPES, SyntheticShape, synthetic_tensors
 
 TOKENIZER_KEYS = ("tokenizer.",)
 DEFAULT_TOKENIZER = Path(".llama/qwen2.5-tokenizer.gguf")

@@ -7,12 +7,14 @@ from imp_jax.ops.matmul import (
     PALLAS,
     REFERENCE,
     Weight,
+    check_scale_bound,
     embed,
     expert_matmul,
     matmul,
     matmul_path,
     prepare_weight,
     repacks,
+    scale_bound,
 )
 from imp_jax.ops.policy import kernel_mode, kernels_enabled
 
@@ -24,6 +26,7 @@ __all__ = [
     "attention",
     "attention_decode",
     "attention_prefill",
+    "check_scale_bound",
     "embed",
     "expert_matmul",
     "kernel_mode",
@@ -32,4 +35,5 @@ __all__ = [
     "matmul_path",
     "prepare_weight",
     "repacks",
+    "scale_bound",
 ]

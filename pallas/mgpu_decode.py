@@ -171,4 +171,3 @@ def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
             key = (rt, group * per_group // 8 + j, half)
             pairs[key] = arith.mulf(q, scale2) if offset2 is None else math.fma(q, scale2, offset2)
     return _assemble(pairs, tn, chunk, n_chunks)
-

@@ -150,8 +150,7 @@ def repack(w) -> PackedWeight:
     if not can_repack(qtype, tuple(w.shape), tuple(w.stack_shape)) or w.scale is not None:
         names = ", ".join(t.name for t in SOURCES)
         raise KernelError(
-            f"pallas.repack: {qtype.name} weight of shape {tuple(w.full_shape)} is not supported "
-            f"(2-D {names} only)"
+            f"pallas.repack: {qtype.name} weight of shape {tuple(w.full_shape)} is not supported (2-D {names} only)"
         )
     fmt, split = SOURCES[qtype]
     n, k = (int(d) for d in w.shape)
@@ -198,7 +197,7 @@ def dense_weight(w: jax.Array) -> PackedWeight:
 
 
 # --- per-GGUF-type split of blocks into element codes [N, nb, block] (uint8; int8 bytes for 8-bit formats) and
-# scale planes [N, nb(, per block)] in the kernel format's plane order and dtypes. Field offsets are those of gguf.quants.
+# scale planes [N, nb(, per block)] in the kernel format's plane order and dtypes (offsets as in gguf.quants).
 
 
 def _f16_at(b: jax.Array, offset: int) -> jax.Array:
@@ -278,7 +277,8 @@ def _split_q5_k(b):
 
 def _split_q6_k(b):
     q = _fields(b[..., :128], 4, groups=2) | (_fields(b[..., 128:192], 2, groups=2) << 4)
-    return _int8_bytes(q.astype(jnp.int32) - 32), (_f16_at(b, 208), jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8))
+    sc = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8)
+    return _int8_bytes(q.astype(jnp.int32) - 32), (_f16_at(b, 208), sc)
 
 
 def _split_iq4_xs(b):

@@ -210,3 +210,20 @@ def test_bf16_kernel_gpu(n, k, m):
     for _ in range(2):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         assert rel_err(f(x, w), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 70], ids=["decode", "prefill"])
+@pytest.mark.parametrize("fmt", [f for f in pallas.Fmt if f is not pallas.Fmt.BF16], ids=lambda f: f.name)
+def test_kernel_lowers_for_cuda(fmt, m):
+    """The whole Pallas -> Mosaic GPU lowering (register decoders included) of every format, on the CPU box:
+    what interpret mode cannot run. PTX and numerics are left to the GPU tests."""
+    sds = jax.ShapeDtypeStruct
+    n, k = 256, 512
+    spec = fmt.spec
+    w = pallas.PackedWeight(
+        qs=sds((n, k * fmt.bits // 8), jnp.uint8),
+        scales=tuple(sds((k // b, n), jnp.dtype(dt)) for b, dt in zip(spec.blocks, spec.dtypes, strict=True)),
+        fmt=fmt,
+        shape=(n, k),
+    )
+    jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(sds((m, k), jnp.bfloat16), w)

@@ -31,12 +31,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas.qformats import Fmt
 
-_SCALE_BLOCKS = {Fmt.MXFP4: (32,), Fmt.Q8_0: (32,), Fmt.Q4_K: (256, 256, 32, 32), Fmt.BF16: ()}
-
 
 def scale_blocks(fmt: Fmt) -> tuple[int, ...]:
     """K elements per row of each of the format's scale planes (the order ``repack`` emits them in)."""
-    return _SCALE_BLOCKS[fmt]
+    return fmt.spec.blocks
 
 
 def decode_tile(fmt: Fmt, qs_smem, scale_smem, tn: int, tk: int, chunk: int):
@@ -49,7 +47,9 @@ def decode_tile(fmt: Fmt, qs_smem, scale_smem, tn: int, tk: int, chunk: int):
         return_type=out_type,
     )
     def decode(_ctx, codes: fa.FragmentedArray, *scale_refs):
-        return _DECODERS[fmt](codes, scale_refs, tn, chunk, n_chunks)
+        if fmt is Fmt.MXFP4:
+            return _decode_mxfp4(codes, scale_refs, tn, chunk, n_chunks)
+        return _decode_affine(fmt, codes, scale_refs, tn, chunk, n_chunks)
 
     return decode(qs_smem[...], *scale_smem)
 
@@ -81,11 +81,12 @@ def _load(ref, block: int, row):
     return memref.load(ref, [arith.constant(ir.IndexType.get(), block), row])
 
 
-def _to_f32(x):
-    """A scalar scale loaded from SMEM (u8 as unsigned, or f16) as f32."""
+def _to_f32(x, dtype: str):
+    """A scalar scale loaded from SMEM (u8, i8 or f16: MLIR's integers are signless, ``dtype`` says which) as
+    f32."""
     f32 = ir.F32Type.get()
     if isinstance(x.type, ir.IntegerType):
-        return arith.uitofp(f32, x)
+        return arith.sitofp(f32, x) if dtype == "int8" else arith.uitofp(f32, x)
     return arith.extf(f32, x)
 
 
@@ -128,34 +129,45 @@ def _decode_mxfp4(codes, scale_refs, tn, chunk, n_chunks):
     return _assemble(pairs, tn, chunk, n_chunks)
 
 
-def _decode_q4_k(codes, scale_refs, tn, chunk, n_chunks):
-    d_ref, dmin_ref, sc_ref, m_ref = scale_refs
-    magic = _pair(_const(0x43004300))
-    pairs = {}
-    for row, group, half, rt, w in _words(codes):
-        sb = group // 8
-        d = arith.mulf(_to_f32(_load(d_ref, sb, row)), _to_f32(_load(sc_ref, group, row)))
-        neg_min = arith.negf(arith.mulf(_to_f32(_load(dmin_ref, sb, row)), _to_f32(_load(m_ref, group, row))))
-        d2, neg_min2 = _splat_bf16(d), _splat_bf16(neg_min)
-        for g in range(4):
-            t = arith.shrui(w, _const(4 * g)) if g else w
-            q = arith.subf(_pair(arith.ori(arith.andi(t, _const(0x000F000F)), _const(0x43004300))), magic)
-            pairs[(rt, 4 * group + g, half)] = math.fma(q, d2, neg_min2)
-    return _assemble(pairs, tn, chunk, n_chunks)
+def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
+    """Every format but MXFP4: ``(code - bias) * scale (+ offset)`` per pair, with the block's scale and offset
+    formed once per (row, 16-byte group) from the planes its ``Spec`` names, in f32, then rounded to bf16.
 
+    4-bit codes: ``0x4300 | q`` is the bf16 number 128 + q; subtracting ``128 + bias`` gives ``q - bias``.
+    8-bit codes: the int8 -> bf16 pair trick of Mosaic GPU's own ``astype`` (a ``prmt`` into 0x43xx, two masks,
+    one ``sub.bf16x2``). Then one ``mul.bf16x2`` by the scale, or one ``fma.bf16x2`` with the offset.
+    """
+    spec = fmt.spec
+    per_group = 128 // spec.bits  # elements per 16-byte group of codes
+    magic = _pair(_const(0x43004300 + spec.bias * 0x10001))
 
-def _decode_q8_0(codes, scale_refs, tn, chunk, n_chunks):
-    (d_ref,) = scale_refs
-    pairs = {}
-    for row, group, half, rt, w in _words(codes):
-        d2 = _splat_bf16(_to_f32(_load(d_ref, group // 2, row)))
+    def plane_product(idx, row, group):
+        out = None
+        for i in idx:
+            v = _to_f32(_load(scale_refs[i], group * per_group // spec.blocks[i], row), spec.dtypes[i])
+            out = v if out is None else arith.mulf(out, v)
+        return out
+
+    def values(w):
+        if spec.bits == 4:
+            for g in range(4):
+                t = arith.shrui(w, _const(4 * g)) if g else w
+                yield g, arith.subf(_pair(arith.ori(arith.andi(t, _const(0x000F000F)), _const(0x43004300))), magic)
+            return
         for p, sel in enumerate((0x4140, 0x4342)):
             s0 = mgpu_utils.prmt(w, _const(0x43), _const(sel))
             low = arith.andi(s0, _const(0xFF7FFF7F))
             high = arith.andi(s0, _const(0xFF80FF80))
-            q = arith.subf(_pair(low), _pair(high))
-            pairs[(rt, 2 * group + p, half)] = arith.mulf(q, d2)
+            yield p, arith.subf(_pair(low), _pair(high))
+
+    pairs = {}
+    for row, group, half, rt, w in _words(codes):
+        scale2 = _splat_bf16(plane_product(spec.scale, row, group))
+        offset2 = None
+        if spec.offset:
+            offset = plane_product(spec.offset, row, group)
+            offset2 = _splat_bf16(arith.negf(offset) if spec.negate_offset else offset)
+        for j, q in values(w):
+            key = (rt, group * per_group // 8 + j, half)
+            pairs[key] = arith.mulf(q, scale2) if offset2 is None else math.fma(q, scale2, offset2)
     return _assemble(pairs, tn, chunk, n_chunks)
-
-
-_DECODERS = {Fmt.MXFP4: _decode_mxfp4, Fmt.Q4_K: _decode_q4_k, Fmt.Q8_0: _decode_q8_0}

@@ -24,32 +24,62 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from imp_jax.errors import KernelError
 
 _T = GGMLQuantizationType
 
 
-class Fmt(enum.Enum):
-    """A kernel weight format: its GGUF source type, code width and K padding."""
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """How a kernel format's values come out of its codes and scale planes:
+    ``w = (code - bias) * prod(planes[scale]) + sign * prod(planes[offset])``, planes broadcast over their blocks.
 
-    MXFP4 = (_T.MXFP4, 4)
-    Q8_0 = (_T.Q8_0, 8)
-    Q4_K = (_T.Q4_K, 4)
-    BF16 = (_T.BF16, 16)  # a plain bf16 weight, read by the MMA straight from shared memory (``dense_weight``)
+    ``blocks`` are the K elements per row of each plane (``repack``'s order), ``dtypes`` their element types
+    (signedness matters to the register decoder). 4-bit codes are unsigned nibbles, 8-bit codes are int8.
+    """
+
+    bits: int
+    blocks: tuple[int, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    scale: tuple[int, ...] = ()
+    offset: tuple[int, ...] = ()
+    negate_offset: bool = False
+    bias: int = 0
+
+
+_F16, _U8, _I8 = "float16", "uint8", "int8"
+_K_MIN = dict(blocks=(256, 256, 32, 32), dtypes=(_F16, _F16, _U8, _U8), scale=(0, 2), offset=(1, 3))
+
+
+class Fmt(enum.Enum):
+    """A kernel weight format (one register decoder each; ``SOURCES`` says which GGUF types transcode to it)."""
+
+    MXFP4 = Spec(4, (32,), (_U8,))  # E2M1 nibbles, E8M0 scale byte per 32 (its own decoder)
+    Q8_0 = Spec(8, (32,), (_F16,), scale=(0,))  # int8 * d per 32
+    Q4_K = Spec(4, **_K_MIN, negate_offset=True)  # q * (d * sc) - dmin * m, d/dmin per 256, sc/m per 32
+    Q5_K = Spec(8, **_K_MIN, negate_offset=True)  # the same with 8-bit codes (5-bit values widened)
+    Q6_K = Spec(8, (256, 16), (_F16, _I8), scale=(0, 1))  # int8 * d * sc, d per 256, int8 sc per 16
+    IQ4_XS = Spec(8, (256, 32), (_F16, _I8), scale=(0, 1))  # the same with sc per 32 (codebook values widened)
+    Q4_0 = Spec(4, (32,), (_F16,), scale=(0,), bias=8)  # (q - 8) * d per 32
+    Q4_1 = Spec(4, (32, 32), (_F16, _F16), scale=(0,), offset=(1,))  # q * d + m per 32
+    Q5_1 = Spec(8, (32, 32), (_F16, _F16), scale=(0,), offset=(1,))  # the same with 8-bit codes
+    BF16 = Spec(16)  # a plain bf16 weight, read by the MMA straight from shared memory (``dense_weight``)
 
     @property
-    def qtype(self) -> GGMLQuantizationType:
-        return self.value[0]
+    def spec(self) -> Spec:
+        return self.value
 
     @property
     def bits(self) -> int:
-        return self.value[1]
+        return self.value.bits
 
     @property
     def k_align(self) -> int:
-        """K padding: a multiple of every K step the kernel's tilings use (256, one Q4_K super-block)."""
+        """K padding: a multiple of every K step the kernel's tilings use (256, one K-quant super-block)."""
         return 256
 
     @property
@@ -58,7 +88,6 @@ class Fmt(enum.Enum):
         return 2.0**32 if self is Fmt.MXFP4 else 1.0
 
 
-_BY_QTYPE = {f.qtype: f for f in Fmt if f is not Fmt.BF16}  # the formats ``repack`` takes from QTensors
 N_ALIGN = 128
 MXFP4_MAX_SCALE_BYTE = 160  # E8M0 byte: the decode multiplies by 2**(E - 33) in bf16 (mgpu_decode.py)
 
@@ -100,27 +129,34 @@ def _round_up(x: int, m: int) -> int:
 
 
 def can_repack(qtype: int, shape: tuple[int, ...], stack_shape: tuple[int, ...] = ()) -> bool:
-    """Whether ``repack`` takes a QTensor of this qtype and shape (2-D, unstacked, a supported format)."""
-    return int(qtype) in {int(t) for t in _BY_QTYPE} and len(shape) == 2 and not stack_shape
+    """Whether ``repack`` takes a QTensor of this qtype and shape (2-D, unstacked, a type in ``SOURCES``)."""
+    return int(qtype) in {int(t) for t in SOURCES} and len(shape) == 2 and not stack_shape
+
+
+def kernel_format(qtype: int) -> Fmt | None:
+    """The kernel format a GGUF type is repacked into (None: no kernel reads it)."""
+    entry = SOURCES.get(GGMLQuantizationType(int(qtype)))
+    return None if entry is None else entry[0]
 
 
 def repack(w) -> PackedWeight:
     """QTensor (``imp_jax.gguf.QTensor``, 2-D) -> PackedWeight. Pure jnp; run once at load, on any device.
 
-    Called eagerly (as at load) it also checks that MXFP4 scales fit the kernel's decode (always true of real
-    checkpoints: 2**33 is far above any weight scale); under ``jit`` that check is skipped.
+    Types without a decoder of their own are transcoded into a kernel format that holds their values exactly
+    (``SOURCES``). Called eagerly (as at load) it also checks that MXFP4 scales fit the kernel's decode (always
+    true of real checkpoints: 2**33 is far above any weight scale); under ``jit`` that check is skipped.
     """
     qtype = GGMLQuantizationType(int(w.qtype))
     if not can_repack(qtype, tuple(w.shape), tuple(w.stack_shape)) or w.scale is not None:
+        names = ", ".join(t.name for t in SOURCES)
         raise KernelError(
-            f"pallas.repack: {qtype.name} weight of shape {tuple(w.full_shape)} is not supported "
-            f"(2-D MXFP4, Q8_0 or Q4_K only)"
+            f"pallas.repack: {qtype.name} weight of shape {tuple(w.full_shape)} is not supported (2-D {names} only)"
         )
-    fmt = _BY_QTYPE[qtype]
+    fmt, split = SOURCES[qtype]
     n, k = (int(d) for d in w.shape)
     block, type_size = GGML_QUANT_SIZES[qtype]
     blocks = jnp.asarray(w.data).reshape(n, k // block, type_size)
-    codes, scales = _SPLIT[fmt](blocks)
+    codes, scales = split(blocks)
     if fmt is Fmt.MXFP4 and not isinstance(scales[0], jax.core.Tracer):
         top = int(scales[0].max())
         if top > MXFP4_MAX_SCALE_BYTE:
@@ -130,9 +166,9 @@ def repack(w) -> PackedWeight:
             )
     n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, fmt.k_align)
     codes = jnp.pad(codes.reshape(n, k), ((0, n_pad - n), (0, k_pad - k)))
-    per_block = [k_pad // (k // s.shape[1]) for s in scales]
     scales = tuple(
-        jnp.pad(s, ((0, n_pad - n), (0, nb - s.shape[1]))).T for s, nb in zip(scales, per_block, strict=True)
+        jnp.pad(s.reshape(n, -1).astype(dt), ((0, n_pad - n), (0, k_pad // blk - k // blk))).T
+        for s, blk, dt in zip(scales, fmt.spec.blocks, fmt.spec.dtypes, strict=True)
     )
     qs = _pack4(codes) if fmt.bits == 4 else _pack8(codes)
     return PackedWeight(qs=qs, scales=scales, fmt=fmt, shape=(n, k))
@@ -160,34 +196,113 @@ def dense_weight(w: jax.Array) -> PackedWeight:
     return PackedWeight(qs=w, scales=(), fmt=Fmt.BF16, shape=tuple(w.shape))
 
 
-# --- per-format split of GGUF blocks into element codes [N, nb, block] and scale planes [N, nb'] ---------------
+# --- per-GGUF-type split of blocks into element codes [N, nb, block] (uint8; int8 bytes for 8-bit formats) and
+# scale planes [N, nb(, per block)] in the kernel format's plane order and dtypes (offsets as in gguf.quants).
 
 
 def _f16_at(b: jax.Array, offset: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(b[..., offset : offset + 2], jnp.float16)
 
 
-def _split_mxfp4(b: jax.Array):
-    qs = b[..., 1:]
-    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1), (b[..., 0],)
+def _fields(x: jax.Array, width: int, groups: int = 1, byte_major: bool = False) -> jax.Array:
+    """Bytes ``[..., n]`` -> their ``width``-bit fields in ggml's order: plane by plane within each of ``groups``
+    runs of bytes (lowest field first), or with ``byte_major`` each byte's fields together."""
+    shifts = jnp.arange(0, 8, width, dtype=jnp.uint8)
+    f = x[..., :, None] >> shifts if byte_major else x.reshape(*x.shape[:-1], groups, 1, -1) >> shifts[:, None]
+    return (f & ((1 << width) - 1)).reshape(*x.shape[:-1], -1)
 
 
-def _split_q8_0(b: jax.Array):
-    return b[..., 2:], (_f16_at(b, 0),)
+def _int8_bytes(v: jax.Array) -> jax.Array:
+    """Signed values in [-128, 127] as their int8 bytes (uint8), the 8-bit formats' code bytes."""
+    return jax.lax.bitcast_convert_type(v.astype(jnp.int8), jnp.uint8)
 
 
-def _split_q4_k(b: jax.Array):
-    n, nsb, _ = b.shape
-    s = b[..., 4:16]
+def _iq4_values(idx: jax.Array) -> jax.Array:
+    """IQ4_NL/IQ4_XS 4-bit indices -> their int8 codebook values (gguf's ``kvalues``) as int8 bytes."""
+    table = jnp.asarray(np.asarray(gguf_quants.IQ4_NL.kvalues, np.int8).view(np.uint8))
+    return jnp.take(table, idx.astype(jnp.int32))
+
+
+def _k_scale_min(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The eight 6-bit scales and mins of Q4_K/Q5_K from their 12 packed bytes (``get_scale_min_k4``)."""
     d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
     sc = jnp.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mn = jnp.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    qs = b[..., 16:].reshape(n, nsb, 4, 1, 32)
-    codes = jnp.concatenate([qs & 0x0F, qs >> 4], axis=3)  # sub-block 2g: low nibbles, 2g+1: high
-    return codes.reshape(n, nsb, 256), (_f16_at(b, 0), _f16_at(b, 2), sc.reshape(n, -1), mn.reshape(n, -1))
+    return sc, mn
 
 
-_SPLIT = {Fmt.MXFP4: _split_mxfp4, Fmt.Q8_0: _split_q8_0, Fmt.Q4_K: _split_q4_k}
+def _q5_bits(b: jax.Array, qh_at: int) -> jax.Array:
+    """Q5_0/Q5_1's 5-bit quants: 32 high bits (a little-endian word), then the low nibbles."""
+    return _fields(b[..., qh_at + 4 :], 4) | (_fields(b[..., qh_at : qh_at + 4], 1, byte_major=True) << 4)
+
+
+def _split_mxfp4(b):
+    return _fields(b[..., 1:], 4), (b[..., 0],)
+
+
+def _split_q8_0(b):
+    return b[..., 2:], (_f16_at(b, 0),)
+
+
+def _split_q5_0(b):
+    return _int8_bytes(_q5_bits(b, 2).astype(jnp.int32) - 16), (_f16_at(b, 0),)
+
+
+def _split_q5_1(b):
+    return _q5_bits(b, 4), (_f16_at(b, 0), _f16_at(b, 2))
+
+
+def _split_q4_0(b):
+    return _fields(b[..., 2:], 4), (_f16_at(b, 0),)
+
+
+def _split_q4_1(b):
+    return _fields(b[..., 4:], 4), (_f16_at(b, 0), _f16_at(b, 2))
+
+
+def _split_iq4_nl(b):
+    return _iq4_values(_fields(b[..., 2:], 4)), (_f16_at(b, 0),)
+
+
+def _split_q4_k(b):
+    sc, mn = _k_scale_min(b[..., 4:16])
+    return _fields(b[..., 16:], 4, groups=4), (_f16_at(b, 0), _f16_at(b, 2), sc, mn)
+
+
+def _split_q5_k(b):
+    sc, mn = _k_scale_min(b[..., 4:16])
+    q = _fields(b[..., 48:], 4, groups=4) | (_fields(b[..., 16:48], 1) << 4)
+    return q, (_f16_at(b, 0), _f16_at(b, 2), sc, mn)
+
+
+def _split_q6_k(b):
+    q = _fields(b[..., :128], 4, groups=2) | (_fields(b[..., 128:192], 2, groups=2) << 4)
+    sc = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8)
+    return _int8_bytes(q.astype(jnp.int32) - 32), (_f16_at(b, 208), sc)
+
+
+def _split_iq4_xs(b):
+    low, high = _fields(b[..., 4:8], 4, byte_major=True), _fields(b[..., 2:4], 2, byte_major=True)
+    sc = ((low | (high << 4)).astype(jnp.int32) - 32).astype(jnp.int8)
+    return _iq4_values(_fields(b[..., 8:], 4, groups=8)), (_f16_at(b, 0), sc)
+
+
+# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (Q5_0, IQ4_NL -> Q8_0's
+# int8 codes; Q5_K, Q6_K, IQ4_XS, Q5_1 -> 8-bit codes with their own scale planes) hold the values exactly;
+# their cost in bytes per weight is in pallas/NOTES.md.
+SOURCES = {
+    _T.MXFP4: (Fmt.MXFP4, _split_mxfp4),
+    _T.Q8_0: (Fmt.Q8_0, _split_q8_0),
+    _T.Q4_K: (Fmt.Q4_K, _split_q4_k),
+    _T.Q5_K: (Fmt.Q5_K, _split_q5_k),
+    _T.Q6_K: (Fmt.Q6_K, _split_q6_k),
+    _T.Q4_0: (Fmt.Q4_0, _split_q4_0),
+    _T.Q4_1: (Fmt.Q4_1, _split_q4_1),
+    _T.Q5_0: (Fmt.Q8_0, _split_q5_0),
+    _T.Q5_1: (Fmt.Q5_1, _split_q5_1),
+    _T.IQ4_NL: (Fmt.Q8_0, _split_iq4_nl),
+    _T.IQ4_XS: (Fmt.IQ4_XS, _split_iq4_xs),
+}
 
 
 # --- kernel order ------------------------------------------------------------------------------------------------
@@ -232,23 +347,32 @@ def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
 
 
 def decode_values(codes: jax.Array, scales: tuple[jax.Array, ...], fmt: Fmt) -> jax.Array:
-    """Element codes ``[rows, K]`` and row-major scale planes ``[rows, K / block]`` -> f32 weights.
+    """Element codes ``[rows, K]`` and row-major scale planes ``[rows, K / block]`` -> f32 weights, by the
+    format's ``Spec`` (exact in f32: every product of an f16 scale and integer factors is).
 
     MXFP4 values come out times ``2**-32`` (``fmt.out_scale`` undoes it), as the kernel decodes them.
     """
     k = codes.shape[1]
+    spec = fmt.spec
 
     def per_block(s: jax.Array) -> jax.Array:
         return jnp.repeat(s.astype(jnp.float32), k // s.shape[1], axis=1)
+
+    def product(idx: tuple[int, ...]) -> jax.Array:
+        out = per_block(scales[idx[0]])
+        for i in idx[1:]:
+            out = out * per_block(scales[i])
+        return out
 
     if fmt is Fmt.BF16:
         return codes.astype(jnp.float32)
     if fmt is Fmt.MXFP4:
         return jnp.ldexp(_e2m1_doubled(codes), per_block(scales[0]).astype(jnp.int32) - 128 - 32)
-    if fmt is Fmt.Q8_0:
-        return jax.lax.bitcast_convert_type(codes, jnp.int8).astype(jnp.float32) * per_block(scales[0])
-    d, dmin, sc, mn = (per_block(s) for s in scales)
-    return codes.astype(jnp.float32) * (d * sc) - dmin * mn
+    q = jax.lax.bitcast_convert_type(codes, jnp.int8) if spec.bits == 8 else codes
+    w = (q.astype(jnp.float32) - spec.bias) * product(spec.scale)
+    if spec.offset:
+        w = w - product(spec.offset) if spec.negate_offset else w + product(spec.offset)
+    return w
 
 
 def _e2m1_doubled(codes: jax.Array) -> jax.Array:

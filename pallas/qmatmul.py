@@ -49,13 +49,14 @@ def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132, gr
     Decode: 64 W rows per CTA and the K range split in 4 or more (short K ranges per CTA beat a tail wave of
     long ones); with ``groups`` of rows on different experts there are already that many times more CTAs, so
     the K split only tops the grid up to one CTA per SM. Prefill: 64 W rows x 128 tokens x 256 K per step, 3
-    buffers; bf16 weights (nothing to decode) take the classic 128 x 128 x 64 tile, 4 buffers. bf16 decode steps
+    buffers (8-bit codes 128 x 64 x 256);
+    bf16 weights (nothing to decode) take the classic 128 x 128 x 64 tile, 4 buffers. bf16 decode steps
     over 256 K (32 KiB of weights a buffer) so that 5 buffers stay in flight.
     """
     if m > 64:
         if fmt is Fmt.BF16:
             return MatmulConfig(tn=128, tm=128, tk=64, stages=4)
-        if fmt is Fmt.Q8_0:
+        if fmt.bits == 8:
             return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
         return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
     n_tiles = n_pad // 64 * groups

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 import pallas
 from imp_jax.errors import KernelError
@@ -14,7 +15,20 @@ from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
 
 _T = GGMLQuantizationType
-QTYPES = [_T.MXFP4, _T.Q8_0, _T.Q4_K]
+QTYPES = list(pallas.qformats.SOURCES)  # every GGUF type a kernel reads
+# byte offsets of each type's f16 scale fields, set to sane values for the kernel tests
+_F16_FIELDS = {
+    _T.Q8_0: (0,),
+    _T.Q4_0: (0,),
+    _T.Q5_0: (0,),
+    _T.IQ4_NL: (0,),
+    _T.IQ4_XS: (0,),
+    _T.Q4_1: (0, 2),
+    _T.Q5_1: (0, 2),
+    _T.Q4_K: (0, 2),
+    _T.Q5_K: (0, 2),
+    _T.Q6_K: (208,),
+}
 
 
 def _f16_bytes(rng, shape, lo, hi):
@@ -27,11 +41,8 @@ def random_qtensor(rng: np.random.Generator, qtype: _T, n: int, k: int) -> QTens
     b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
     if qtype == _T.MXFP4:
         b[..., 0] = rng.integers(112, 132, b.shape[:-1])
-    elif qtype == _T.Q8_0:
-        b[..., 0:2] = _f16_bytes(rng, b.shape[:-1], -0.02, 0.02)
-    else:
-        b[..., 0:2] = _f16_bytes(rng, b.shape[:-1], 1e-4, 2e-3)
-        b[..., 2:4] = _f16_bytes(rng, b.shape[:-1], 1e-4, 2e-3)
+    for at in _F16_FIELDS.get(qtype, ()):
+        b[..., at : at + 2] = _f16_bytes(rng, b.shape[:-1], 1e-4, 2e-3)
     return QTensor(data=jnp.asarray(b.reshape(n, -1)), scale=None, qtype=int(qtype), shape=(n, k))
 
 
@@ -46,11 +57,25 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
-@pytest.mark.parametrize(("qtype", "m"), [(_T.MXFP4, 3), (_T.Q8_0, 1), (_T.Q4_K, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("qtype", [t for t in QTYPES if t != _T.MXFP4], ids=lambda t: t.name)
+def test_repack_exact_on_any_bytes(qtype):
+    """Transcoding keeps every value of any block bytes: extreme, subnormal, inf and NaN scales included, exactly
+    gguf.quants.dequantize (MXFP4's scale range is bounded by its decode, tested below)."""
+    rng = np.random.default_rng(int(qtype))
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (40, 512 // block * type_size), dtype=np.uint8)
+    w = QTensor(data=jnp.asarray(raw), scale=None, qtype=int(qtype), shape=(40, 512))
+    with np.errstate(all="ignore"):
+        want = gguf_quants.dequantize(raw, qtype)
+    np.testing.assert_array_equal(np.asarray(pallas.repack(w).dequantize()), want)
+
+
+@pytest.mark.parametrize("m", [1, 70], ids=["decode", "prefill"])
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_repack_and_kernel_interpret(qtype, m):
     """The repack is lossless (exactly gguf's values) and the kernel matches the reference, odd N."""
     rng = np.random.default_rng(100 * int(qtype) + m)
-    n, k = 72, 512 if qtype != _T.Q8_0 else 384
+    n, k = 72, 512 if m == 1 else 256
     w = random_qtensor(rng, qtype, n, k)
     pw = pallas.repack(w)
     assert pw.shape == (n, k) and pw.padded_shape[0] % 128 == 0
@@ -102,11 +127,12 @@ def expert_reference(x: jax.Array, experts: list[QTensor], ids) -> np.ndarray:
     return np.stack([reference(x[g], experts[int(i)]) for g, i in enumerate(ids)])
 
 
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize(("groups", "rows", "splits"), [(5, 1, 2), (2, 11, 1)])
-def test_expert_kernel_interpret(groups, rows, splits):
+def test_expert_kernel_interpret(groups, rows, splits, qtype):
     """Each group of rows meets its own expert of the stack (decode: one routed row per group; prefill tiles)."""
-    rng = np.random.default_rng(groups * 10 + rows)
-    experts, stack = expert_stack(rng, _T.MXFP4, 3, 72, 512)
+    rng = np.random.default_rng(groups * 10 + rows + int(qtype))
+    experts, stack = expert_stack(rng, qtype, 3, 72, 512)
     assert stack.stack_shape == (3,) and stack.padded_shape == (128, 512)
     np.testing.assert_array_equal(
         np.asarray(stack.dequantize()[1]), np.asarray(dequantize_rows(experts[1].data, experts[1].qtype))
@@ -129,8 +155,8 @@ def test_errors_name_shapes():
     assert not pallas.supports(pw, x) and not pallas.supports(w, jnp.zeros((2, 256), jnp.bfloat16))
     with pytest.raises(KernelError, match=r"\(2, 128\)"):
         pallas.quantized_matmul(x, pw)
-    with pytest.raises(KernelError, match="Q6_K"):
-        pallas.repack(QTensor(data=jnp.zeros((4, 210), jnp.uint8), scale=None, qtype=int(_T.Q6_K), shape=(4, 256)))
+    with pytest.raises(KernelError, match="Q2_K"):
+        pallas.repack(QTensor(data=jnp.zeros((4, 84), jnp.uint8), scale=None, qtype=int(_T.Q2_K), shape=(4, 256)))
     bad_scale = np.asarray(w.data).copy()
     bad_scale[0, 17] = 200  # an E8M0 byte the bf16 decode cannot hold
     with pytest.raises(KernelError, match=r"2\*\*73"):
@@ -184,3 +210,20 @@ def test_bf16_kernel_gpu(n, k, m):
     for _ in range(2):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         assert rel_err(f(x, w), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 70], ids=["decode", "prefill"])
+@pytest.mark.parametrize("fmt", [f for f in pallas.Fmt if f is not pallas.Fmt.BF16], ids=lambda f: f.name)
+def test_kernel_lowers_for_cuda(fmt, m):
+    """The whole Pallas -> Mosaic GPU lowering (register decoders included) of every format, on the CPU box:
+    what interpret mode cannot run. PTX and numerics are left to the GPU tests."""
+    sds = jax.ShapeDtypeStruct
+    n, k = 256, 512
+    spec = fmt.spec
+    w = pallas.PackedWeight(
+        qs=sds((n, k * fmt.bits // 8), jnp.uint8),
+        scales=tuple(sds((k // b, n), jnp.dtype(dt)) for b, dt in zip(spec.blocks, spec.dtypes, strict=True)),
+        fmt=fmt,
+        shape=(n, k),
+    )
+    jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(sds((m, k), jnp.bfloat16), w)

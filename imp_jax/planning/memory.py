@@ -443,8 +443,8 @@ def _weight_lines(abstract: dict) -> tuple[WeightLine, ...]:
     groups: dict[tuple[str, str, str], list[int]] = {}
     for spec, leaf in abstract.items():
         if spec.dtype is None:
-            mp = ops.matmul_path(leaf)
-            key = (mp if mp == ops.REFERENCE else f"kernel:{mp}", "packed")
+            mp = ops.matmul_path(leaf)  # a kernel names the format it reads (a transcoded type says into what)
+            key = (mp if mp == ops.REFERENCE else f"kernel:{mp} {leaf.fmt.name}", "packed")
         elif is_fallback(spec):
             key = ("fallback", spec.dtype)
         else:  # a float weight: XLA's dot, or the Pallas kernel reading a bf16 matrix in place

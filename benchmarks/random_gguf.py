@@ -1,7 +1,7 @@
 """Random-weight F16 GGUF files of a synthetic shape that carry a real tokenizer, for llama.cpp side by side.
 
 llama.cpp can only run a file, and a file with a real tokenizer, so the side-by-side benchmark (vs_llamacpp.py)
-writes one: the shape's tensors (``imp_jax.synthetic.synthetic_tensors``: the converter's names and shapes) with
+writes one: the shape's tensors (``imp_jax.weights.synthetic.synthetic_tensors``: the converter's names and shapes) with
 matrices in F16 and vectors (norms) in F32 at 1.0, and the tokenizer metadata (``tokenizer.ggml.*``, chat template)
 of a real model. The 0.5B model the tokenizer comes from is too big to carry to the GPU machine, so ``tokenizer``
 extracts its tokenizer keys into a small tensorless GGUF here; ``write`` builds the model file from that there.
@@ -25,7 +25,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from imp_jax.weights.synthetic import SHAPES, SyntheticShape, synthetic_tensors
+from imp_jax.gguf.qtensor import row_bytes
+from imp_jax.weights.synthetic import QUANTS, SHAPES, SyntheticShape, matrix_qtype, synthetic_tensors
 
 TOKENIZER_KEYS = ("tokenizer.",)
 DEFAULT_TOKENIZER = Path(".llama/qwen2.5-tokenizer.gguf")
@@ -71,8 +72,32 @@ def model_shape(shape: SyntheticShape, vocab_size: int) -> SyntheticShape:
     return dataclasses.replace(shape, keys=tuple(keys.items()))
 
 
-def write_model(shape: SyntheticShape, tokenizer: Path, dest: Path, seed: int = 0) -> int:
-    """Write the random F16 model file; returns its size in bytes."""
+# Where each packed type keeps its f16 scale(s) in a block, and the value giving weights of about STD: random code
+# bytes elsewhere (scales that GGUF keeps in sub-block bytes stay random; they only widen the spread).
+_SCALES = {
+    gguf.GGMLQuantizationType.Q8_0: ((0, STD / 74),),
+    gguf.GGMLQuantizationType.Q4_0: ((0, STD / 4.6),),
+    gguf.GGMLQuantizationType.Q4_K: ((0, STD / 258), (2, 7.5 * STD / 258)),
+    gguf.GGMLQuantizationType.Q5_K: ((0, STD / 527), (2, 15.5 * STD / 527)),
+    gguf.GGMLQuantizationType.Q6_K: ((208, STD / 1367),),
+}
+_MXFP4_SCALE_BYTE = 127 - 8  # 2**-8 times E2M1 codes of rms ~2.9
+
+
+def _block_pool(qtype: gguf.GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
+    """POOL bytes of valid random blocks of ``qtype`` (a whole number of blocks)."""
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = np.frombuffer(rng.bytes(POOL // size * size), np.uint8).reshape(-1, size).copy()
+    if qtype == gguf.GGMLQuantizationType.MXFP4:
+        blocks[:, 0] = _MXFP4_SCALE_BYTE
+    for offset, value in _SCALES.get(qtype, ()):
+        blocks[:, offset : offset + 2] = np.full((len(blocks), 1), value, np.float16).view(np.uint8)
+    return blocks.reshape(-1)
+
+
+def write_model(shape: SyntheticShape, tokenizer: Path, dest: Path, seed: int = 0, quant: str = "f16") -> int:
+    """Write the random model file, its matrices F16 or in ``quant`` (a synthetic quant or K-quant medium mix,
+    ``imp_jax.weights.synthetic.QUANTS``: random codes, fixed block scales); returns its size in bytes."""
     fields = tokenizer_fields(tokenizer)
     shape = model_shape(shape, len(fields["tokenizer.ggml.tokens"][0]))
     w = gguf.GGUFWriter(dest, shape.arch)
@@ -84,22 +109,38 @@ def write_model(shape: SyntheticShape, tokenizer: Path, dest: Path, seed: int = 
     for key, (value, vtype, sub) in fields.items():
         w.add_key_value(key, value, vtype, sub)
     tensors = synthetic_tensors(shape.config, shape.metadata)
-    for name, (dims, matrix) in tensors.items():
-        dtype, qtype = (np.float16, gguf.GGMLQuantizationType.F16) if matrix else (np.float32, None)
-        w.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize, qtype)
     rng = np.random.default_rng(seed)
-    pool = (STD * rng.standard_normal(POOL, np.float32)).astype(np.float16)
-    _finish(w, {name: _data(pool, rng, dims, matrix) for name, (dims, matrix) in tensors.items()})
+    pools = {gguf.GGMLQuantizationType.F16: (STD * rng.standard_normal(POOL, np.float32)).astype(np.float16)}
+    data = {}
+    for name, (dims, matrix) in tensors.items():
+        qtype = gguf.GGMLQuantizationType.F16
+        if matrix and quant != "f16":
+            qtype = matrix_qtype(name, quant, shape.config.n_layers)
+        if not matrix:
+            w.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4, None)
+            data[name] = _data(pools[qtype], rng, dims, False)
+            continue
+        if qtype not in pools:
+            pools[qtype] = _block_pool(qtype, rng)
+        stored = dims if qtype == gguf.GGMLQuantizationType.F16 else (*dims[:-1], row_bytes(qtype, dims[-1]))
+        dtype = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.uint8
+        w.add_tensor_info(name, stored, np.dtype(dtype), int(np.prod(stored)) * np.dtype(dtype).itemsize, qtype)
+        align = 1 if qtype == gguf.GGMLQuantizationType.F16 else gguf.GGML_QUANT_SIZES[qtype][1]
+        data[name] = _data(pools[qtype], rng, stored, True, align)
+    _finish(w, data)
     return dest.stat().st_size
 
 
-def _data(pool: np.ndarray, rng: np.random.Generator, dims: tuple[int, ...], matrix: bool) -> Callable[[], np.ndarray]:
+def _data(
+    pool: np.ndarray, rng: np.random.Generator, dims: tuple[int, ...], matrix: bool, align: int = 1
+) -> Callable[[], np.ndarray]:
     """A thunk making one tensor's data when it is written (so only one tensor is in memory at a time): a view of
     the pool from a random offset, or the pool tiled where the tensor is larger than what is left of it."""
     if not matrix:
         return lambda: np.ones(dims, np.float32)
-    n, start = int(np.prod(dims)), int(rng.integers(POOL))
-    if start + n <= POOL:
+    n, start = int(np.prod(dims)), int(rng.integers(len(pool)))
+    start -= start % align  # packed pools: start on a block boundary
+    if start + n <= len(pool):
         return lambda: pool[start : start + n].reshape(dims)
     return lambda: np.resize(pool, n).reshape(dims)
 
@@ -123,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     m.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--quant", default="f16", choices=["f16", *QUANTS], help="matrix storage (default F16)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "tokenizer":
@@ -130,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
         write_tokenizer(registry.resolve(args.model), args.out)
     else:
-        size = write_model(SHAPES[args.shape], args.tokenizer, args.out)
+        size = write_model(SHAPES[args.shape], args.tokenizer, args.out, quant=args.quant)
         print(f"{args.out}: {size / 2**30:.2f} GiB", end=" ")
     print(f"written in {time.perf_counter() - t0:.1f} s")
 

@@ -209,7 +209,7 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def _mixed_qtype(name: str, quant: str, n_layers: int) -> GGMLQuantizationType:
+def matrix_qtype(name: str, quant: str, n_layers: int) -> GGMLQuantizationType:
     """The qtype of matrix ``name`` in a file of ``quant`` (a uniform quant, or a K-quant medium mix)."""
     if quant not in _MORE_BITS_MIXES:
         return QUANTS[quant]
@@ -304,7 +304,7 @@ def synthetic_file(shape: str | SyntheticShape, quant: str) -> ModelFile:
         raise UnsupportedModel(f"unknown synthetic quant {quant!r}; use one of {', '.join(QUANTS)}")
     tensors = {}
     for name, (dims, matrix) in synthetic_tensors(shape.config, shape.metadata).items():
-        qtype = _mixed_qtype(name, quant, shape.config.n_layers)
+        qtype = matrix_qtype(name, quant, shape.config.n_layers)
         block = GGML_QUANT_SIZES[qtype][0]
         if matrix and dims[-1] % block:
             raise UnsupportedModel(f"{quant} needs rows that are multiples of {block}; {shape.name} has {name} {dims}")

@@ -154,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.cache, args.max_context)))
         return 0
-    rows = [measure(m, args.max_context, args.llama_completion) for m in args.models.split(",")]
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    rows = []
+    for name in args.models.split(","):  # each row printed and saved as soon as it is measured
+        rows.append(measure(name, args.max_context, args.llama_completion))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))
     return 0
 

@@ -213,7 +213,7 @@ class _Display:
     def note(self, message: str) -> None:
         """A line that stays (above the bar on a terminal), for what the user should know happened."""
         if self._enabled:
-            self._console.print(f"imp-jax: {message}", markup=False, highlight=False)
+            self._console.print(f"imp-jax: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._task, n)

@@ -48,7 +48,7 @@ def _budget(available: int, headroom: int = 0) -> Budget:
 @pytest.fixture(scope="module")
 def tinycoder(real_model):
     path = real_model("tinycoder")
-    return path, plan_memory(path, max_context=CTX)
+    return path, plan_memory(path, max_context=CTX, dtype="bfloat16")
 
 
 @pytest.mark.parametrize(

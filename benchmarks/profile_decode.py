@@ -37,6 +37,7 @@ from imp_jax import bench
 from imp_jax.models.config import ModelConfig
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import init_cache
+from imp_jax.runtime.steps import DecodeState, decode_step, first_token, prefill_step
 
 # (label, regex on the kernel name, case-insensitive); the first match wins, unmatched names go to OTHER.
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -58,19 +59,19 @@ def time_decode(params, cfg: ModelConfig, steps: int, dtype, batch: int, context
     ``bench.time_decode`` with a prompt length: the prefill and first sample are outside the timed loop."""
     cache = init_cache(cfg, batch, -(-(context + steps + 1) // 8) * 8, dtype)
     prompt = jnp.asarray((np.arange(context)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
-    logits, cache = steps.prefill_step(params, cfg, prompt, jnp.full((batch,), context, jnp.int32), cache)
+    logits, cache = prefill_step(params, cfg, prompt, jnp.full((batch,), context, jnp.int32), cache)
     p = sampling.SamplingParams().arrays()
-    state = steps.DecodeState(
+    state = DecodeState(
         jnp.zeros((batch,), jnp.int32),
         jnp.full((batch,), context - 1, jnp.int32),
         jnp.full((batch, sampling.RECENT), -1, jnp.int32),
         jax.random.key(0),
     )
-    state = steps.first_token(logits, state, p, greedy=True, penalty=False)
+    state = first_token(logits, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
+        state, cache = decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     return time.perf_counter() - t0
 

@@ -69,13 +69,26 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def compile_cache_setting(environ: dict[str, str] | None = None) -> bool | str:
+    """``IMP_JAX_COMPILE_CACHE``: unset or 1 keeps compiled steps in the imp-jax cache folder, 0 turns the
+    persistent compile cache off, anything else is the folder to use."""
+    value = (os.environ if environ is None else environ).get("IMP_JAX_COMPILE_CACHE", "1")
+    return {"1": True, "0": False}.get(value, value)
+
+
 def _load(args: argparse.Namespace):
     """The model, loaded with the user's settings; announces a context cut to the model's own and, unless
     --quiet, says what it loads and how long it took (kept on args for the summary)."""
     import imp_jax
 
     t0 = time.perf_counter()
-    model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.context, progress=not args.quiet)
+    model = imp_jax.load(
+        args.model,
+        dtype=args.dtype,
+        max_context=args.context,
+        progress=not args.quiet,
+        compile_cache=compile_cache_setting(),
+    )
     args.load_s = time.perf_counter() - t0
     if model.max_context < args.context:
         _note(f"--context {args.context} is more than the model's {model.max_context} tokens: using that")

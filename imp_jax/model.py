@@ -18,6 +18,7 @@ from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import resolve_dtype
 from imp_jax.planning import memory
+from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
 from imp_jax.runtime.sampling import SamplingParams
 from imp_jax.text import harmony
@@ -26,7 +27,6 @@ from imp_jax.text.tokenizer import Tokenizer
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
 from imp_jax.weights.specs import param_specs
-from imp_jax.weights.tensor_spec import TensorSpec
 
 DTYPES = ("bfloat16", "float32")
 
@@ -123,6 +123,7 @@ def load(
     force: bool = False,
     debug: bool = False,
     progress: bool | None = None,
+    compile_cache: bool | str | os.PathLike[str] = True,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -133,9 +134,12 @@ def load(
     what the device reports free). ``path`` picks how quantized weights run ("auto": packed kernels where they
     exist, the dequantized fallback only where it fits); ``force`` loads past the budget with a warning.
     ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
+    ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
+    imp-jax cache folder, a folder of your own, or False.
     ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
     """
     dtype = _parse_dtype(resolve_dtype(dtype))
+    compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
     mf = open_model_file(path_or_name, progress=show)
     if show:
@@ -148,7 +152,7 @@ def load(
         budget=memory.resolve_budget(device_memory), path=path,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
-    params = load_params(mf, config, plan.specs, on_leaf=_progress(mf, plan, show))
+    params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan, show))
     if debug or debug_nans_enabled():
         check_prefill(params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs)
     model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch)
@@ -157,7 +161,7 @@ def load(
 
 
 def _progress(mf: ModelFile, plan: memory.MemoryPlan, show: bool):
-    """Say what was planned (dtype, weight path, context) and report weight bytes as they reach the device."""
+    """Say what was planned (dtype, weight path, context) and report file bytes as they reach the device."""
     import jax
 
     from imp_jax.weights.tensor_spec import is_spec
@@ -168,17 +172,18 @@ def _progress(mf: ModelFile, plan: memory.MemoryPlan, show: bool):
         f"{plan.dtype}, {plan.path_label}, context {plan.max_context}: needs {gib(plan.needed_bytes)} "
         f"of {gib(plan.available_bytes)} ({plan.budget.source})"
     )
-    leaves = [s for s in jax.tree.leaves(plan.specs, is_leaf=is_spec) if isinstance(s, TensorSpec)]
-    advance, close = feedback.byte_progress("loading weights", sum(s.nbytes for s in leaves))
-    done = {"n": 0}
+    leaves = jax.tree.leaves(plan.specs, is_leaf=is_spec)
+    total = sum(mf.tensors[n].nbytes for s in leaves for part in s.parts for n in part if n in mf.tensors)
+    advance, close = feedback.byte_progress("loading weights", total)
+    done = {"bytes": 0}
 
-    def on_leaf(spec: TensorSpec) -> None:
-        advance(spec.nbytes)
-        done["n"] += 1
-        if done["n"] == len(leaves):
+    def on_bytes(n: int) -> None:
+        advance(n)
+        done["bytes"] += n
+        if done["bytes"] >= total:
             close()
 
-    return on_leaf
+    return on_bytes
 
 
 def generate(

@@ -32,6 +32,18 @@ def _release_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache(tmp_path_factory):
+    """The suite's compiled programs go to a cache folder of its own, not the user's ``<cache>/xla``."""
+    from imp_jax.runtime import compile_cache
+
+    folder = tmp_path_factory.mktemp("xla")
+    original = compile_cache.default_dir
+    compile_cache.default_dir = lambda: folder
+    yield folder
+    compile_cache.default_dir = original
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """Path of a registry model by name, fetched into the cache on first use."""

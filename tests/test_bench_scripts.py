@@ -154,3 +154,65 @@ def test_plot_decode(tmp_path):
     from matplotlib.image import imread
 
     assert imread(png).shape[:2] == (500, 1200)
+
+
+LLAMA_BENCH_JSON = """[
+  {"build_commit": "abc", "model_type": "qwen3 8B F16", "n_prompt": 512, "n_gen": 0, "n_batch": 2048,
+   "avg_ns": 1, "stddev_ns": 1, "avg_ts": 9000.5, "stddev_ts": 40.0,
+   "samples_ns": [1, 1, 1, 1, 1], "samples_ts": [8900.0, 9100.0, 9000.0, 8950.0, 9300.0]},
+  {"build_commit": "abc", "model_type": "qwen3 8B F16", "n_prompt": 0, "n_gen": 128, "n_batch": 2048,
+   "avg_ns": 1, "stddev_ns": 1, "avg_ts": 180.2, "stddev_ts": 0.5,
+   "samples_ns": [1, 1, 1], "samples_ts": [180.0, 181.0, 179.0]}
+]"""
+
+
+def test_vs_llamacpp_parsing():
+    """llama-bench -o json and llama-completion's perf printout, as 0.3.36's llama.cpp writes them."""
+    vs = load_script("vs_llamacpp")
+    r = vs.parse_llama_bench(LLAMA_BENCH_JSON)
+    assert r["pp512"]["tok_s"] == 9000.0 and r["pp512"]["n"] == 5 and r["tg128"]["tok_s"] == 180.0
+    log = (
+        "llama_perf_context_print:        load time =    1234.56 ms\n"
+        "llama_perf_context_print:       total time =    2000.00 ms /    34 tokens\n"
+    )
+    assert vs.parse_load_time(log) == dict(load_ms=1234.56, total_ms=2000.0)
+    results = dict(
+        f16=dict(gib=15.3, roofline_tok_s=300.0, **{"llama.cpp": r, "imp-jax": {"tg128": dict(tok_s=150.0)}})
+    )
+    table = vs.table(results)
+    assert "| f16 | 15.30 | tg128 | 180.0 | 150.0 | 0.83 | 60% | 50% |" in table
+    assert "| f16 | 15.30 | pp512 | 9000.0 | - | - | - | - |" in table
+    assert vs.model_files(("q8_0",))["q8_0"].name == "qwen3-8b-q8_0.gguf"
+
+
+def test_random_gguf_tiny(tmp_path):
+    """The random F16 writer at the tiny shape with a byte-level BPE vocabulary: imp-jax loads the file, its
+    tokenizer round-trips, and the tokenizer extraction keeps every tokenizer key."""
+    import gguf
+
+    import imp_jax
+    from tests.test_tokenizer import gpt2_metadata
+
+    rg = load_script("random_gguf")
+    vocab = gpt2_metadata({"<|endoftext|>": 3}, ["h e", "l l"])
+    src = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(src, "qwen2")
+    w.add_tokenizer_model(vocab["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(vocab["tokenizer.ggml.pre"])
+    w.add_token_list(vocab["tokenizer.ggml.tokens"])
+    w.add_token_types(vocab["tokenizer.ggml.token_type"].tolist())
+    w.add_token_merges(vocab["tokenizer.ggml.merges"])
+    w.add_eos_token_id(len(vocab["tokenizer.ggml.tokens"]) - 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    tok = tmp_path / "tok.gguf"
+    rg.write_tokenizer(src, tok)
+    assert set(rg.tokenizer_fields(tok)) == {k for k in gguf.GGUFReader(src).fields if k.startswith("tokenizer.")}
+    path = tmp_path / "tiny-f16.gguf"
+    size = rg.write_model(rg.SHAPES["tiny"], tok, path)
+    assert size == path.stat().st_size
+    model = imp_jax.load(path, max_context=64, progress=False)
+    assert model.config.n_layers == 2 and model.config.vocab_size == len(vocab["tokenizer.ggml.tokens"])
+    ids = model.tokenizer.encode("hello")
+    assert model.tokenizer.decode(ids) == "hello"

@@ -12,6 +12,7 @@ from imp_jax.ops.matmul import (
     matmul,
     matmul_path,
     prepare_weight,
+    repacks,
 )
 from imp_jax.ops.policy import kernel_mode, kernels_enabled
 
@@ -30,4 +31,5 @@ __all__ = [
     "matmul",
     "matmul_path",
     "prepare_weight",
+    "repacks",
 ]

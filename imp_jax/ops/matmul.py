@@ -26,24 +26,47 @@ PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
 DENSE = "dense"  # a float weight: jnp.dot
 
 
-def prepare_weight(w: Weight) -> Weight:
-    """The leaf ``matmul`` should hold for this weight on this backend: on Hopper, QTensors of a format the
-    kernels read are repacked (once, at load) into the kernel layout; everything else is kept as is."""
+def repacks(w: Weight) -> bool:
+    """Whether ``prepare_weight`` repacks this leaf: on Hopper, QTensors of a format the kernels read."""
     if not (policy.kernels_enabled() and isinstance(w, QTensor) and w.scale is None):
-        return w
+        return False
     import pallas
 
-    if not pallas.can_repack(w.qtype, w.shape):
+    return pallas.can_repack(w.qtype, w.shape)
+
+
+def prepare_weight(w: Weight, *, check: bool = True) -> Weight:
+    """The leaf ``matmul`` should hold for this weight on this backend: on Hopper, QTensors of a format the
+    kernels read are repacked (once, at load) into the kernel layout; everything else is kept as is.
+
+    ``check`` reads the MXFP4 block scales back to the host to check the kernel's decode holds them; the loader
+    passes False and checks every matrix at once at the end (``scale_bound`` / ``check_scale_bound``), so the
+    transfers never wait on a device sync."""
+    if not repacks(w):
         return w
-    if w.qtype == GGMLQuantizationType.MXFP4 and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
-        # the kernel's bf16 decode bounds the block scale
-        top = int(jnp.max(w.data.reshape(-1, 17)[:, 0]))
-        if top > pallas.qformats.MXFP4_MAX_SCALE_BYTE:
-            raise KernelError(
-                f"MXFP4 weight {w.full_shape} has a block scale 2**{top - 127}, beyond the kernel's decode "
-                f"(2**{pallas.qformats.MXFP4_MAX_SCALE_BYTE - 127}); run with IMP_JAX_KERNELS=0"
-            )
+    if check and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
+        bound = scale_bound(w)
+        if bound is not None:
+            check_scale_bound(w.full_shape, int(bound))
     return _repack(w)
+
+
+def scale_bound(w: QTensor) -> jax.Array | None:
+    """The largest block-scale byte of an MXFP4 matrix (a device scalar, not read back), else None: the kernel's
+    bf16 decode bounds the block scale."""
+    if w.qtype != GGMLQuantizationType.MXFP4:
+        return None
+    return jnp.max(w.data.reshape(-1, 17)[:, 0])
+
+
+def check_scale_bound(shape: tuple[int, ...], top: int) -> None:
+    import pallas
+
+    if top > pallas.qformats.MXFP4_MAX_SCALE_BYTE:
+        raise KernelError(
+            f"MXFP4 weight {shape} has a block scale 2**{top - 127}, beyond the kernel's decode "
+            f"(2**{pallas.qformats.MXFP4_MAX_SCALE_BYTE - 127}); run with IMP_JAX_KERNELS=0"
+        )
 
 
 @jax.jit

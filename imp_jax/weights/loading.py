@@ -1,12 +1,16 @@
 """Params leaves from the memmap to the device, and their abstract twins for planning.
 
-``materialize`` reads one ``TensorSpec`` leaf and puts it on the device (packed blocks, repacked for the
-kernels on Hopper; the dequantized fallback; dense float matrices in the compute dtype). ``abstract_leaf`` is the
+``load_params`` streams every ``TensorSpec`` leaf to the device (packed blocks, repacked for the kernels on
+Hopper; the dequantized fallback; dense float matrices in the compute dtype). ``abstract_leaf`` is the
 ShapeDtypeStruct twin of the same leaf, so the planner sees exactly what the loader will allocate.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -22,7 +26,7 @@ from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
-from imp_jax.weights.fallback import packed_spec, to_dense
+from imp_jax.weights.fallback import to_dense
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, map_specs, tensor_name
 
 _M = MODEL_TENSOR
@@ -31,26 +35,6 @@ _FLOAT_NP = {
     GGMLQuantizationType.F16: np.float16,
     GGMLQuantizationType.BF16: ml_dtypes.bfloat16,
 }
-
-
-def _host_array(mf: ModelFile, spec: TensorSpec) -> np.ndarray:
-    """The leaf's bytes on the host: stacked over units, fused parts concatenated along N (on the host, so the
-    device never holds the parts beside their concatenation)."""
-
-    def one(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        raw = np.asarray(mf.raw(name))
-        if spec.dtype is None:
-            return raw.reshape(*shape[:-1], row_bytes(spec.qtype, shape[-1]))
-        return raw.view(_FLOAT_NP[GGMLQuantizationType(spec.qtype)]).reshape(shape)
-
-    def part(names: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-        arrays = [one(n, shape) for n in names]
-        return np.stack(arrays) if spec.stacked else arrays[0]
-
-    if not spec.fused:
-        return part(spec.names, spec.shape)
-    shapes = [(*spec.shape[:-2], r, spec.shape[-1]) for r in spec.rows]
-    return np.concatenate([part(n, s) for n, s in zip(spec.parts, shapes, strict=True)], axis=-2)
 
 
 def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
@@ -63,31 +47,10 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def materialize(mf: ModelFile, cfg: ModelConfig, spec: TensorSpec) -> QTensor | jax.Array:
-    """One leaf on the device."""
-    if spec.names == (ROPE,):
-        return jnp.asarray(_rope_table(mf, cfg))
-    if spec.dtype is not None and is_quantized(spec.qtype):  # the dequantized fallback (imp_jax.weights.fallback)
-        return to_dense(_qtensor(mf, packed_spec(spec)), spec.dtype)
-    if spec.dtype is None:
-        return prepared(spec, _qtensor(mf, spec))
-    host = _host_array(mf, spec)
-    return jnp.asarray(host.astype(np.float32) if spec.dtype == "float32" else host).astype(spec.dtype)
-
-
 def prepared(spec: TensorSpec, w: QTensor):
     """The packed leaf in the layout this backend's kernels read (``ops.prepare_weight``), unless it is gathered
     by row (the embedding: a tied output head then takes the reference path)."""
     return w if spec.gathered else ops.prepare_weight(w)
-
-
-def _qtensor(mf: ModelFile, spec: TensorSpec) -> QTensor:
-    """The packed blocks on the device as stored (before any kernel repacking)."""
-    scale = None
-    if spec.scale_names:
-        s = np.array([np.asarray(mf.raw(n)).view(np.float32)[0] for n in spec.scale_names], np.float32)
-        scale = jnp.asarray(s if spec.stacked else s[0])
-    return QTensor(jnp.asarray(_host_array(mf, spec)), scale, spec.qtype, spec.qshape)
 
 
 def abstract_leaf(spec: TensorSpec):
@@ -108,16 +71,135 @@ def abstract_stored(spec: TensorSpec) -> QTensor:
     return QTensor(data, scale, spec.qtype, spec.qshape)
 
 
-def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_leaf: Callable[[TensorSpec], None] | None = None):
-    """Read every leaf from the memmap and put it on the device (``on_leaf`` reports progress)."""
+def _host_piece(mf: ModelFile, spec: TensorSpec, name: str) -> np.ndarray:
+    """A tensor's bytes as a view of the memmap (no copy): packed rows, or the stored float values."""
+    info = mf.tensors[name]
+    raw = mf.raw(name)
+    if spec.dtype is None or is_quantized(spec.qtype):
+        return raw.reshape(*info.shape[:-1], row_bytes(spec.qtype, info.shape[-1]))
+    return raw.view(_FLOAT_NP[GGMLQuantizationType(spec.qtype)]).reshape(info.shape)
 
-    def load(spec: TensorSpec):
-        leaf = materialize(mf, cfg, spec)
-        if on_leaf is not None:
-            on_leaf(spec)
-        return leaf
 
-    return map_specs(load, specs)
+@functools.partial(jax.jit, donate_argnums=0)
+def _place_rows(unit: jax.Array, part: jax.Array, row: jax.Array) -> jax.Array:
+    """Write a fused part into its unit's matrix at row ``row`` along N (axis -2), in place."""
+    start = [jnp.int32(0)] * unit.ndim
+    start[-2] = row
+    return jax.lax.dynamic_update_slice(unit, part.astype(unit.dtype), start)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _place_unit(stack, value, u: jax.Array):
+    """Write one unit's leaf (any pytree: a PackedWeight, a QTensor, an array) at index ``u`` of the stacked
+    leaf, in place."""
+
+    def put(out, v):
+        return jax.lax.dynamic_update_slice(out, v.astype(out.dtype)[None], [u] + [jnp.int32(0)] * v.ndim)
+
+    return jax.tree.map(put, stack, value)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast(x: jax.Array, dtype: str) -> jax.Array:
+    return x.astype(dtype)
+
+
+class _Loader:
+    """Streams a spec tree's tensors from the memmap to the device in file-sized pieces.
+
+    Each tensor goes over on its own (a view of the memmap, read by a transfer thread while the device works on
+    the previous one), is joined with the other parts of its unit on the device, transformed for this backend
+    (repacked for the kernels, dequantized for the fallback, cast to the compute dtype) one unit at a time, and
+    written in place into its slot of the stacked leaf. So beyond the memmap and the weights, at most
+    ``IN_FLIGHT`` bytes of tensors (or one unit, if larger) are on their way, the device holds one unit's scratch,
+    and each program compiles once per distinct unit shape, not once per tensor or stack length.
+    """
+
+    THREADS = 4
+    IN_FLIGHT = 256 * 2**20
+
+    def __init__(self, mf: ModelFile, cfg: ModelConfig, on_bytes: Callable[[int], None] | None):
+        self.mf, self.cfg, self.on_bytes = mf, cfg, on_bytes
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="imp-jax-load")
+        self.in_flight = 0
+        self.bounds: list[tuple[tuple[int, ...], jax.Array]] = []  # MXFP4 scale bounds, checked once at the end
+
+    def load(self, specs: Decoder) -> Decoder:
+        leaves = [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec))]
+        order = [(s, unit) for s in leaves if s.names != (ROPE,) for unit in zip(*s.parts, strict=True)]
+        futures: collections.deque = collections.deque()
+        fetch = collections.deque(order)
+
+        def submit() -> None:
+            """Start transfers in file order while fewer than IN_FLIGHT bytes are on their way (one unit at least)."""
+            while fetch and (not futures or self.in_flight < self.IN_FLIGHT):
+                spec, unit = fetch.popleft()
+                self.in_flight += sum(self.mf.tensors[name].nbytes for name in unit)
+                futures.append([self.pool.submit(self._transfer, spec, name) for name in unit])
+
+        try:
+            submit()
+            done = {}
+            for spec in leaves:
+                done[id(spec)] = self._leaf(spec, futures, submit)
+            for shape, bound in self.bounds:
+                ops.check_scale_bound(shape, int(bound))
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return map_specs(lambda s: done[id(s)], specs)
+
+    def _transfer(self, spec: TensorSpec, name: str) -> jax.Array:
+        arr = jax.device_put(_host_piece(self.mf, spec, name))
+        if self.on_bytes is not None:
+            self.on_bytes(self.mf.tensors[name].nbytes)
+        return arr
+
+    def _leaf(self, spec: TensorSpec, futures: collections.deque, submit: Callable[[], None]):
+        if spec.names == (ROPE,):
+            return jnp.asarray(_rope_table(self.mf, self.cfg))
+        out = None
+        for u in range(len(spec.names)):
+            parts = [f.result() for f in futures.popleft()]
+            self.in_flight -= sum(p.nbytes for p in parts)
+            submit()
+            value = self._unit(spec, parts, u)
+            if not spec.stacked:
+                return value
+            if out is None:
+                n = len(spec.names)
+                out = jax.tree.map(lambda a, n=n: jnp.zeros((n, *a.shape), a.dtype), value)
+            out = _place_unit(out, value, np.int32(u))
+        return out
+
+    def _unit(self, spec: TensorSpec, parts: list[jax.Array], u: int):
+        """One unit's leaf from its parts on the device, in the form the model reads."""
+        if len(parts) == 1:
+            data = parts[0]
+        else:
+            shape = (*parts[0].shape[:-2], sum(p.shape[-2] for p in parts), parts[0].shape[-1])
+            data = jnp.zeros(shape, parts[0].dtype)
+            for part, row in zip(parts, [0, *itertools.accumulate(p.shape[-2] for p in parts)], strict=False):
+                data = _place_rows(data, part, np.int32(row))
+        if not is_quantized(spec.qtype):
+            return _cast(data, spec.dtype)
+        scale = None
+        if spec.scale_names:  # NVFP4's per-tensor scale
+            scale = jnp.float32(np.asarray(self.mf.raw(spec.scale_names[u])).view(np.float32)[0])
+        w = QTensor(data, scale, spec.qtype, spec.qshape)
+        if spec.dtype is not None:  # the dequantized fallback (imp_jax.weights.fallback)
+            return to_dense(w, spec.dtype)
+        if spec.gathered or not ops.repacks(w):
+            return w
+        bound = ops.scale_bound(w)
+        if bound is not None:
+            self.bounds.append((w.full_shape, bound))
+        return ops.prepare_weight(w, check=False)
+
+
+def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_bytes: Callable[[int], None] | None = None):
+    """Read every leaf from the memmap and put it on the device (``on_bytes`` reports the bytes of each tensor
+    as its transfer completes, from a transfer thread)."""
+    return _Loader(mf, cfg, on_bytes).load(specs)
 
 
 def abstract_params(specs: Decoder):

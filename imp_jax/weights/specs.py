@@ -13,7 +13,7 @@ into segments; every leaf of a segment is stacked over its units.
 from __future__ import annotations
 
 import dataclasses
-from itertools import groupby
+import itertools
 
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
@@ -152,6 +152,42 @@ def unit_length(cfg: ModelConfig) -> int:
     return next(p for p in range(1, len(pattern) + 1) if all(pattern[i] == pattern[i % p] for i in range(len(pattern))))
 
 
+MAX_PERIOD = 8  # base units per scan step at most: a longer repeating pattern is cheaper as several segments
+_SEGMENT_COST = 0.5  # a segment's own cost (its while loop, its stacked leaves' programs) in layer bodies
+
+
+def segment_plan(signatures: list) -> list[tuple[int, int, int]]:
+    """Cut the base units into segments (start, stop, period): units [start, stop) repeat a pattern of ``period``
+    units, so each segment is one ``lax.scan`` whose body runs ``period`` units. The plan minimises the layer
+    bodies XLA compiles (each segment's period, plus a little per segment).
+
+    A uniform stack is one segment of period 1. llama.cpp's K-quant medium mixes (Q4_K_M: Q6_K attn_v / ffn_down
+    in the first and last eighth of the layers and every third between) would be 19 runs of equal neighbours for
+    a 36-layer model, each compiled on its own; as periods they are 4 segments, the middle one repeating
+    (Q4_K, Q4_K, Q6_K).
+    """
+    n = len(signatures)
+    best: list[tuple[float, int, int]] = [(0.0, 0, 0)] + [(float("inf"), 0, 0)] * n  # cost, start, period
+    for stop in range(1, n + 1):
+        for start in range(stop):
+            length = stop - start
+            for period in range(1, min(MAX_PERIOD, length) + 1):
+                if length % period or any(
+                    signatures[i] != signatures[start + (i - start) % period] for i in range(start, stop)
+                ):
+                    continue
+                cost = best[start][0] + period + _SEGMENT_COST
+                if cost < best[stop][0]:
+                    best[stop] = (cost, start, period)
+                break  # the shortest period that fits is the cheapest for this span
+    plan, stop = [], n
+    while stop:
+        _, start, period = best[stop]
+        plan.append((start, stop, period))
+        stop = start
+    return plan[::-1]
+
+
 def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) -> TensorSpec:
     infos = [mf.tensors[n] for n in names]
     first = infos[0]
@@ -201,9 +237,10 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
     _check_shapes(mf, cfg)
     p = unit_length(cfg)
     units = [layers[u : u + p] for u in range(0, cfg.n_layers, p)]
+    signatures = [tuple(_signature(mf, layer) for layer in unit) for unit in units]
     segments = []
-    for _, group in groupby(units, key=lambda unit: tuple(_signature(mf, layer) for layer in unit)):
-        members = list(group)
+    for start, stop, period in segment_plan(signatures):
+        members = [list(itertools.chain.from_iterable(units[u : u + period])) for u in range(start, stop, period)]
         width = len(members[0])
         segments.append(tuple(_stack(mf, [m[i] for m in members], Layer, compute_dtype) for i in range(width)))
     embed_name = tensor_name(_M.TOKEN_EMBD, "weight")

@@ -190,7 +190,37 @@ SHAPES: dict[str, SyntheticShape] = {
     )
 }
 
-QUANTS: dict[str, GGMLQuantizationType] = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "bf16": _T.BF16}
+QUANTS: dict[str, GGMLQuantizationType] = {
+    "mxfp4": _T.MXFP4,
+    "q8_0": _T.Q8_0,
+    "q4_k": _T.Q4_K,
+    "bf16": _T.BF16,
+    "q4_k_m": _T.Q4_K,
+    "q5_k_m": _T.Q5_K,
+}
+# llama.cpp's K-quant "medium" mixes: attn_v, ffn_down (in the layers ``more_bits`` picks) and the output head
+# take Q6_K, everything else the base type. Their irregular layer pattern is what a real user's file looks like.
+_MORE_BITS_MIXES = {"q4_k_m", "q5_k_m"}
+_MORE_BITS_TENSORS = (_M.ATTN_V, _M.FFN_DOWN)
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third one between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _mixed_qtype(name: str, quant: str, n_layers: int) -> GGMLQuantizationType:
+    """The qtype of matrix ``name`` in a file of ``quant`` (a uniform quant, or a K-quant medium mix)."""
+    if quant not in _MORE_BITS_MIXES:
+        return QUANTS[quant]
+    if name == tensor_name(_M.OUTPUT, "weight"):
+        return _T.Q6_K
+    for kind in _MORE_BITS_TENSORS:
+        for layer in range(n_layers):
+            if name == tensor_name(kind, "weight", layer):
+                return _T.Q6_K if more_bits(layer, n_layers) else QUANTS[quant]
+    return QUANTS[quant]
+
 
 _POST_ATTENTION_FFN_NORM = {QWEN35, QWEN35MOE, QWEN3NEXT, GPT_OSS}  # their FFN input norm is post_attention_norm
 _NO_QK_NORM = {LLAMA, GPT_OSS}
@@ -272,10 +302,10 @@ def synthetic_file(shape: str | SyntheticShape, quant: str) -> ModelFile:
         shape = SHAPES[shape]
     if quant not in QUANTS:
         raise UnsupportedModel(f"unknown synthetic quant {quant!r}; use one of {', '.join(QUANTS)}")
-    qtype = QUANTS[quant]
-    block = GGML_QUANT_SIZES[qtype][0]
     tensors = {}
     for name, (dims, matrix) in synthetic_tensors(shape.config, shape.metadata).items():
+        qtype = _mixed_qtype(name, quant, shape.config.n_layers)
+        block = GGML_QUANT_SIZES[qtype][0]
         if matrix and dims[-1] % block:
             raise UnsupportedModel(f"{quant} needs rows that are multiples of {block}; {shape.name} has {name} {dims}")
         t = int(qtype if matrix else _T.F32)
@@ -388,6 +418,13 @@ def _random_blocks(key, lead: tuple[int, ...], qtype: GGMLQuantizationType, std:
         # d * sc * q - dmin * m with 6-bit sc, m and 4-bit q uniform: dmin = 7.5 d zeroes the mean, rms ~258 d.
         d = std * jitter / 258.0
         return blocks.at[..., :2].set(_f16_bytes(d)).at[..., 2:4].set(_f16_bytes(7.5 * d))
+    if qtype == _T.Q5_K:
+        # as Q4_K with 5-bit q: dmin = 15.5 d zeroes the mean, rms ~527 d.
+        d = std * jitter / 527.0
+        return blocks.at[..., :2].set(_f16_bytes(d)).at[..., 2:4].set(_f16_bytes(15.5 * d))
+    if qtype == _T.Q6_K:
+        # d * sc * (q - 32) with int8 sc (rms ~73.9) and 6-bit q (q - 32 rms ~18.5): rms ~1367 d; d is last.
+        return blocks.at[..., 208:210].set(_f16_bytes(std * jitter / 1367.0))
     raise UnsupportedModel(f"synthetic blocks for {qtype.name} are not implemented (use one of {', '.join(QUANTS)})")
 
 

@@ -1,0 +1,198 @@
+"""Cold start: loading's host memory, the persistent compile cache (reuse, keys, atomic entries), compile counts,
+and the segmentation of irregular quant mixes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+import imp_jax
+from imp_jax.runtime import compile_cache
+from imp_jax.weights.specs import segment_plan
+from imp_jax.weights.synthetic import more_bits, synthetic_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _anon_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_load_holds_one_tensor_and_a_bounded_chunk_beyond_the_weights(real_model):
+    """Anonymous memory (the memmap's file pages excluded) peaks at the weights plus the largest tensor plus the
+    loader's bytes in flight, not at twice the model as a host-side stack of every layer would."""
+    from imp_jax.weights.files import open_model_file
+    from imp_jax.weights.loading import _Loader
+
+    path = real_model("qwen2.5-0.5b")
+    largest = max(t.nbytes for t in open_model_file(path).tensors.values())
+    imp_jax.load(path, max_context=64, compile_cache=False)  # compile everything once: programs are not the point
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _anon_rss())
+            time.sleep(0.002)
+
+    base = _anon_rss()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    model = imp_jax.load(path, max_context=64, compile_cache=False)
+    jax.block_until_ready(model.params)
+    stop.set()
+    sampler.join()
+    weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
+    bound = weights + largest + _Loader.IN_FLIGHT + 64 * 2**20
+    assert peak[0] - base <= bound, (peak[0] - base, weights, largest)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, jax
+    hits, compiles = [], []
+    jax.monitoring.register_event_listener(lambda n, **_: hits.append(n) if n.endswith("cache_hits") else None)
+    jax.monitoring.register_event_listener(lambda n, **_: compiles.append(n) if n.endswith("cache_misses") else None)
+    import imp_jax
+    model = imp_jax.load(sys.argv[1], max_context=256, dtype=sys.argv[3], compile_cache=sys.argv[2])
+    text = imp_jax.generate(model, sys.argv[4], max_tokens=3).text
+    print(json.dumps(dict(hits=len(hits), compiles=len(compiles), text=text)))
+    """
+)
+
+
+def _child(path: Path, cache: Path, dtype: str = "float32", prompt: str = "Hello") -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(cache), dtype, prompt],
+        capture_output=True, text=True, env=env, timeout=600, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_reuses_the_compile_cache(real_model, tmp_path):
+    path = real_model("tinycoder")
+    first = _child(path, tmp_path)
+    written = compile_cache.entries(tmp_path)
+    assert written and first["compiles"] > 0
+    second = _child(path, tmp_path)
+    assert compile_cache.entries(tmp_path) == written, "the second run wrote new entries"
+    assert second["hits"] >= len(written) and second["compiles"] == 0
+    assert second["text"] == first["text"]
+
+
+def test_a_changed_dtype_or_bucket_misses_the_cache(real_model, tmp_path):
+    path = real_model("tinycoder")
+    _child(path, tmp_path)
+    base = compile_cache.entries(tmp_path)
+    _child(path, tmp_path, prompt="Hello there")  # same prefill bucket
+    assert compile_cache.entries(tmp_path) == base
+    _child(path, tmp_path, prompt=" ".join(["word"] * 24))  # a longer bucket (not the plan's 256): a new prefill
+    longer = compile_cache.entries(tmp_path)
+    assert len(longer) > len(base)
+    _child(path, tmp_path, dtype="bfloat16")
+    assert len(compile_cache.entries(tmp_path)) > len(longer)
+
+
+def test_an_interrupted_run_leaves_only_whole_entries(real_model, tmp_path):
+    """Kill the process at several points while it compiles and writes; every entry left must read back."""
+    from jax._src.compilation_cache import decompress_executable
+
+    path = real_model("tinycoder")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for delay in (1.0, 2.0, 3.0, 4.5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(path), str(tmp_path), "float32", "Hi"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for entry in compile_cache.entries(tmp_path):
+        decompress_executable((tmp_path / entry).read_bytes())
+    assert _child(path, tmp_path)["text"]
+
+
+def test_atomic_put_never_leaves_a_partial_entry(tmp_path, monkeypatch):
+    cache = compile_cache.AtomicCache(str(tmp_path), max_size=-1)
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        cache.put("key", b"x" * 1000)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    cache.put("key", b"y" * 10)
+    assert cache.get("key") == b"y" * 10
+
+
+def test_two_generations_in_one_bucket_compile_once(real_model):
+    """Within a process, a second prompt of another length in the same bucket compiles nothing new."""
+    compiles: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda n, s, **_: compiles.append(n) if n.endswith("backend_compile_duration") else None
+    )
+    model = imp_jax.load(real_model("tinycoder"), max_context=64, dtype="float32", compile_cache=False)
+    imp_jax.generate(model, [1, 2, 3], max_tokens=4)
+    before = len(compiles)
+    imp_jax.generate(model, [1, 2, 3, 4, 5, 6, 7, 8, 9], max_tokens=6)
+    assert len(compiles) == before
+
+
+def test_k_quant_medium_mixes_scan_in_few_segments():
+    """A 36-layer Q4_K_M file (Q6_K attn_v / ffn_down by llama.cpp's use_more_bits) is 19 runs of equal
+    neighbouring layers; the segment plan makes it 3 scans: (Q6_K) x 3, (Q6_K, Q4_K, Q4_K) x 9, (Q6_K) x 6."""
+    pattern = ["6" if more_bits(i, 36) else "4" for i in range(36)]
+    assert segment_plan(pattern) == [(0, 3, 1), (3, 30, 3), (30, 36, 1)]
+    assert segment_plan(list("aaaa")) == [(0, 4, 1)]
+    assert segment_plan(list("abababa")) == [(0, 1, 1), (1, 7, 2)]
+    _, specs = synthetic_specs("qwen3-8b", "q4_k_m")
+    assert [len(unit) for unit in specs.segments] == [1, 3, 1]
+    assert [len(jax.tree.leaves(unit[0])[0].names) for unit in specs.segments] == [3, 9, 6]
+
+
+def test_a_multi_layer_scan_unit_computes_what_one_layer_at_a_time_does():
+    """The segment plan's units of several layers (a Q4_K_M mix of 8 layers: Q6_K, (Q4_K, Q4_K, Q6_K) x 2, Q6_K)
+    give the same logits as the same weights run one layer per segment."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imp_jax.models.decoder import forward
+    from imp_jax.runtime.cache import init_cache
+    from imp_jax.weights.synthetic import SHAPES, SyntheticShape, synthetic_params
+
+    tiny = SHAPES["tiny"]
+    keys = tuple((k, 8 if k == "block_count" else v) for k, v in tiny.keys)
+    shape = SyntheticShape("tiny-8", tiny.arch, keys)
+    cfg, specs = synthetic_specs(shape, "q4_k_m", "float32")
+    assert max(len(unit) for unit in specs.segments) == 3
+    params = synthetic_params(specs, jax.random.key(0), config=cfg)
+    layered = []
+    for unit in params.segments:
+        for r in range(jax.tree.leaves(unit)[0].shape[0]):
+            layered.extend((jax.tree.map(lambda a, r=r: a[r : r + 1], layer),) for layer in unit)
+    one_by_one = dataclasses.replace(params, segments=tuple(layered))
+    tokens = jnp.asarray([[3, 17, 99, 5, 42, 7]], jnp.int32)
+    pos = jnp.arange(6)[None]
+
+    def logits(p):
+        out, _ = forward(p, cfg, tokens, pos, init_cache(cfg, 1, 8, jnp.float32), decode=False)
+        return np.asarray(out)
+
+    np.testing.assert_allclose(logits(params), logits(one_by_one), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/cpu_models.py [--models smollm2-135m,gemma3-270m,qwen2.5-0.5b] [--tokens 64]
 (defaults as a user gets them: dtype auto, path auto, at max_context 512)
-llama.cpp figures: llama-cpp-python 0.3.36 built from its sdist, 2 threads, greedy decode (from models.md).
+llama.cpp figures: llama-cpp-python 0.3.36 built from its sdist on this machine, 2 threads, n_ctx 512, 64 greedy
+tokens, three runs on 2026-12-03 (docs/BENCHMARKS.md, CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import imp_jax
 from imp_jax.ops.policy import resolve_dtype
 
-LLAMA_CPP_DECODE = {"smollm2-135m": "112-117", "gemma3-270m": "60-67", "qwen2.5-0.5b": "38-42", "qwen2.5-1.5b": "-"}
+LLAMA_CPP_DECODE = {"smollm2-135m": "84-101", "gemma3-270m": "41-56", "qwen2.5-0.5b": "33-38", "qwen2.5-1.5b": "20-23"}
 PROMPT = "The history of the printing press begins in"
 
 

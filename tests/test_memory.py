@@ -121,7 +121,8 @@ def test_context_candidates():
 def tiny_q8(tmp_path_factory):
     """A Q8_0 file and its plans on both paths (the fallback dequantizes every matrix at load)."""
     path = write_tiny_llama(tmp_path_factory.mktemp("mem") / "tiny-q8.gguf")
-    packed = plan_memory(path, max_context=128, dtype="bfloat16", path="packed")  # the file's own context: auto reuses it
+    # the file's own context: auto reuses it
+    packed = plan_memory(path, max_context=128, dtype="bfloat16", path="packed")
     return path, packed, replan(packed, path="fallback")
 
 

@@ -1,7 +1,9 @@
 """CPU prefill/decode speed of the real registry models, beside llama.cpp's figures on the same 2-core machine.
 
 Usage: python benchmarks/cpu_models.py [--models smollm2-135m,gemma3-270m,qwen2.5-0.5b] [--tokens 64]
-llama.cpp figures: llama-cpp-python 0.3.36 built from its sdist, 2 threads, greedy decode (from models.md).
+(defaults as a user gets them: dtype auto, path auto, at max_context 512)
+llama.cpp figures: llama-cpp-python 0.3.36 built from its sdist on this machine, 2 threads, n_ctx 512, 64 greedy
+tokens, three runs on 2026-12-03 (docs/BENCHMARKS.md, CPU).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import statistics
 import time
 
 import imp_jax
+from imp_jax.ops.policy import resolve_dtype
 
-LLAMA_CPP_DECODE = {"smollm2-135m": "112-117", "gemma3-270m": "60-67", "qwen2.5-0.5b": "38-42"}
+LLAMA_CPP_DECODE = {"smollm2-135m": "84-101", "gemma3-270m": "41-56", "qwen2.5-0.5b": "33-38", "qwen2.5-1.5b": "20-23"}
 PROMPT = "The history of the printing press begins in"
 
 
@@ -36,15 +39,16 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(LLAMA_CPP_DECODE))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16 or float32")
     ap.add_argument("--path", default="auto", help="weight path: auto, packed, fallback or dense")
     args = ap.parse_args()
     rows = [measure(m, args.tokens, args.reps, args.dtype, args.path) for m in args.models.split(",")]
+    dtype = resolve_dtype(args.dtype)
     print("\n| model | dtype | path | load s | prompt tok | prefill tok/s | decode tok/s | llama.cpp decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {args.dtype} | {args.path} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
+            f"| {r['model']} | {dtype} | {args.path} | {r['load_s']:.1f} | {r['prompt']} | {r['prefill']:.0f} | "
             f"{r['decode']:.1f} | {LLAMA_CPP_DECODE.get(r['model'], '-')} |"
         )
 

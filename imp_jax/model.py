@@ -11,10 +11,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from imp_jax import feedback
 from imp_jax.debug import check_prefill, debug_nans_enabled
-from imp_jax.errors import ContextOverflow, ImpError
+from imp_jax.errors import ContextOverflow, ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
+from imp_jax.ops.policy import resolve_dtype
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
@@ -113,7 +115,7 @@ def _parse_dtype(dtype: str) -> str:
 def load(
     path_or_name: str | os.PathLike[str],
     *,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_context: int | str = 4096,
     batch: int = 1,
     device_memory: int | str | None = None,
@@ -125,7 +127,8 @@ def load(
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
-    ``path_or_name`` is a .gguf path or a registry name. ``max_context`` (capped at the model's own context, or
+    ``path_or_name`` is a .gguf path or a registry name. ``dtype`` "auto" is float32 on XLA:CPU (no fast bf16
+    dot there) and bfloat16 elsewhere. ``max_context`` (capped at the model's own context, or
     "auto" for the largest that fits) and ``batch`` size the KV cache. The memory plan is made first and
     ``ModelTooLarge`` is raised before any weight reaches the device when it does not fit ``device_memory`` (default:
     what the device reports free). ``path`` picks how quantized weights run ("auto": packed kernels where they
@@ -133,10 +136,14 @@ def load(
     ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
     ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
     imp-jax cache folder, a folder of your own, or False.
+    ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
     """
-    dtype = _parse_dtype(dtype)
+    dtype = _parse_dtype(resolve_dtype(dtype))
     compile_cache_mod.configure(compile_cache)
-    mf = open_model_file(path_or_name)
+    show = os.isatty(2) if progress is None else progress
+    mf = open_model_file(path_or_name, progress=show)
+    if show:
+        feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
     config = config_from_gguf(mf.metadata, set(mf.tensors))
     tokenizer = Tokenizer.from_metadata(mf.metadata)
     specs = param_specs(mf, config, dtype)
@@ -145,7 +152,7 @@ def load(
         budget=memory.resolve_budget(device_memory), path=path,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
-    params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan.specs, progress))
+    params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan, show))
     if debug or debug_nans_enabled():
         check_prefill(params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs)
     model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch)
@@ -153,30 +160,28 @@ def load(
     return model
 
 
-def _progress(mf: ModelFile, specs: Any, show: bool | None):
-    """A rich progress bar over weight bytes (with GB/s) for loads long enough to want one."""
+def _progress(mf: ModelFile, plan: memory.MemoryPlan, show: bool):
+    """Say what was planned (dtype, weight path, context) and report file bytes as they reach the device."""
     import jax
 
     from imp_jax.weights.tensor_spec import is_spec
 
-    leaves = jax.tree.leaves(specs, is_leaf=is_spec)
-    total = sum(mf.tensors[n].nbytes for s in leaves for part in s.parts for n in part if n in mf.tensors)
-    if show is None:
-        show = total > 512 * 2**20 and os.isatty(2)
     if not show:
         return None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    bar = Progress("loading", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
-    task = bar.add_task(mf.path.name, total=total)
-    bar.start()
+    feedback.say(
+        f"{plan.dtype}, {plan.path_label}, context {plan.max_context}: needs {gib(plan.needed_bytes)} "
+        f"of {gib(plan.available_bytes)} ({plan.budget.source})"
+    )
+    leaves = jax.tree.leaves(plan.specs, is_leaf=is_spec)
+    total = sum(mf.tensors[n].nbytes for s in leaves for part in s.parts for n in part if n in mf.tensors)
+    advance, close = feedback.byte_progress("loading weights", total)
     done = {"bytes": 0}
 
     def on_bytes(n: int) -> None:
-        bar.advance(task, n)
+        advance(n)
         done["bytes"] += n
         if done["bytes"] >= total:
-            bar.stop()
+            close()
 
     return on_bytes
 

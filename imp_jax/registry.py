@@ -178,19 +178,22 @@ def _entry(name: str) -> ModelEntry:
 
 
 class _Display:
-    """One rich progress line (spinner, text, byte bar); silent unless enabled and stderr is a terminal."""
+    """One rich progress line (spinner, text, byte bar) on a terminal; off a terminal (a log, a pipe, CI) one plain
+    line per phase, so a first download of hundreds of MB is never silent. Nothing at all unless enabled."""
 
     def __init__(self, enabled: bool):
-        console = Console(stderr=True)
+        self._console = Console(stderr=True)
+        self._enabled = enabled
+        self._plain = enabled and not self._console.is_terminal
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
-            console=console,
+            console=self._console,
             transient=True,
-            disable=not (enabled and console.is_terminal),
+            disable=not enabled or self._plain,
         )
         self._task = self._progress.add_task("", total=None)
 
@@ -204,6 +207,13 @@ class _Display:
     def phase(self, description: str, total: int | None = None) -> None:
         """Start a new phase; a None total shows only the spinner (a pip download reports no bytes)."""
         self._progress.reset(self._task, description=description, total=total, completed=0)
+        if self._plain:
+            print(f"imp-jax: {description}", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        """A line that stays (above the bar on a terminal), for what the user should know happened."""
+        if self._enabled:
+            self._console.print(f"imp-jax: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._task, n)
@@ -398,14 +408,36 @@ def fetch(name: str | ModelEntry, *, progress: bool = True) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path.parent)
         if path.exists():
-            if path.stat().st_size == entry.size and _hash_file(path, display) == entry.sha256:
+            if _marker(path).exists():
+                display.note(f"{entry.name}: the cached {path.name} changed since it was verified; checking it")
+            size = path.stat().st_size
+            if size == entry.size and _hash_file(path, display) == entry.sha256:
                 _record_verified(path, entry)
                 return path
+            why = f"{size} bytes, expected {entry.size}" if size != entry.size else "its sha256 does not match"
+            display.note(f"{entry.name}: the cached {path.name} is damaged ({why}); fetching it again")
             path.unlink()
         _marker(path).unlink(missing_ok=True)
         _write_atomically(path, lambda out: _assemble(entry, out, path.parent, display))
         _record_verified(path, entry)
     return path
+
+
+def is_cached(entry: ModelEntry) -> bool:
+    """Whether entry's file is in the cache and its verified marker still holds (one stat, no hashing)."""
+    return _is_trusted(model_path(entry), entry)
+
+
+def remove(name: str) -> bool:
+    """Delete a registry model's cached file and marker (under its lock, so never under a running fetch);
+    returns whether there was anything to delete."""
+    entry = _entry(name)
+    folder = model_path(entry).parent
+    with _Display(False) as display, _locked(f"model-{entry.name}", display):
+        if not folder.exists():
+            return False
+        shutil.rmtree(folder)
+    return True
 
 
 def resolve(path_or_name: str | os.PathLike[str], *, progress: bool = True) -> Path:

@@ -62,7 +62,7 @@ def test_greedy_continuations_equal_llama_cpp_except_near_ties(case):
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-0.5b"])
 def test_capital_of_france_is_paris(name):
-    model = imp_jax.load(name, max_context=256)  # the defaults: bf16, packed weights
+    model = imp_jax.load(name, max_context=256)  # the defaults: dtype auto (f32 on CPU), the planned path
     assert imp_jax.generate(model, "The capital of France is", max_tokens=4).text.startswith(" Paris")
 
 

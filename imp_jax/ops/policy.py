@@ -28,3 +28,11 @@ def kernel_mode() -> str:
 def kernels_enabled() -> bool:
     """Pallas kernels run (Hopper GPU, not IMP_JAX_KERNELS=0)."""
     return kernel_mode() != "off"
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The compute dtype "auto" stands for on this backend: bfloat16 where the dot has fast bf16 (GPUs), float32
+    where it has none (XLA:CPU runs a bf16 GEMV about 15x slower than an f32 one: docs/BENCHMARKS.md, CPU)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"

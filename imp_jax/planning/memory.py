@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from imp_jax import ops
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
+from imp_jax.ops.policy import resolve_dtype
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
 from imp_jax.runtime.sampling import RECENT, SamplingParams
@@ -269,7 +271,7 @@ def plan_memory(
     *,
     max_context: int | str = 4096,
     batch: int = 1,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device_memory: int | str | None = None,
     path: str = "auto",
     headroom: int | str | None = None,
@@ -325,8 +327,15 @@ def plan_specs(
         return _plan(specs, config, path=path, **args)
     if not any(_without_kernel(s) for s in _leaves(specs)):
         return _plan(specs, config, path="packed", **args)
+    if _weights_bytes(_apply_path(specs, "fallback", dtype)) + budget.headroom_bytes > budget.available_bytes:
+        return _plan(specs, config, path="packed", **args)  # the dense weights alone cannot fit: skip compiling
     fallback = _plan(specs, config, path="fallback", **args)
     return fallback if fallback.fits else _plan(specs, config, path="packed", **args)
+
+
+def _weights_bytes(planned) -> int:
+    """The device bytes of a planned spec tree's weights, from the abstract leaves alone (no compile)."""
+    return sum(_nbytes(abstract_leaf(s)) for s in _leaves(planned))
 
 
 def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
@@ -522,12 +531,17 @@ def fit_context(plan: MemoryPlan, limit: int | None = None) -> MemoryPlan | None
 
 
 def auto_context(specs, config: ModelConfig, *, label, batch, dtype, budget, path="auto") -> MemoryPlan:
-    """The plan at the largest context that fits; if none does, the plan at the model's full context."""
+    """The plan at the largest context that fits; if none does, the plan at the smallest candidate context (it
+    says how far even that is from fitting). The smallest is planned first: when it does not fit, nothing does,
+    and that answer costs one plan instead of a bisection from the full context down."""
     args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path)
+    smallest = plan_specs(specs, config, max_context=context_candidates(config.context_length)[0], **args)
+    if not smallest.fits:
+        return smallest
     full = plan_specs(specs, config, max_context=config.context_length, **args)
     if full.fits:
         return full
-    return fit_context(full) or full
+    return fit_context(full) or smallest
 
 
 def check_fits(plan: MemoryPlan, *, path_label: str | None = None, force: bool = False) -> None:
@@ -584,6 +598,7 @@ def _four_bit_weights(plan: MemoryPlan) -> int | None:
 
 
 def _check_dtype(dtype: str) -> str:
+    dtype = resolve_dtype(dtype)
     if dtype not in DTYPES:
         raise ImpError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return dtype
@@ -624,7 +639,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="a .gguf path or a registry name")
     p.add_argument("--context", default="4096", help="max context in tokens, or 'auto' (largest that fits)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: float32 on CPU, else bfloat16")
     p.add_argument("--device-memory", default=None, help="budget instead of the device's free memory, e.g. 8GiB")
     p.add_argument("--headroom", default=None, help="runtime headroom (default 1GiB on GPU, 256MiB on CPU)")
     p.add_argument("--path", default="auto", choices=PATHS, help="weight execution path")
@@ -633,7 +648,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    """Print the plan's table and verdict; when it does not fit, the refusal load() would give, with hints."""
+    """Print the plan's table and verdict; when it does not fit, raise the refusal load() would give (exit 1)."""
     context: int | str = args.context if args.context == "auto" else _int_arg("--context", args.context)
     plan = plan_memory(
         args.model,
@@ -645,8 +660,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
         headroom=args.headroom,
     )
     print(plan.report())
-    if not plan.fits:
-        print(f"  {refusal_message(plan)}")
+    if context != "auto" and plan.max_context < context:
+        print(f"imp-jax: --context {context} is more than the model's {plan.max_context} tokens", file=sys.stderr)
+    if plan.fits:
+        return
+    if context == "auto":
+        raise ModelTooLarge(
+            f"no context fits: even {plan.max_context} tokens need {_gib(plan.needed_bytes)}, "
+            f"{_gib(plan.available_bytes)} available ({plan.budget.source}); try a smaller model or a 4-bit quant",
+            needed=plan.needed_bytes,
+            available=plan.available_bytes,
+        )
+    raise ModelTooLarge(refusal_message(plan), needed=plan.needed_bytes, available=plan.available_bytes)
 
 
 def _int_arg(flag: str, value: str) -> int:

@@ -8,5 +8,5 @@ from imp_jax import registry
 from imp_jax.gguf.reader import ModelFile, open_gguf
 
 
-def open_model_file(path_or_name: str | os.PathLike[str]) -> ModelFile:
-    return open_gguf(registry.resolve(path_or_name))
+def open_model_file(path_or_name: str | os.PathLike[str], *, progress: bool = True) -> ModelFile:
+    return open_gguf(registry.resolve(path_or_name, progress=progress))

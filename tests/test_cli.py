@@ -1,0 +1,166 @@
+"""The command line driven as a user drives it: subprocesses, and a pseudo-terminal for chat.
+
+Every run uses tinycoder (a 1M-parameter random llama: loads and decodes in moments) so the module stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imp_jax import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    return str(registry.fetch("tinycoder", progress=False))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("IMP_JAX_DEBUG_NANS", None)
+    return env
+
+
+def cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imp_jax.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=300,
+        check=False,
+    )
+
+
+def _one_error_line(run: subprocess.CompletedProcess[str], pattern: str) -> None:
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imp-jax: error: "), run.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_version_list_and_rm(tmp_path: Path) -> None:
+    run = cli("--version")
+    assert run.returncode == 0 and re.fullmatch(r"imp-jax \d+\.\d+\.\d+\S*\n", run.stdout)
+    cache = str(tmp_path / "cache")
+    run = cli("list", IMP_JAX_CACHE=cache)
+    assert run.returncode == 0
+    assert re.search(r"smollm2-135m \(default\)\s+98\.4 MB\s+no", run.stdout) and cache in run.stdout
+    assert cli("rm", "tinycoder", IMP_JAX_CACHE=cache).stdout == "tinycoder was not cached\n"
+    folder = tmp_path / "cache" / "models" / "tinycoder"
+    folder.mkdir(parents=True)
+    (folder / "tinycoder-tiny.gguf").write_bytes(b"x")
+    assert cli("rm", "tinycoder", IMP_JAX_CACHE=cache).stdout == "removed tinycoder\n" and not folder.exists()
+    _one_error_line(cli("rm", "no-such-model", IMP_JAX_CACHE=cache), "unknown model name 'no-such-model'")
+
+
+def test_quantize_paths_are_checked_and_registry_names_work(tiny: str, tmp_path: Path) -> None:
+    _one_error_line(cli("quantize", tiny, "/nonexistent-dir/out.gguf", "--type", "q8_0"), "does not exist")
+    folder = tmp_path / "some_directory.gguf"
+    folder.mkdir()
+    _one_error_line(cli("quantize", tiny, str(folder), "--type", "q8_0"), "is a directory")
+    out = tmp_path / "tiny-q8.gguf"
+    run = cli("quantize", "tinycoder", str(out), "--type", "q8_0")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out) and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_plan_exits_1_when_it_does_not_fit(tiny: str) -> None:
+    run = cli("plan", "--model", tiny, "--context", "256", "--device-memory", "1MiB")
+    assert "does NOT fit" in run.stdout
+    _one_error_line(run, r"too large .* Try")
+    t0 = time.perf_counter()
+    run = cli("plan", "--model", tiny, "--context", "auto", "--device-memory", "1MiB")
+    _one_error_line(run, r"no context fits: even 16 tokens need")
+    assert time.perf_counter() - t0 < 60
+    run = cli("plan", "--model", tiny, "--context", "100000")
+    assert run.returncode == 0 and "fits" in run.stdout and "more than the model's 2048 tokens" in run.stderr
+
+
+def test_prompt_sources_and_argument_errors(tiny: str, tmp_path: Path) -> None:
+    _one_error_line(cli("generate", "-m", tiny, "-f", str(tmp_path / "missing.txt")), "cannot read the prompt file")
+    _one_error_line(cli("generate", "-m", tiny), "no prompt")
+    _one_error_line(cli("generate", "-m", tiny, "x", "-f", "y"), "not both")
+    _one_error_line(cli("generate", "-m", tiny, "x", "--threads", "0"), "--threads takes 1 to")
+
+
+def test_generate_announces_and_reports(tiny: str, tmp_path: Path) -> None:
+    """stdin prompt, context cut to the model's, a loading line, the plan's choices and the timings line."""
+    run = cli("generate", "-", "-m", tiny, "-n", "4", "--context", "100000", "--threads", "1", stdin="Hello there")
+    assert run.returncode == 0, run.stderr
+    err = run.stderr
+    assert "loading tinycoder-tiny.gguf (2.8 MB" in err
+    assert re.search(r"float32, .* path, context 2048", err)  # dtype auto on CPU, and the plan's path
+    assert "--context 100000 is more than the model's 2048 tokens" in err
+    assert re.search(r"load \d+\.\d s, prompt \d+ tok at .*, decode \d+ tok at .*, TTFT \d+\.\d\d s", err)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("one two three four five six")
+    run = cli("generate", "-f", str(prompt), "-m", tiny, "-n", "50", "--context", "16", "-q")
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"imp-jax: the context of 16 tokens holds the \d+-token prompt and \d+ more: .*\n", run.stderr)
+
+
+def _read_until(fd: int, pattern: str, seen: list[str], timeout: float = 120) -> str:
+    """Read the terminal until ``pattern`` appears in what came since the last match; returns that text."""
+    buf = ""
+    end = time.monotonic() + timeout
+    while not re.search(pattern, buf):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{pattern!r} never came; got {buf!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096).decode(errors="replace")
+            except OSError:
+                break
+            buf += chunk
+    seen.append(buf)
+    return buf
+
+
+# The child execs at once, so the forked copy of JAX's threads never runs: the fork warnings do not apply.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning", "ignore:This process:DeprecationWarning")
+def test_chat_in_a_terminal(tiny: str) -> None:
+    """Line editing and history through readline, the ChatML warning, Ctrl-C stopping one reply, /exit."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "imp_jax.cli", "chat", "-m", tiny, "-n", "1900", "--no-history", "-q"],
+            _env(TERM="dumb"),
+        )
+    seen: list[str] = []
+    try:
+        out = _read_until(fd, r"> $", seen)
+        assert "has no chat template: using ChatML" in out
+        os.write(fd, b"/cler\x1b[Da\r")  # type, Left arrow, insert: readline makes it /clear
+        _read_until(fd, r"conversation cleared[\s\S]*> $", seen)
+        os.write(fd, b"\x1b[A\r")  # Up arrow: the last line again
+        _read_until(fd, r"conversation cleared[\s\S]*> $", seen)
+        os.write(fd, b"hello\r")
+        _read_until(fd, r"hello\r?\n.{8,}", seen)  # the reply has started streaming
+        os.write(fd, b"\x03")  # Ctrl-C mid-reply
+        _read_until(fd, r"\[stopped\][\s\S]*> $", seen)
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, seen
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

@@ -129,8 +129,8 @@ def load(
     """
     dtype = _parse_dtype(dtype)
     mf = open_model_file(path_or_name)
-    config = config_from_gguf(mf.metadata, set(mf.tensors))
-    tokenizer = Tokenizer.from_metadata(mf.metadata)
+    config = config_from_gguf(mf.metadata, mf.tensors)
+    tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,

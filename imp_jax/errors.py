@@ -47,6 +47,10 @@ class ContextOverflow(InvalidRequest):
     """A prompt (plus the tokens to generate) does not fit the model's context."""
 
 
+class ChatTemplateError(ImpError):
+    """A chat template does not compile, fails while rendering, or rejects the conversation."""
+
+
 class KernelError(ImpError):
     """A kernel cannot run for these shapes or dtypes (names op, shapes and dtypes)."""
 

@@ -69,7 +69,7 @@ def split_merge(merge: str) -> tuple[str, str] | None:
 def check_vocabulary(metadata: Mapping[str, Any], source: object) -> None:
     """Raise ``GGUFError`` naming ``source`` (the file) and the key for a vocabulary no tokenizer can be built from.
 
-    Checked: the token list (strings, valid UTF-8, not empty), token types and scores (numbers, one per token,
+    Checked: the token list (strings, valid UTF-8), token types and scores (numbers, one per token,
     types known to gguf), merges (strings of two halves that, and whose join, are tokens), the model and
     pre-tokenizer names (strings), special-token ids (integers; an id past the vocabulary is ignored later, as
     llama.cpp does) and the add-BOS/EOS/space flags (booleans).
@@ -105,8 +105,6 @@ def _strings(metadata: Mapping[str, Any], key: str, source: object) -> Sequence[
     values = metadata[key]
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise GGUFError(source, f"'{key}' is {_kind(values)}, not an array of strings")
-    if not values:
-        raise GGUFError(source, f"'{key}' is empty")
     try:
         "".join(values).encode("utf-8")
     except UnicodeEncodeError:

@@ -38,8 +38,17 @@ class RegistryError(ImpError):
     """A registry model cannot be fetched, assembled or verified."""
 
 
-class ContextOverflow(ImpError):
+class InvalidRequest(ImpError):
+    """A request a user sent (prompt, token ids, sampling values, stop strings) is outside what is accepted;
+    the message names the value and the limit."""
+
+
+class ContextOverflow(InvalidRequest):
     """A prompt (plus the tokens to generate) does not fit the model's context."""
+
+
+class ChatTemplateError(ImpError):
+    """A chat template does not compile, fails while rendering, or rejects the conversation."""
 
 
 class KernelError(ImpError):

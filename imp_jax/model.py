@@ -144,8 +144,8 @@ def load(
     mf = open_model_file(path_or_name, progress=show)
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
-    config = config_from_gguf(mf.metadata, set(mf.tensors))
-    tokenizer = Tokenizer.from_metadata(mf.metadata)
+    config = config_from_gguf(mf.metadata, mf.tensors)
+    tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,

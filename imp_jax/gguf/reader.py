@@ -88,7 +88,7 @@ class _CheckedReader(GGUFReader):
             offs += 8
             if offs + length > size:
                 raise _Corrupt(f"a string of {length} bytes at offset {offs} runs past the end of the file")
-            out.append(str(buf[offs : offs + length], "utf-8", "replace"))
+            out.append(str(buf[offs : offs + length], "utf-8", "surrogateescape"))  # invalid bytes stay visible
             offs += length
         return np.array(out, dtype=object), offs
 

@@ -14,6 +14,7 @@ from typing import Any
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
 from imp_jax.errors import UnsupportedModel
+from imp_jax.gguf.metadata_checks import check_config, check_model_metadata
 
 LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]
 QWEN2 = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]
@@ -356,12 +357,19 @@ def supported_architectures() -> tuple[str, ...]:
     return tuple(_READERS)
 
 
-def config_from_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str] | set[str]) -> ModelConfig:
-    """ModelConfig for a file's metadata; UnsupportedModel names the architecture when there is no reader."""
+def config_from_gguf(
+    meta: Mapping[str, Any], tensor_names: frozenset[str] | set[str] | Mapping[str, Any]
+) -> ModelConfig:
+    """ModelConfig for a file's metadata; UnsupportedModel names the architecture when there is no reader, and
+    the key whose value no model can have (imp_jax.gguf.metadata_checks), before anything is planned or allocated.
+    Given the tensor table (name -> TensorInfo) instead of names, expert counts are checked against it too."""
     arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
     reader = _READERS.get(arch)
     if reader is None:
         raise UnsupportedModel(
             f"architecture '{arch or '(missing)'}' is not supported; supported: {', '.join(supported_architectures())}"
         )
-    return reader(meta, arch, frozenset(tensor_names))
+    check_model_metadata(meta, arch)
+    config = reader(meta, arch, frozenset(tensor_names))
+    check_config(config, tensor_names)
+    return config

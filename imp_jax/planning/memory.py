@@ -284,7 +284,7 @@ def plan_memory(
     """
     dtype = _check_dtype(dtype)
     mf = open_model_file(path_or_name)
-    config = config_from_gguf(mf.metadata, set(mf.tensors))
+    config = config_from_gguf(mf.metadata, mf.tensors)
     specs = param_specs(mf, config, dtype)
     return plan_specs(
         specs,

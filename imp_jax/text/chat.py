@@ -22,9 +22,9 @@ import jinja2
 from gguf import Keys
 from jinja2 import nodes
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from imp_jax.errors import ImpError
+from imp_jax.errors import ChatTemplateError
+from imp_jax.text.template_sandbox import DEFAULT_LIMITS, BoundedEnvironment, TemplateLimits, render_bounded
 
 if TYPE_CHECKING:
     from imp_jax.text.tokenizer import Tokenizer
@@ -38,10 +38,6 @@ CHATML_TEMPLATE = (
     "  {{- '<|im_start|>assistant\n' -}}\n"
     "{%- endif -%}"
 )
-
-
-class ChatTemplateError(ImpError):
-    """A chat template does not compile, fails while rendering, or rejects the conversation."""
 
 
 def _raise_exception(message: str) -> None:
@@ -73,8 +69,8 @@ class _GenerationMarker(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _environment() -> BoundedEnvironment:
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationMarker, "jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
@@ -94,19 +90,24 @@ class ChatTemplate:
         eos_token: str = "",
         strip_bos: bool = False,
         strip_eos: bool = False,
+        limits: TemplateLimits = DEFAULT_LIMITS,
     ):
         """source: the Jinja2 text, or None for ChatML. strip_bos / strip_eos: drop a leading bos_token / trailing
-        eos_token from the rendered text (for a tokenizer that adds them itself)."""
+        eos_token from the rendered text (for a tokenizer that adds them itself). limits: the time and size one
+        render may take (imp_jax.text.template_sandbox): a file's template is code from the file."""
         self.source = CHATML_TEMPLATE if source is None else source
         self.is_default = source is None
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._strip_bos = strip_bos and bool(bos_token)
         self._strip_eos = strip_eos and bool(eos_token)
+        self.limits = limits
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from None
+        except (jinja2.TemplateError, RecursionError, SyntaxError, ValueError, TypeError, MemoryError) as e:
+            raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}"[:500]) from e
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTemplate:
@@ -140,15 +141,17 @@ class ChatTemplate:
         """The prompt for ``messages`` (``[{"role": ..., "content": ...}, ...]``); ``tools`` are JSON schemas."""
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **kwargs}
         try:
-            text = self._template.render(
-                messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt, **variables
+            text = render_bounded(
+                self._template,
+                dict(messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt, **variables),
+                self.limits,
             )
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed while rendering: {e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise ChatTemplateError(f"chat template failed while rendering: {type(e).__name__}: {e}") from None
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError, MemoryError) as e:
+            raise ChatTemplateError(f"chat template failed while rendering: {type(e).__name__}: {e}"[:500]) from None
         if self._strip_bos and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
         if self._strip_eos and text.endswith(self.eos_token):

@@ -37,7 +37,8 @@ from gguf import Keys, TokenType
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from imp_jax.errors import ImpError, UnsupportedModel
+from imp_jax.errors import GGUFError, ImpError, UnsupportedModel
+from imp_jax.gguf.metadata_checks import check_vocabulary, split_merge
 
 _K = Keys.Tokenizer
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = (
@@ -227,7 +228,9 @@ class Tokenizer:
     add_eos: bool  # encode(add_special=True) appends eos_id
     add_space_prefix: bool  # SentencePiece: a space before text at the start or after a special token
 
-    def __init__(self, metadata: Mapping[str, Any]):
+    def __init__(self, metadata: Mapping[str, Any], source: object = "GGUF metadata"):
+        """source: the file the metadata came from, named by every GGUFError about it."""
+        check_vocabulary(metadata, source)
         model = str(metadata.get(_K.MODEL, ""))
         if model not in ("gpt2", "llama", "gemma4"):
             raise UnsupportedModel(f"tokenizer model '{model}' ({_K.MODEL}) is not supported (gpt2, llama, gemma4 are)")
@@ -250,11 +253,16 @@ class Tokenizer:
         self.eos_ids = _end_of_generation(metadata, tokens, ids, types, self.eos_id)
         self._tokens = tokens
         self._ids = ids
-        if model == "llama":
-            scores = np.asarray(metadata.get(_K.SCORES, np.zeros(n)), dtype=np.float32)
-            self._hf = _spm_model(tokens, ids, scores)
-        else:
-            self._hf = _bpe_model(model, self.pre, ids, _required(metadata, _K.MERGES))
+        try:  # the checks above leave nothing known for `tokenizers` to reject; anything else is named here
+            if model == "llama":
+                scores = np.asarray(metadata.get(_K.SCORES, np.zeros(n)), dtype=np.float32)
+                self._hf = _spm_model(tokens, ids, scores)
+            else:
+                self._hf = _bpe_model(model, self.pre, ids, _required(metadata, _K.MERGES))
+        except ImpError:
+            raise
+        except Exception as e:  # `tokenizers` raises bare Exception
+            raise GGUFError(source, f"the tokenizers library rejects this vocabulary: {e}") from e
         self._pieces = [_token_bytes(model, t, k) for t, k in zip(tokens, types.tolist(), strict=True)]
         self._hidden = frozenset(np.flatnonzero((types == _CONTROL) | (types == _UNKNOWN)).tolist())
         self._specials = _special_index(tokens, types, (_CONTROL, _USER_DEFINED, _UNKNOWN))
@@ -262,9 +270,10 @@ class Tokenizer:
         self._rstrip = _rstrip_ids(metadata, ids, self._specials)
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata as ``{key: value}`` (keys as in ``gguf.Keys.Tokenizer``)."""
-        return cls(metadata)
+    def from_metadata(cls, metadata: Mapping[str, Any], source: object = "GGUF metadata") -> Tokenizer:
+        """Build from GGUF metadata as ``{key: value}`` (keys as in ``gguf.Keys.Tokenizer``); ``source`` names
+        the file in errors."""
+        return cls(metadata, source)
 
     def _read_flags(self, metadata: Mapping[str, Any], n: int) -> None:
         """Special ids and BOS/EOS/prefix flags: llama.cpp's defaults per vocabulary type, then the file's keys."""
@@ -446,8 +455,7 @@ def _special_index(tokens: list[str], types: np.ndarray, kinds: tuple[int, ...])
 
 
 def _bpe_model(model: str, pre: str, ids: dict[str, int], merges: Sequence[str]) -> HFTokenizer:
-    # llama.cpp splits a merge at the first space after its first character.
-    pairs = [tuple(m.split(" ", 1)) if m[:1] != " " else (m[: (p := m.find(" ", 1))], m[p + 1 :]) for m in merges]
+    pairs = [split_merge(m) for m in merges]
     if model == "gemma4":
         return HFTokenizer(models.BPE(ids, pairs, byte_fallback=True))
     hf = HFTokenizer(models.BPE(ids, pairs, ignore_merges=_PRE[pre].ignore_merges))

@@ -1,7 +1,7 @@
 """The one dispatch point per op: matrix products (``matmul``), attention (``attention``), and the kernel policy
 that decides between the Pallas kernels and the XLA reference (``policy``)."""
 
-from imp_jax.ops.attention import attention, attention_decode, attention_prefill
+from imp_jax.ops.attention import attention, attention_paged, attention_prefill, write_pages
 from imp_jax.ops.matmul import (
     DENSE,
     PALLAS,
@@ -21,7 +21,7 @@ __all__ = [
     "REFERENCE",
     "Weight",
     "attention",
-    "attention_decode",
+    "attention_paged",
     "attention_prefill",
     "embed",
     "expert_matmul",
@@ -30,4 +30,5 @@ __all__ = [
     "matmul",
     "matmul_path",
     "prepare_weight",
+    "write_pages",
 ]

@@ -39,6 +39,7 @@ from imp_jax.runtime.pages import PagePool, chain_hashes
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
+MIN_READ_TOKENS = 256  # the narrowest page-table bucket: below it a wider gather costs less than a recompile
 MAX_LOGPROBS = 20  # top-N logprobs computed when any row asks (static: one compiled variant)
 
 
@@ -160,6 +161,7 @@ class Engine:
         self.max_context = int(model.max_context)
         self.page_size = page_size
         self.pages_per_seq = -(-self.max_context // page_size)
+        self.min_pages = -(-MIN_READ_TOKENS // page_size)
         self.n_pages = n_pages if n_pages is not None else max(model.batch, 1) * self.pages_per_seq
         self.max_seqs = max_seqs if max_seqs is not None else max(model.batch, 8)
         self.token_budget = token_budget
@@ -395,7 +397,7 @@ class Engine:
     def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
         b = pow2(len(batch))
         t = 1 if is_decode else pow2(max(n for _, n in batch), 16)
-        n_pg = pow2(max(len(r.pages) for r, _ in batch))
+        n_pg = min(pow2(max(len(r.pages) for r, _ in batch), self.min_pages), pow2(self.pages_per_seq))
         tokens = np.zeros((b, t), np.int32)
         pos = np.zeros((b, t), np.int32)
         valid = np.zeros((b,), np.int32)

@@ -34,6 +34,7 @@ class PagePool:
         self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(n_pages))  # front: reused first
         self.key_of: dict[int, int] = {}  # page -> its prefix key
         self.page_of: dict[int, int] = {}  # prefix key -> page
+        self.lookups_hit = 0  # pages served from the prefix cache so far
 
     @property
     def n_free(self) -> int:
@@ -72,6 +73,7 @@ class PagePool:
             if self.refs[page] == 0:
                 del self.free[page]
             self.refs[page] += 1
+            self.lookups_hit += 1
         return page
 
     def register(self, page: int, key: int) -> None:

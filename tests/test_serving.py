@@ -122,7 +122,7 @@ def test_abort_frees_pages_and_ends_with_abort():
 def test_prefix_reuse_gives_the_same_logprobs_as_no_reuse():
     model = _model("llama")
     system = _prompts(model.config.vocab_size, lengths=(35,))[0]
-    turn2 = system + [5, 6, 7, 8, 9]
+    turn2 = [*system, 5, 6, 7, 8, 9]
     runs = {}
     for reuse in (True, False):
         engine = Engine(model, **ENGINE, prefix_caching=reuse)

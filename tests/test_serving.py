@@ -129,8 +129,7 @@ def test_prefix_reuse_gives_the_same_logprobs_as_no_reuse():
         first = _drive(engine, {0: [dict(prompt=system, max_tokens=4)]})[0]
         second_prompt = system + first[0] + turn2[len(system) :]  # the second chat turn extends the first
         rid = engine.add_request(second_prompt, max_tokens=6, logprobs=3)
-        reused = engine.pool.lookups_hit if reuse else 0
-        runs[reuse] = _drive(engine)[rid], reused
+        runs[reuse] = _drive(engine)[rid], engine.pool.lookups_hit
     (with_reuse, hits), (without, _) = runs[True], runs[False]
     assert hits == (len(system) + 4) // 8  # every full page of turn 1 (prompt + fed reply) came from the cache
     assert with_reuse[0] == without[0]

@@ -14,6 +14,8 @@ _PUBLIC = {
     "Generation": "imp_jax.model",
     "plan_memory": "imp_jax.planning.memory",
     "MemoryPlan": "imp_jax.planning.memory",
+    "Engine": "imp_jax.runtime.engine",
+    "StepOutput": "imp_jax.runtime.engine",
 }
 __all__ = [*_PUBLIC, "errors", "gguf"]
 

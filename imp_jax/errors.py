@@ -69,3 +69,12 @@ class NonFiniteError(ImpError):
 def gib(n: float) -> str:
     """Bytes as GiB with one decimal, the unit every memory message uses."""
     return f"{n / 2**30:.1f} GiB"
+
+
+class RequestTooLarge(ImpError):
+    """A request can never fit the engine's page pool (names the pages it needs and the pool's size)."""
+
+    def __init__(self, message: str, *, needed: int, available: int):
+        self.needed = int(needed)
+        self.available = int(available)
+        super().__init__(message)

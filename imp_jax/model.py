@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from imp_jax.ops.policy import resolve_dtype
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
-from imp_jax.runtime.sampling import SamplingParams
 from imp_jax.text import harmony
 from imp_jax.text.chat import ChatTemplate
 from imp_jax.text.tokenizer import Tokenizer
@@ -64,6 +64,7 @@ class Model:
         self.batch = batch
         self.plan: memory.MemoryPlan | None = None  # the plan load() checked before any weight moved
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
+        self._engine = None  # the engine generate() runs on (engine_for), made on first use
 
     def __repr__(self) -> str:
         c = self.config
@@ -186,9 +187,18 @@ def _progress(mf: ModelFile, plan: memory.MemoryPlan, show: bool):
     return on_bytes
 
 
+def engine_for(model: Model):
+    """The engine generate() runs on, made on first use and kept with the model (its pages stay allocated)."""
+    from imp_jax.runtime.engine import Engine
+
+    if model._engine is None:
+        model._engine = Engine(model)
+    return model._engine
+
+
 def generate(
     model: Model,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
     *,
     max_tokens: int = 256,
     temperature: float = 0.0,
@@ -201,14 +211,22 @@ def generate(
     stream: bool = False,
 ):
     """Generate a continuation. Returns a Generation, or with stream=True an iterator of text pieces whose join
-    equals the final text. temperature=0 is greedy and bitwise deterministic."""
-    ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    model._check_ids(ids)
-    if max_tokens < 0:
-        raise ImpError(f"max_tokens must be >= 0, got {max_tokens}")
-    sp = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-    sp.validate()
-    run = _Run(model, ids, sp, max_tokens, tuple(s for s in stop if s))
+    equals the final text. temperature=0 is greedy and bitwise deterministic.
+
+    A list of prompts (strings, or lists of token ids) runs them together on the model's engine (continuous
+    batching) and returns one Generation per prompt, each equal to that prompt generated alone (greedy).
+    """
+    kw = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+              repeat_penalty=repeat_penalty, seed=seed, stop=tuple(s for s in stop if s))  # fmt: skip
+    if _is_batch(prompt):
+        if stream:
+            raise ImpError("stream=True takes one prompt; use imp_jax.Engine to stream several")
+        runs = [_Run(model, p, kw) for p in prompt]
+        engine = runs[0].engine if runs else None
+        while engine is not None and any(not r.done for r in runs):
+            engine_step_into(engine, runs)
+        return [r.result() for r in runs]
+    run = _Run(model, prompt, kw)
     if stream:
         return run.pieces()
     for _ in run.pieces():
@@ -216,61 +234,62 @@ def generate(
     return run.result()
 
 
-class _Run:
-    """One generation: drives the token stream, detokenizes incrementally, applies EOS and stop strings."""
+def _is_batch(prompt) -> bool:
+    return not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int | np.integer)
 
-    def __init__(self, model: Model, ids: list[int], sp: SamplingParams, max_tokens: int, stop: tuple[str, ...]):
-        self.model, self.ids, self.sp, self.max_tokens, self.stop = model, ids, sp, max_tokens, stop
+
+def engine_step_into(engine, runs: list[_Run]) -> None:
+    """One engine step, its outputs handed to the runs they belong to."""
+    by_id = {r.request_id: r for r in runs}
+    for out in engine.step():
+        run = by_id.get(out.request_id)
+        if run is not None:
+            run.take(out)
+
+
+class _Run:
+    """One generation on the model's engine: its request, the text it has produced, and its timings."""
+
+    def __init__(self, model: Model, prompt, kw: dict):
+        self.model = model
+        self.engine = engine_for(model)
+        self.t0 = time.perf_counter()
+        self.request_id = self.engine.add_request(prompt, **kw)
+        self.n_prompt = len(self.engine.requests[self.request_id].prompt)
         self.out_ids: list[int] = []
         self.text = ""
         self.finish_reason = "length"
-        self.times: dict[str, float] = {"prefill_s": 0.0, "decode_s": 0.0}
+        self.done = False
+        self.t_first: float | None = None
+        self.t_end = self.t0
+        self._new: list[str] = []
+
+    def take(self, out) -> None:
+        now = time.perf_counter()
+        if self.t_first is None and out.token_ids:
+            self.t_first = now
+        self.out_ids += out.token_ids
+        self.text += out.text
+        self._new.append(out.text)
+        if out.finished:
+            self.done, self.finish_reason, self.t_end = True, out.finish_reason, now
 
     def pieces(self) -> Iterator[str]:
-        m = self.model
-        if self.max_tokens == 0:
-            return
-        decoder = m.tokenizer.stream()
-        emitted = 0
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        tokens = steps.token_stream(
-            m.params,
-            m.config,
-            self.ids,
-            m.max_context,
-            jnp.dtype(m.dtype),
-            self.sp,
-            self.max_tokens,
-            self.times,
-        )
-        cut = None
-        for tok in tokens:
-            if tok in m.tokenizer.eos_ids:
-                self.finish_reason = "stop"
-                break
-            self.out_ids.append(tok)
-            self.text += decoder.push(tok)
-            cut = self._stop_at()
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                break
-            safe = len(self.text) - hold
-            if safe > emitted:
-                yield self.text[emitted:safe]
-                emitted = safe
-        tokens.close()
-        if cut is None:
-            self.text += decoder.finish()
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
-
-    def _stop_at(self) -> int | None:
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        try:
+            while not self.done:
+                engine_step_into(self.engine, [self])
+                for piece in self._new:
+                    if piece:
+                        yield piece
+                self._new = []
+        finally:
+            if not self.done:  # the caller stopped iterating: free the request's pages
+                self.engine.abort(self.request_id)
+                self.engine.step()
 
     def result(self) -> Generation:
-        timings = steps.Timings(len(self.ids), len(self.out_ids), self.times["prefill_s"], self.times["decode_s"])
+        first = self.t_first if self.t_first is not None else self.t_end
+        timings = steps.Timings(self.n_prompt, len(self.out_ids), first - self.t0, self.t_end - first)
         text, reasoning = self.text, None
         if harmony.is_harmony(self.model.tokenizer):
             text, reasoning = harmony.split_reply(self.text)

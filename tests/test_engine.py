@@ -77,14 +77,14 @@ def test_sampling_filters():
 
     def draws(**kw):
         p = sampling.SamplingParams(temperature=1.0, **kw).arrays()
-        return {int(sampling.sample(logits, k, p, greedy=False)[0]) for k in keys}
+        return {int(sampling.sample(logits, k[None], p, greedy=False)[0]) for k in keys}
 
     assert draws(top_k=1) == {0}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.7) == {0, 1}
     assert draws(min_p=0.4) == {0, 1}
     assert draws() == {0, 1, 2, 3}
-    assert int(sampling.sample(logits, keys[0], {}, greedy=True)[0]) == 0
+    assert int(sampling.sample(logits, keys[:1], {}, greedy=True)[0]) == 0
 
 
 def test_repeat_penalty_follows_llama_cpp_rule():

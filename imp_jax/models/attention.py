@@ -56,19 +56,21 @@ def attention_mixer(
     p: Attention,
     cfg: ModelConfig,
     x: jax.Array,
-    pos: jax.Array,
     inv_freq: jax.Array,
     window: int,
     kv: tuple[jax.Array, jax.Array],
     layer: jax.Array,
-    decode: bool,
+    step,
 ):
-    """x [B, T, D] at positions pos [B, T]; kv = (k, v) caches [L_attn, B, S, Hkv, hd] written at ``layer``.
+    """x [B, T, D] at positions step.pos [B, T]; kv = (k, v) paged caches [L_attn, n_pages, P, Hkv, hd] written at
+    ``layer`` through each row's page table (``step``: decoder.StepInfo).
 
-    Prefill (chunk from position 0) attends within the chunk; decode attends over the cache.
+    A prefill chunk from position 0 attends within itself; a decode token or a continuing chunk (step.chunked)
+    attends over its row's pages, which already hold it.
     """
     b, t, _ = x.shape
     hd = cfg.head_dim
+    pos = step.pos
     q_out, kv_out = cfg.n_head * hd * (2 if cfg.attn_gate else 1), cfg.n_head_kv * hd
     q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out))
     q, k, v = _add(q, p.bq), _add(k, p.bk), _add(v, p.bv)
@@ -85,15 +87,13 @@ def attention_mixer(
         k = head_norm(k, p.k_norm, cfg.rms_eps)
     q = apply_rope(q, pos, inv_freq, cfg.rope.neox)
     k = apply_rope(k, pos, inv_freq, cfg.rope.neox)
-    k_cache, v_cache = kv
-    rows = jnp.arange(b)[:, None]
-    k_cache = k_cache.at[layer, rows, pos].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, rows, pos].set(v.astype(v_cache.dtype), mode="drop")
+    valid = jnp.arange(t)[None, :] < step.valid_len[:, None]
+    kv = ops.write_pages(kv, (k, v), layer, step.rows.pages, pos, valid)
     opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks)
-    if decode:
-        o = ops.attention_decode(q, k_cache, v_cache, pos, layer, **opts)
+    if step.chunked:
+        o = ops.attention_paged(q, *kv, pos, layer, step.rows.pages, contiguous=step.contiguous, **opts)
     else:
         o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(x.dtype)
-    return _add(ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), p.bo), (k_cache, v_cache)
+    return _add(ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), p.bo), kv

@@ -21,7 +21,7 @@ from imp_jax.models.config import ATTENTION, ModelConfig
 from imp_jax.models.layers import gated_mlp, rms_norm, softcap
 from imp_jax.models.moe import MoE, moe_ffn
 from imp_jax.models.recurrent import Recurrent, recurrent_mixer
-from imp_jax.runtime.cache import Cache
+from imp_jax.runtime.cache import Cache, Rows, contiguous_rows
 
 Weight = ops.Weight
 
@@ -63,9 +63,7 @@ def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up)
 
 
-def _unit_body(
-    cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], decode: bool, pos: jax.Array, valid_len
-):
+def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], step: StepInfo):
     """Scan body over units: carry (x, cache arrays); xs = (unit params, cache indices, rope). Kinds and attention
     windows are static per position in the unit (the unit is the period of their pattern)."""
 
@@ -75,11 +73,9 @@ def _unit_body(
         for i, (p, kind) in enumerate(zip(unit, kinds, strict=True)):
             h = rms_norm(x, p.attn_norm, cfg.rms_eps)
             if kind == ATTENTION:
-                a, kv = attention_mixer(p.mixer, cfg, h, pos, inv_freq[i], windows[i], kv, attn_ids[i], decode)
+                a, kv = attention_mixer(p.mixer, cfg, h, inv_freq[i], windows[i], kv, attn_ids[i], step)
             else:
-                state = (rec[0][rec_ids[i]], rec[1][rec_ids[i]])
-                a, (conv, ssm) = recurrent_mixer(p.mixer, cfg, h, state, valid_len, decode)
-                rec = (rec[0].at[rec_ids[i]].set(conv), rec[1].at[rec_ids[i]].set(ssm))
+                a, rec = _recurrent(p, cfg, h, rec, rec_ids[i], step)
             if p.post_mixer_norm is not None:
                 a = rms_norm(a, p.post_mixer_norm, cfg.rms_eps)
             x = x + a
@@ -90,6 +86,34 @@ def _unit_body(
         return (x, kv, rec), None
 
     return body
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What every mixer of one forward needs besides its input: positions pos [B, T], valid lengths [B] (tokens at
+    t >= valid_len are padding: they write nothing), where each row keeps its state (``rows``), and how the step
+    attends (static): ``decode`` picks the one-step recurrence; ``chunked`` says a prefill chunk may continue
+    earlier pages (attend through the page table) rather than start every row at position 0 (attend within the
+    chunk); ``contiguous`` that the cache has one page per row, row b owning page b."""
+
+    pos: jax.Array
+    valid_len: jax.Array
+    rows: Rows
+    decode: bool
+    chunked: bool
+    contiguous: bool
+
+
+def _recurrent(p: Layer, cfg: ModelConfig, h: jax.Array, rec, layer: jax.Array, step: StepInfo):
+    """The recurrent mixer on each row's state slot; a row at position 0 starts from a zero state (a new sequence
+    in a reused slot), a padding row's slot is out of range and its write is dropped."""
+    slot = step.rows.slot
+    fresh = step.pos[:, 0] == 0
+    conv = jnp.where(fresh[:, None, None], 0.0, rec[0][layer][slot]).astype(rec[0].dtype)
+    ssm = jnp.where(fresh[:, None, None, None], 0.0, rec[1][layer][slot]).astype(rec[1].dtype)
+    a, (conv, ssm) = recurrent_mixer(p.mixer, cfg, h, (conv, ssm), step.valid_len, step.decode)
+    rec = (rec[0].at[layer, slot].set(conv, mode="drop"), rec[1].at[layer, slot].set(ssm, mode="drop"))
+    return a, rec
 
 
 def _layer_indices(kinds: tuple[str, ...], start: int, n_units: int, cfg: ModelConfig):
@@ -111,16 +135,23 @@ def forward(
     decode: bool,
     valid_len: jax.Array | None = None,
     logits_at: jax.Array | None = None,
+    rows: Rows | None = None,
+    chunked: bool = False,
 ) -> tuple[jax.Array, Cache]:
     """Run tokens [B, T] at positions pos [B, T] and update the cache.
 
-    Prefill (decode=False) starts at position 0 and attends within the chunk; ``valid_len`` [B] marks right
-    padding, which the recurrent state must not see. Decode attends over the cache. ``logits_at`` [B] picks one
-    position per row for the output head (generation); None returns all positions. Logits are f32.
+    Prefill (decode=False) starts every row at position 0 and attends within the chunk, unless ``chunked``: then
+    rows continue their earlier pages (chunked prefill). ``valid_len`` [B] marks right padding, which neither the
+    KV pages nor the recurrent state see. Decode attends over the cache. ``rows`` gives each row's page table and
+    state slot (default: the contiguous layout, row b owning page b). ``logits_at`` [B] picks one position per
+    row for the output head (generation); None returns all positions. Logits are f32.
     """
     b, t = tokens.shape
     if valid_len is None:
         valid_len = jnp.full((b,), t, jnp.int32)
+    step = StepInfo(
+        pos, valid_len, contiguous_rows(b) if rows is None else rows, decode, chunked or decode, cache.contiguous
+    )
     x = ops.embed(params.embed, tokens, jnp.float32)
     x = (x * cfg.embed_scale if cfg.embed_scale != 1.0 else x).astype(cache.dtype)
     kv, rec = cache.kv_arrays(), cache.recurrent_arrays()
@@ -131,7 +162,7 @@ def forward(
         layer, attn_ids, rec_ids = _layer_indices(kinds, start, n_units, cfg)
         xs = (unit, attn_ids, rec_ids, params.inv_freq[layer])
         windows = cfg.layer_window[start : start + len(kinds)]
-        body = _unit_body(cfg, kinds, windows, decode, pos, valid_len)
+        body = _unit_body(cfg, kinds, windows, step)
         (x, kv, rec), _ = jax.lax.scan(body, (x, kv, rec), xs)
         start += n_units * len(kinds)
     if logits_at is not None:

@@ -1,7 +1,7 @@
 """The one dispatch point per op: matrix products (``matmul``), attention (``attention``), and the kernel policy
 that decides between the Pallas kernels and the XLA reference (``policy``)."""
 
-from imp_jax.ops.attention import attention, attention_decode, attention_prefill
+from imp_jax.ops.attention import attention, attention_paged, attention_prefill, write_pages
 from imp_jax.ops.matmul import (
     DENSE,
     PALLAS,
@@ -24,7 +24,7 @@ __all__ = [
     "REFERENCE",
     "Weight",
     "attention",
-    "attention_decode",
+    "attention_paged",
     "attention_prefill",
     "check_scale_bound",
     "embed",
@@ -36,4 +36,5 @@ __all__ = [
     "prepare_weight",
     "repacks",
     "scale_bound",
+    "write_pages",
 ]

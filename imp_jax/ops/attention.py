@@ -1,6 +1,6 @@
 """Attention: the one dispatch point for prefill and decode attention.
 
-``attention_prefill`` / ``attention_decode`` pick the Pallas attention kernels on Hopper for what they support and
+``attention_prefill`` / ``attention_paged`` pick the Pallas attention kernels on Hopper for what they support and
 the jnp reference (``attention``) otherwise.
 """
 
@@ -27,22 +27,65 @@ def attention_prefill(q, k, v, *, scale: float, window: int = 0, softcap: float 
     return attention(q, k, v, pos, pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
 
 
-def attention_decode(
-    q, k_cache, v_cache, q_pos, layer, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
+def write_pages(kv, new, layer, pages, pos, valid):
+    """Write new keys and values [B, T, Hkv, D] at positions pos [B, T] into layer ``layer`` of the paged caches
+    [L, n_pages, P, Hkv, D], through each row's page table pages [B, n_pg]. Padding tokens (``valid`` False) and
+    positions past the table are dropped, so they can never land in another sequence's page."""
+    k_cache, v_cache = kv
+    n_layers, n_pages, page, hkv, d = k_cache.shape
+    col = pos // page
+    ok = valid & (col < pages.shape[1])
+    page_id = jnp.take_along_axis(pages, jnp.minimum(col, pages.shape[1] - 1), axis=1)
+    flat = jnp.where(ok, page_id * page + pos % page, n_pages * page)
+
+    def put(cache, x):
+        cache = cache.reshape(n_layers, n_pages * page, hkv, d)
+        return cache.at[layer, flat].set(x.astype(cache.dtype), mode="drop").reshape(k_cache.shape)
+
+    return put(k_cache, new[0]), put(v_cache, new[1])
+
+
+def attention_paged(
+    q,
+    k_cache,
+    v_cache,
+    q_pos,
+    layer,
+    pages,
+    *,
+    contiguous: bool,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks=None,
 ) -> jax.Array:
-    """New tokens q [B, T, H, D] at positions q_pos [B, T] against layer ``layer`` of the caches
-    [L, B, S, Hkv, D], which already hold them. The kernel reads the layer in place."""
-    if _kernel_attention_ok(q, softcap) and k_cache.shape[2] % 8 == 0:
+    """New tokens q [B, T, H, D] at positions q_pos [B, T] (ascending per row) against layer ``layer`` of the
+    paged caches [L, n_pages, P, Hkv, D], which already hold them, read through the page tables [B, n_pg].
+
+    A contiguous cache (one page per row, row b owning page b) runs the Pallas decode kernel on Hopper, reading the
+    layer in place. Otherwise the jnp reference gathers the row's pages (all n_pg of them, or with a window only
+    the ones the window can see) and attends over them: the read follows the sequence's length, not max_context.
+    """
+    page = k_cache.shape[2]
+    if contiguous and _kernel_attention_ok(q, softcap) and page % 8 == 0:
         import pallas
 
         lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
         return pallas.decode_attention(
             q, k_cache, v_cache, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
         )
-    k_cache, v_cache = k_cache[layer], v_cache[layer]
-    b, s = k_cache.shape[:2]
-    k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    return attention(q, k_cache, v_cache, q_pos, k_pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
+    b, t = q_pos.shape
+    n_pg = pages.shape[1]
+    n_read = n_pg if window <= 0 else min(n_pg, -(-(window + t - 1) // page) + 1)
+    first = jnp.zeros((b,), jnp.int32)
+    if n_read < n_pg:  # the window's pages: from the one holding the oldest visible key of the first query
+        first = jnp.clip((q_pos[:, 0] - window + 1) // page, 0, n_pg - n_read)
+    cols = first[:, None] + jnp.arange(n_read)[None, :]
+    ids = jnp.take_along_axis(pages, cols, axis=1)
+    k = k_cache[layer][ids].reshape(b, n_read * page, *k_cache.shape[3:])
+    v = v_cache[layer][ids].reshape(b, n_read * page, *v_cache.shape[3:])
+    k_pos = (cols[:, :, None] * page + jnp.arange(page)[None, None, :]).reshape(b, n_read * page)
+    return attention(q, k, v, q_pos, k_pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
 
 
 def attention(

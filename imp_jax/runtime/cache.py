@@ -1,4 +1,12 @@
-"""Per-sequence state carried between steps: the attention KV cache and the recurrent (GDN) state."""
+"""Per-sequence state carried between steps: the paged attention KV cache and the recurrent (GDN) state slots.
+
+One layout serves both the single-sequence steps and the serving engine. K/V live in pages of P tokens,
+``[L_attn, n_pages, P, n_kv, head_dim]``; a row of a batch reads and writes them through its page table (``Rows``).
+The recurrent state lives in slots, ``[L_rec, n_slots, ...]``, one per running sequence. A contiguous cache (what
+``init_cache`` builds for ``steps``, the bench and the planner) is the special case of one page of ``max_len``
+tokens per row, row b owning page b and slot b: ``contiguous=True`` says so statically, so decode attention may
+read that layout in place with the contiguous Pallas kernel.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +18,38 @@ import jax.numpy as jnp
 from imp_jax.models.config import ModelConfig
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    """k, v [L_attn, B, S_max, n_kv, head_dim] in the compute dtype for the attention layers; conv
-    [L_rec, B, K-1, C] and ssm [L_rec, B, Hv, dk, dv] (f32) for the recurrent layers (empty when absent).
+    """k, v [L_attn, n_pages, P, n_kv, head_dim] in the compute dtype; conv [L_rec, n_slots, K-1, C] and ssm
+    [L_rec, n_slots, Hv, dk, dv] (f32) for the recurrent layers (empty when absent).
 
-    KV slots past a sequence's length hold stale or padding entries; attention masks them by position, and decode
-    overwrites slot p before any query at position >= p reads it. The recurrent state is exact after every step.
+    KV entries past a sequence's length hold stale or padding values; attention masks them by position (a key is
+    visible only at a position <= the query's), and a chunk writes its own keys before it reads. They stay finite:
+    caches start as zeros. The recurrent state is exact after every step.
     """
 
     k: jax.Array
     v: jax.Array
     conv: jax.Array
     ssm: jax.Array
+    contiguous: bool = False  # static: row b of every batch owns page b (one page per row) and slot b
 
     @property
     def dtype(self):
         return self.k.dtype
 
     @property
-    def max_len(self) -> int:
+    def page_size(self) -> int:
         return int(self.k.shape[2])
+
+    @property
+    def n_pages(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def max_len(self) -> int:
+        """Tokens one row can hold in a contiguous cache (its one page)."""
+        return self.page_size
 
     def kv_arrays(self) -> tuple[jax.Array, jax.Array]:
         return self.k, self.v
@@ -40,17 +58,40 @@ class Cache:
         return self.conv, self.ssm
 
     def replace(self, kv: tuple[jax.Array, jax.Array], rec: tuple[jax.Array, jax.Array]) -> Cache:
-        return Cache(kv[0], kv[1], rec[0], rec[1])
+        return Cache(kv[0], kv[1], rec[0], rec[1], self.contiguous)
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict[str, jax.ShapeDtypeStruct]:
+jax.tree_util.register_dataclass(Cache, data_fields=["k", "v", "conv", "ssm"], meta_fields=["contiguous"])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Where each row of a batch keeps its state: ``pages`` [B, n_pg] int32, the page ids holding positions
+    ``c*P .. c*P+P-1`` in column c (columns past the row's length may hold any page id: causality masks them), and
+    ``slot`` [B] int32, its recurrent-state slot. A padding row has slot = n_slots (out of range: its state writes
+    are dropped) and valid length 0 (its KV writes are dropped)."""
+
+    pages: jax.Array
+    slot: jax.Array
+
+
+def contiguous_rows(batch: int) -> Rows:
+    """Row b owns page b and slot b (the layout of ``init_cache``)."""
+    ids = jnp.arange(batch, dtype=jnp.int32)
+    return Rows(ids[:, None], ids)
+
+
+def paged_shapes(
+    cfg: ModelConfig, n_pages: int, page_size: int, n_slots: int, dtype
+) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of every cache array: the single source for allocation and for the memory plan."""
     dtype = jnp.dtype(dtype)
-    kv = (cfg.n_attention_layers, batch, max_len, cfg.n_head_kv, cfg.head_dim)
+    kv = (cfg.n_attention_layers, n_pages, page_size, cfg.n_head_kv, cfg.head_dim)
     g = cfg.gdn
     n_rec = cfg.n_recurrent_layers
-    conv = (n_rec, batch, g.conv_kernel - 1, g.conv_channels) if g else (0, batch, 0, 0)
-    ssm = (n_rec, batch, g.n_v_heads, g.head_k_dim, g.head_v_dim) if g else (0, batch, 0, 0, 0)
+    conv = (n_rec, n_slots, g.conv_kernel - 1, g.conv_channels) if g else (0, n_slots, 0, 0)
+    ssm = (n_rec, n_slots, g.n_v_heads, g.head_k_dim, g.head_v_dim) if g else (0, n_slots, 0, 0, 0)
     return dict(
         k=jax.ShapeDtypeStruct(kv, dtype),
         v=jax.ShapeDtypeStruct(kv, dtype),
@@ -59,9 +100,21 @@ def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict[str,
     )
 
 
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict[str, jax.ShapeDtypeStruct]:
+    """The contiguous layout: one page of max_len tokens and one slot per row."""
+    return paged_shapes(cfg, batch, max_len, batch, dtype)
+
+
+def init_paged_cache(cfg: ModelConfig, n_pages: int, page_size: int, n_slots: int, dtype) -> Cache:
+    shapes = paged_shapes(cfg, n_pages, page_size, n_slots, dtype)
+    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()})
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
-    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in cache_shapes(cfg, batch, max_len, dtype).items()})
+    """A contiguous cache: batch rows of max_len tokens (``contiguous_rows`` addresses it)."""
+    shapes = cache_shapes(cfg, batch, max_len, dtype)
+    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}, contiguous=True)
 
 
 def abstract_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
-    return Cache(**cache_shapes(cfg, batch, max_len, dtype))
+    return Cache(**cache_shapes(cfg, batch, max_len, dtype), contiguous=True)

@@ -68,7 +68,7 @@ def _sample_into(logits, state: DecodeState, p, greedy: bool, penalty: bool) -> 
     if penalty:
         logits = sampling.apply_repeat_penalty(logits, state.recent, p["repeat_penalty"])
     key, sub = jax.random.split(state.key)
-    tok = sampling.sample(logits, sub, p, greedy=greedy)
+    tok = sampling.sample(logits, jax.random.split(sub, logits.shape[0]), p, greedy=greedy)
     return DecodeState(tok, state.pos + 1, sampling.push_recent(state.recent, tok), key)
 
 

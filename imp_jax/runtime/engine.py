@@ -1,0 +1,483 @@
+"""The serving engine: continuous batching over a paged KV cache, per-request sampling, prefix reuse.
+
+``Engine(model)`` owns the device state of one loaded model: the paged cache (``runtime.cache``), the host-side
+page pool (``runtime.pages``) and the requests. Each ``step()`` is one scheduling round in the manner of vLLM v1's
+scheduler: every running sequence that has only its last sampled token left to feed decodes it (one token each),
+and the rest of a per-step token budget goes to chunks of prompts still being prefilled, oldest first (chunked
+prefill). A request joins and leaves the running batch between steps without stalling the others. The decode rows
+run as one jitted call and the prefill chunks as another; row counts, chunk lengths and page-table widths are
+bucketed to powers of two, so a warmed-up engine does not recompile.
+
+Memory: the pool never runs out mid-step. Before a step feeds a row it takes the pages that row needs; when none
+are free the youngest running request is preempted (its pages are released and it is recomputed later from its
+prompt and the tokens it already generated, which greedy decoding reproduces exactly). A request whose prompt can
+never fit the pool is refused at ``add_request``.
+
+Threads: every public method takes the engine's lock, so one thread may drive ``step()`` (or ``run()``) while
+others ``submit`` requests and iterate their outputs (a per-request queue), as an HTTP server needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax.errors import ContextOverflow, ImpError, RequestTooLarge
+from imp_jax.models.config import ModelConfig
+from imp_jax.models.decoder import Decoder, forward
+from imp_jax.runtime import sampling
+from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
+from imp_jax.runtime.pages import PagePool, chain_hashes
+from imp_jax.text.detok import StopDetokenizer
+
+PAGE_SIZE = 16
+MIN_READ_TOKENS = 256  # the narrowest page-table bucket: below it a wider gather costs less than a recompile
+MAX_LOGPROBS = 20  # top-N logprobs computed when any row asks (static: one compiled variant)
+
+
+def pow2(n: int, least: int = 1) -> int:
+    """The bucket of n: the next power of two, at least ``least``."""
+    b = least
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one request produced in one step: its new token ids (an EOS id is not among them), whether it ended
+    and why (None | "stop" | "length" | "abort"), its new text, and with logprobs=N per new token a pair
+    (chosen token's logprob, [(id, logprob)] * N of the top N)."""
+
+    request_id: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    text: str = ""
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    tokens: list[int]  # prompt + generated (an EOS id included): what the cache must hold before the next sample
+    max_new: int  # tokens it may still generate in all (max_tokens capped by the context)
+    params: sampling.SamplingParams
+    seed: int
+    n_logprobs: int
+    detok: StopDetokenizer
+    order: int  # arrival order: the youngest is preempted first
+    n_cached: int = 0  # tokens whose K/V (and recurrent state) the cache holds
+    pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[int] = dataclasses.field(default_factory=list)  # prefix keys of its registered full pages
+    slot: int | None = None
+    n_generated: int = 0
+    finish_reason: str | None = None
+    out: queue.Queue | None = None  # StepOutputs for a submit() caller
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs"),
+    donate_argnames=("cache",),
+)
+def engine_step(
+    params: Decoder,
+    cfg: ModelConfig,
+    cache: Cache,
+    tokens: jax.Array,
+    pos: jax.Array,
+    valid_len: jax.Array,
+    rows: Rows,
+    samp: dict[str, jax.Array],
+    recent: jax.Array,
+    seeds: jax.Array,
+    counts: jax.Array,
+    *,
+    decode: bool,
+    chunked: bool,
+    greedy: bool,
+    penalty: bool,
+    n_logprobs: int,
+):
+    """Feed tokens [B, T] at positions pos [B, T] (valid_len [B] real tokens per row) into each row's pages and
+    slot, and sample one token per row after its last real token: row b draws with key fold_in(key(seeds[b]),
+    counts[b]), its own stream whatever shares the batch. Returns ({token, [logprob, top_ids, top_logprobs]},
+    cache)."""
+    logits, cache = forward(
+        params,
+        cfg,
+        tokens,
+        pos,
+        cache,
+        decode=decode,
+        valid_len=valid_len,
+        logits_at=jnp.maximum(valid_len - 1, 0),
+        rows=rows,
+        chunked=chunked,
+    )
+    logits = logits[:, 0]
+    scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    token = sampling.sample(scored, keys, samp, greedy=greedy)
+    out = dict(token=token)
+    if n_logprobs:
+        out["logprob"], out["top_ids"], out["top_logprobs"] = sampling.logprobs(logits, token, n_logprobs)
+    return out, cache
+
+
+class Engine:
+    """Continuous batching over a paged KV cache on one loaded model (see the module docstring).
+
+    ``page_size`` tokens per page; ``n_pages`` the pool (default: what the model was planned for, ``batch``
+    sequences of ``max_context``); ``max_seqs`` how many requests run at once (default max(batch, 8)); a step feeds
+    at most ``token_budget`` tokens; ``prefix_caching`` shares full pages of equal prefixes between requests
+    (models with recurrent layers never do: their state at a page boundary is not kept).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        page_size: int = PAGE_SIZE,
+        n_pages: int | None = None,
+        max_seqs: int | None = None,
+        token_budget: int = 256,
+        prefix_caching: bool = True,
+    ):
+        if page_size < 1 or token_budget < 1:
+            raise ImpError(f"page_size and token_budget must be >= 1, got {page_size} and {token_budget}")
+        self.model = model
+        self.cfg: ModelConfig = model.config
+        self.max_context = int(model.max_context)
+        self.page_size = page_size
+        self.pages_per_seq = -(-self.max_context // page_size)
+        self.min_pages = -(-MIN_READ_TOKENS // page_size)
+        self.n_pages = n_pages if n_pages is not None else max(model.batch, 1) * self.pages_per_seq
+        self.max_seqs = max_seqs if max_seqs is not None else max(model.batch, 8)
+        self.token_budget = token_budget
+        self.pool = PagePool(self.n_pages, prefix_caching=prefix_caching and self.cfg.n_recurrent_layers == 0)
+        self.cache = init_paged_cache(self.cfg, self.n_pages, page_size, self.max_seqs, jnp.dtype(model.dtype))
+        self.free_slots = list(range(self.max_seqs))
+        self.waiting: list[_Request] = []  # in arrival order (preempted requests go back in theirs)
+        self.running: list[_Request] = []
+        self.requests: dict[int, _Request] = {}
+        self.pending: list[StepOutput] = []  # outputs decided outside step() (abort, max_tokens=0)
+        self.preemptions = 0
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+
+    # ---- requests
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        logprobs: int = 0,
+    ) -> int:
+        """Queue a request; returns its id. Raises ContextOverflow when the prompt exceeds max_context and
+        RequestTooLarge when it could never fit the page pool."""
+        with self._lock:
+            return self._add(self._request(prompt, max_tokens, temperature, top_k, top_p, min_p,
+                                           repeat_penalty, seed, stop, logprobs))  # fmt: skip
+
+    def submit(self, prompt: str | Sequence[int], **kwargs) -> Iterator[StepOutput]:
+        """Thread-safe add_request (same arguments) whose StepOutputs arrive on an iterator while another thread
+        drives ``run`` or ``step``; the iterator ends after the request's final output."""
+        out: queue.Queue = queue.Queue()
+        with self._lock:
+            rid = self.add_request(prompt, **kwargs)
+            self.requests[rid].out = out
+            self._work.notify_all()
+
+        def outputs() -> Iterator[StepOutput]:
+            while True:
+                item = out.get()
+                yield item
+                if item.finished:
+                    return
+
+        return outputs()
+
+    def run(self, stop: threading.Event) -> None:
+        """Drive the engine until ``stop`` is set: step while there is work, wait for submissions otherwise."""
+        while not stop.is_set():
+            with self._lock:
+                if not self.has_unfinished():
+                    self._work.wait(timeout=0.05)
+                    continue
+            self.step()
+
+    def abort(self, request_id: int) -> None:
+        """End a request now: its pages and slot are freed; its final StepOutput (reason "abort") comes with the
+        next step. Unknown or finished ids are ignored."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None or req.finish_reason is not None:
+                return
+            self.pending.append(self._finish(req, "abort", [], []))
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self.waiting or self.running or self.pending)
+
+    def _request(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, n_lp):
+        tok = self.model.tokenizer
+        ids = tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ImpError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ImpError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if len(ids) > self.max_context:
+            raise ContextOverflow(
+                f"{len(ids)} tokens do not fit the context of {self.max_context}; "
+                f"load with a larger max_context (the model allows {self.cfg.context_length})"
+            )
+        if max_tokens < 0:
+            raise ImpError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not 0 <= n_lp <= MAX_LOGPROBS:
+            raise ImpError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {n_lp}")
+        if isinstance(stop, str):
+            stop = (stop,)
+        sp = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        sp.validate()
+        needed = -(-min(len(ids) + 1, self.max_context) // self.page_size)
+        if needed > self.n_pages:
+            raise RequestTooLarge(
+                f"a prompt of {len(ids)} tokens needs {needed} KV pages of {self.page_size} tokens but the engine's "
+                f"pool has {self.n_pages}; shorten the prompt or give the engine more pages (n_pages)",
+                needed=needed,
+                available=self.n_pages,
+            )
+        seed = seed if seed is not None else int.from_bytes(np.random.default_rng().bytes(4), "little") >> 1
+        return _Request(
+            id=next(self._ids),
+            prompt=ids,
+            tokens=list(ids),
+            max_new=min(max_tokens, self.max_context - len(ids)),
+            params=sp,
+            seed=int(seed) & 0x7FFFFFFF,
+            n_logprobs=int(n_lp),
+            detok=StopDetokenizer(tok, stop),
+            order=0,
+        )
+
+    def _add(self, req: _Request) -> int:
+        req.order = req.id
+        self.requests[req.id] = req
+        if req.max_new <= 0:
+            self.pending.append(self._finish(req, "length", [], []))
+        else:
+            self.waiting.append(req)
+        return req.id
+
+    # ---- one scheduling round
+
+    def step(self) -> list[StepOutput]:
+        """Run one engine step; returns the StepOutputs of every request that produced tokens or ended."""
+        with self._lock:
+            outputs = self.pending
+            self.pending = []
+            decode, prefill = self._schedule()
+            for batch, is_decode in ((prefill, False), (decode, True)):
+                if batch:
+                    outputs += self._run(batch, is_decode)
+            for o in outputs:
+                req = self.requests.get(o.request_id)
+                if req is not None and req.out is not None:
+                    req.out.put(o)
+                if o.finished:
+                    self.requests.pop(o.request_id, None)
+            return outputs
+
+    def _schedule(self) -> tuple[list[tuple[_Request, int]], list[tuple[_Request, int]]]:
+        """(decode rows, prefill rows) as (request, tokens to feed) under the token budget, pages taken."""
+        budget = self.token_budget
+        decode: list[tuple[_Request, int]] = []
+        prefill: list[tuple[_Request, int]] = []
+        for req in sorted(self.running, key=lambda r: r.order):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted by an older request this round
+                continue
+            n = min(len(req.tokens) - req.n_cached, budget)
+            if not self._reserve(req, req.n_cached + n, preempt=True):
+                continue
+            (decode if len(req.tokens) - req.n_cached == 1 else prefill).append((req, n))
+            budget -= n
+        while self.waiting and budget > 0 and self.free_slots:
+            req = self.waiting[0]
+            self._match_prefix(req)
+            n = min(len(req.tokens) - req.n_cached, budget)
+            if not self._reserve(req, req.n_cached + n, preempt=False):
+                self._release(req)
+                break
+            self.waiting.pop(0)
+            req.slot = self.free_slots.pop()
+            self.running.append(req)
+            (decode if len(req.tokens) - req.n_cached == 1 else prefill).append((req, n))
+            budget -= n
+        return decode, prefill
+
+    def _match_prefix(self, req: _Request) -> None:
+        """Pin the cached pages of the longest cached prefix of its tokens (all but the last token: one must be
+        fed to get logits)."""
+        full = (len(req.tokens) - 1) // self.page_size
+        for key in chain_hashes(req.tokens, self.page_size, full):
+            page = self.pool.lookup(key)
+            if page is None:
+                break
+            req.pages.append(page)
+            req.keys.append(key)
+        req.n_cached = len(req.pages) * self.page_size
+
+    def _reserve(self, req: _Request, end: int, *, preempt: bool) -> bool:
+        """Take the pages that hold positions < end; preempting younger running requests when allowed. False:
+        it cannot run this step (preempted itself, or a waiting request the pool cannot take yet)."""
+        need = -(-end // self.page_size) - len(req.pages)
+        while need > 0:
+            got = self.pool.allocate(need)
+            if got is not None:
+                req.pages += got
+                return True
+            if not preempt:
+                return False
+            victim = max(self.running, key=lambda r: r.order)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        self.preemptions += 1
+        self.running.remove(req)
+        self._release(req)
+        self.waiting.append(req)
+        self.waiting.sort(key=lambda r: r.order)
+
+    def _release(self, req: _Request) -> None:
+        """Give back its pages and slot; it keeps its tokens (to be recomputed)."""
+        self.pool.release(req.pages)
+        req.pages, req.keys, req.n_cached = [], [], 0
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None
+
+    def _finish(self, req: _Request, reason: str, ids: list[int], lps, text: str = "") -> StepOutput:
+        """Retire a request (pages and slot freed); returns its final output."""
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        return StepOutput(req.id, ids, True, reason, text + req.detok.flush(), lps if req.n_logprobs else None)
+
+    # ---- device calls
+
+    def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
+        b = pow2(len(batch))
+        t = 1 if is_decode else pow2(max(n for _, n in batch), 16)
+        n_pg = min(pow2(max(len(r.pages) for r, _ in batch), self.min_pages), pow2(self.pages_per_seq))
+        tokens = np.zeros((b, t), np.int32)
+        pos = np.zeros((b, t), np.int32)
+        valid = np.zeros((b,), np.int32)
+        pages = np.zeros((b, n_pg), np.int32)
+        slot = np.full((b,), self.max_seqs, np.int32)
+        recent = np.full((b, sampling.RECENT), -1, np.int32)
+        seeds = np.zeros((b,), np.int32)
+        counts = np.zeros((b,), np.int32)
+        fields = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+        samp = {f: np.zeros((b,), np.int32 if f == "top_k" else np.float32) for f in fields}
+        samp["top_p"][:] = samp["repeat_penalty"][:] = 1.0
+        for i, (req, n) in enumerate(batch):
+            start = req.n_cached
+            tokens[i, :n] = req.tokens[start : start + n]
+            pos[i] = start + np.arange(t)
+            valid[i] = n
+            pages[i, : len(req.pages)] = req.pages
+            slot[i] = req.slot
+            tail = req.tokens[-sampling.RECENT :]
+            recent[i, sampling.RECENT - len(tail) :] = tail
+            seeds[i], counts[i] = req.seed, req.n_generated
+            for f in fields:
+                samp[f][i] = getattr(req.params, f)
+        chunked = is_decode or any(req.n_cached > 0 for req, _ in batch)
+        out, self.cache = engine_step(
+            self.model.params,
+            self.cfg,
+            self.cache,
+            jnp.asarray(tokens),
+            jnp.asarray(pos),
+            jnp.asarray(valid),
+            Rows(jnp.asarray(pages), jnp.asarray(slot)),
+            {k: jnp.asarray(v) for k, v in samp.items()},
+            jnp.asarray(recent),
+            jnp.asarray(seeds),
+            jnp.asarray(counts),
+            decode=is_decode,
+            chunked=chunked,
+            greedy=all(req.params.greedy for req, _ in batch),
+            penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
+            n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
+        )
+        out = jax.device_get(out)
+        results = []
+        for i, (req, n) in enumerate(batch):
+            req.n_cached += n
+            self._register_pages(req)
+            if req.n_cached < len(req.tokens):
+                continue  # a prompt chunk that does not reach its end samples nothing
+            results.append(self._accept(req, int(out["token"][i]), out, i))
+        return results
+
+    def _register_pages(self, req: _Request) -> None:
+        full = req.n_cached // self.page_size
+        if self.pool.prefix_caching and full > len(req.keys):
+            parent = req.keys[-1] if req.keys else None
+            new = chain_hashes(req.tokens, self.page_size, full, len(req.keys), parent)
+            for page, key in zip(req.pages[len(req.keys) : full], new, strict=True):
+                self.pool.register(page, key)
+            req.keys += new
+
+    def _accept(self, req: _Request, token: int, out: dict, i: int) -> StepOutput:
+        req.tokens.append(token)
+        req.n_generated += 1
+        before = len(req.detok.token_ids)
+        piece = req.detok.push(token)
+        ids = req.detok.token_ids[before:]
+        lps = None
+        if req.n_logprobs:
+            top = [(int(a), float(b)) for a, b in zip(out["top_ids"][i], out["top_logprobs"][i], strict=True)]
+            lps = [(float(out["logprob"][i]), top[: req.n_logprobs])] if ids else []
+        if req.detok.finished:
+            return self._finish(req, "stop", ids, lps, piece)
+        if req.n_generated >= req.max_new:
+            return self._finish(req, "length", ids, lps, piece)
+        return StepOutput(req.id, ids, False, None, piece, lps)
+
+    # ---- introspection
+
+    def pages_in_use(self) -> int:
+        """Pages referenced by running requests (cached free pages not counted)."""
+        with self._lock:
+            return self.pool.n_used

@@ -1,0 +1,231 @@
+"""The serving engine: batched equals alone, join/leave, abort, prefix reuse, preemption, no recompilation, no
+page leaks, per-row sampling streams, stop strings, threads."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imp_jax
+from imp_jax.errors import RequestTooLarge
+from imp_jax.runtime.engine import Engine, engine_step
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAMILIES = ["llama", "gemma3", "qwen35", "qwen3moe", "gpt-oss"]  # dense, sliding window, GDN hybrid, MoE, sinks
+ENGINE = dict(page_size=8, n_pages=40, max_seqs=4, token_budget=32)
+
+
+@functools.cache
+def _model(arch: str, dtype: str = "float32"):
+    return imp_jax.load(FIXTURES / arch / "model-f32.gguf", dtype=dtype, max_context=64)
+
+
+def _prompts(n_vocab: int, lengths=(3, 29, 11, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, n_vocab, n)] for n in lengths]
+
+
+def _drive(engine: Engine, joins: dict[int, list] | None = None, max_steps=500):
+    """Step until idle; ``joins`` maps a step index to add_request kwargs to submit before it. Returns
+    {request id: (token ids, finish reason, logprobs)}."""
+    joins = joins or {}
+    got: dict[int, list] = {}
+    ends: dict[int, tuple] = {}
+    for i in range(max_steps):
+        for kw in joins.get(i, []):
+            got[engine.add_request(**kw)] = []
+        if not engine.has_unfinished() and i > max(joins, default=-1):
+            break
+        for out in engine.step():
+            got.setdefault(out.request_id, [])
+            got[out.request_id] += out.token_ids
+            if out.logprobs:
+                ends.setdefault(("lp", out.request_id), []).extend(out.logprobs)
+            if out.finished:
+                ends[out.request_id] = out.finish_reason
+    return {r: (ids, ends.get(r), ends.get(("lp", r))) for r, ids in got.items()}
+
+
+def _alone(model, prompt, **kw):
+    engine = Engine(model, **ENGINE)
+    rid = engine.add_request(prompt, **kw)
+    return _drive(engine)[rid]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_batch_of_mixed_prompts_equals_each_alone_f32(arch):
+    model = _model(arch)
+    prompts = _prompts(model.config.vocab_size)
+    engine = Engine(model, **ENGINE)
+    ids = [engine.add_request(p, max_tokens=10) for p in prompts]
+    batched = _drive(engine)
+    for rid, p in zip(ids, prompts, strict=True):
+        alone = _alone(model, p, max_tokens=10)
+        assert batched[rid][0] == alone[0], (arch, len(p))
+        assert batched[rid][1] == alone[1]
+    assert engine.pool.n_used == 0 and sorted(engine.free_slots) == list(range(engine.max_seqs))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_batch_equals_alone_bf16_where_the_margin_is_clear(arch):
+    model = _model(arch, "bfloat16")
+    prompts = _prompts(model.config.vocab_size, lengths=(5, 33, 17))
+    engine = Engine(model, **ENGINE)
+    ids = [engine.add_request(p, max_tokens=8) for p in prompts]
+    batched = _drive(engine)
+    for rid, p in zip(ids, prompts, strict=True):
+        alone_ids, _, lps = _alone(model, p, max_tokens=8, logprobs=2)
+        for i, (a, b) in enumerate(zip(alone_ids, batched[rid][0], strict=True)):
+            top = lps[i][1]
+            if top[0][1] - top[1][1] <= 0.5:  # a near tie: bf16 rounding may pick either, and all after differ
+                break
+            assert a == b, (arch, len(p), i)
+
+
+def test_requests_join_and_leave_mid_run():
+    model = _model("gemma3")
+    p = _prompts(model.config.vocab_size, lengths=(7, 30, 12, 21))
+    engine = Engine(model, **ENGINE)
+    joins = {
+        0: [dict(prompt=p[0], max_tokens=12)],
+        2: [dict(prompt=p[1], max_tokens=3)],  # leaves early
+        4: [dict(prompt=p[2], max_tokens=9), dict(prompt=p[3], max_tokens=5)],
+    }
+    out = _drive(engine, joins)
+    for rid, kw in enumerate(kw for step in sorted(joins) for kw in joins[step]):
+        assert out[rid][0] == _alone(model, kw["prompt"], max_tokens=kw["max_tokens"])[0]
+    assert engine.pool.n_used == 0
+
+
+def test_abort_frees_pages_and_ends_with_abort():
+    model = _model("llama")
+    p = _prompts(model.config.vocab_size, lengths=(30, 9))
+    engine = Engine(model, **ENGINE, prefix_caching=False)
+    a = engine.add_request(p[0], max_tokens=50)
+    b = engine.add_request(p[1], max_tokens=6)
+    engine.step()
+    engine.step()
+    used = engine.pool.n_used
+    engine.abort(a)
+    assert engine.pool.n_used == used - 4  # 30 + 1 tokens fed: 4 pages of 8
+    outs = engine.step()
+    assert any(o.request_id == a and o.finished and o.finish_reason == "abort" for o in outs)
+    rest = _drive(engine)
+    assert rest[b][1] == "length"
+    assert engine.pool.n_used == 0 and not engine.has_unfinished()
+
+
+def test_prefix_reuse_gives_the_same_logprobs_as_no_reuse():
+    model = _model("llama")
+    system = _prompts(model.config.vocab_size, lengths=(35,))[0]
+    turn2 = [*system, 5, 6, 7, 8, 9]
+    runs = {}
+    for reuse in (True, False):
+        engine = Engine(model, **ENGINE, prefix_caching=reuse)
+        first = _drive(engine, {0: [dict(prompt=system, max_tokens=4)]})[0]
+        second_prompt = system + first[0] + turn2[len(system) :]  # the second chat turn extends the first
+        rid = engine.add_request(second_prompt, max_tokens=6, logprobs=3)
+        runs[reuse] = _drive(engine)[rid], engine.pool.lookups_hit
+    (with_reuse, hits), (without, _) = runs[True], runs[False]
+    assert hits == (len(system) + 4) // 8  # every full page of turn 1 (prompt + fed reply) came from the cache
+    assert with_reuse[0] == without[0]
+    for (lp_a, top_a), (lp_b, top_b) in zip(with_reuse[2], without[2], strict=True):
+        assert abs(lp_a - lp_b) < 1e-4
+        assert [i for i, _ in top_a] == [i for i, _ in top_b]
+        np.testing.assert_allclose([v for _, v in top_a], [v for _, v in top_b], atol=1e-4)
+
+
+def test_preemption_under_a_small_pool_recomputes_and_matches():
+    model = _model("qwen35")
+    prompts = _prompts(model.config.vocab_size, lengths=(20, 26, 14))
+    engine = Engine(model, page_size=8, n_pages=9, max_seqs=3, token_budget=24)
+    ids = [engine.add_request(p, max_tokens=12) for p in prompts]
+    out = _drive(engine)
+    assert engine.preemptions > 0
+    for rid, p in zip(ids, prompts, strict=True):
+        assert out[rid][0] == _alone(model, p, max_tokens=12)[0]
+    assert engine.pool.n_used == 0
+
+
+def test_a_request_that_can_never_fit_is_refused():
+    model = _model("llama")
+    engine = Engine(model, page_size=8, n_pages=3, max_seqs=2)
+    with pytest.raises(RequestTooLarge, match="needs 4 KV pages of 8 tokens but the engine's pool has 3") as e:
+        engine.add_request(list(range(3, 30)))
+    assert e.value.needed == 4 and e.value.available == 3
+
+
+def test_warm_engine_does_not_recompile():
+    model = _model("llama")
+    engine = Engine(model, **ENGINE)
+    warm = _prompts(model.config.vocab_size, lengths=(5, 20, 9, 40), seed=1)
+    _drive(engine, {0: [dict(prompt=p, max_tokens=14) for p in warm]})
+    before = engine_step._cache_size()
+    other = _prompts(model.config.vocab_size, lengths=(6, 18, 12, 37), seed=2)
+    _drive(engine, {0: [dict(prompt=p, max_tokens=13) for p in other]})
+    assert engine_step._cache_size() == before
+
+
+def test_thousand_requests_leave_no_pages_behind():
+    model = _model("llama")
+    engine = Engine(model, page_size=8, n_pages=32, max_seqs=32, token_budget=256)
+    rng = np.random.default_rng(3)
+    for _ in range(1000):
+        engine.add_request([int(t) for t in rng.integers(3, 300, int(rng.integers(1, 7)))], max_tokens=1)
+    done = 0
+    while engine.has_unfinished():
+        done += sum(o.finished for o in engine.step())
+    assert done == 1000
+    assert engine.pool.n_used == 0 and len(engine.free_slots) == 32 and not engine.requests
+    planned = engine.n_pages * engine.page_size
+    assert engine.cache.k.shape[1:3] == (32, 8) and planned == 256
+
+
+def test_seeded_rows_keep_their_own_stream_in_a_batch():
+    model = _model("llama")
+    prompts = _prompts(model.config.vocab_size, lengths=(4, 13))
+    kw = dict(max_tokens=10, temperature=1.2, top_k=40, top_p=0.95, min_p=0.02, repeat_penalty=1.1, seed=11)
+    engine = Engine(model, **ENGINE)
+    a = engine.add_request(prompts[0], **kw)
+    b = engine.add_request(prompts[1], max_tokens=10)  # greedy row beside a sampled one
+    batched = _drive(engine)
+    assert batched[a][0] == _alone(model, prompts[0], **kw)[0]
+    assert batched[b][0] == _alone(model, prompts[1], max_tokens=10)[0]
+    assert batched[a][0] != _alone(model, prompts[0], **{**kw, "seed": 12})[0]
+
+
+def test_generate_list_equals_each_prompt_alone_and_stop_strings_apply():
+    model = _model("llama")
+    prompts = _prompts(model.config.vocab_size, lengths=(3, 25, 10))
+    gens = imp_jax.generate(model, prompts, max_tokens=8)
+    for g, p in zip(gens, prompts, strict=True):
+        alone = imp_jax.generate(model, p, max_tokens=8)
+        assert g.token_ids == alone.token_ids and g.text == alone.text and g.finish_reason == alone.finish_reason
+    text = gens[1].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        cut = imp_jax.generate(model, prompts[1], max_tokens=8, stop=[stop])
+        assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
+        assert "".join(imp_jax.generate(model, prompts[1], max_tokens=8, stop=[stop], stream=True)) == cut.text
+    assert model._engine.pool.n_used == 0
+
+
+def test_submit_streams_from_another_thread():
+    model = _model("llama")
+    engine = Engine(model, **ENGINE)
+    stop = threading.Event()
+    driver = threading.Thread(target=engine.run, args=(stop,))
+    driver.start()
+    try:
+        prompts = _prompts(model.config.vocab_size, lengths=(6, 14))
+        streams = [engine.submit(p, max_tokens=5) for p in prompts]
+        outs = [[tok for o in s for tok in o.token_ids] for s in streams]
+    finally:
+        stop.set()
+        driver.join()
+    for got, p in zip(outs, prompts, strict=True):
+        assert got == _alone(model, p, max_tokens=5)[0]

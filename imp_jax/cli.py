@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(run=_cmd_bench)
 
-    from imp_jax.planning.memory import add_plan_parser
+    from imp_jax.planning.command import add_plan_parser
 
     _add_threads(add_plan_parser(sub))
 

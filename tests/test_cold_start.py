@@ -196,3 +196,18 @@ def test_a_multi_layer_scan_unit_computes_what_one_layer_at_a_time_does():
         return np.asarray(out)
 
     np.testing.assert_allclose(logits(params), logits(one_by_one), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["plan", "--help"], ["pull", "--help"], ["generate"], ["bench", "--pp", "x"]]
+)
+def test_the_cli_imports_no_jax_before_it_needs_it(argv):
+    """Help and argument errors answer at once: no JAX import, no device query."""
+    code = (
+        "import sys\nfrom imp_jax.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('JAX' if 'jax' in sys.modules else 'NOJAX')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    assert out.stdout.strip().splitlines()[-1] == "NOJAX", out.stderr[-500:]

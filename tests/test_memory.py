@@ -14,10 +14,10 @@ from gguf import GGMLQuantizationType, quants
 
 from imp_jax.errors import ImpError, ModelTooLarge
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.planning.command import add_plan_parser
 from imp_jax.planning.memory import (
     Budget,
     MemoryWarning,
-    add_plan_parser,
     check_fits,
     cmd_plan,
     context_candidates,

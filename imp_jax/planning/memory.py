@@ -37,6 +37,7 @@ from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import resolve_dtype
+from imp_jax.planning.options import DTYPES, PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
 from imp_jax.runtime.sampling import RECENT, SamplingParams
@@ -56,8 +57,6 @@ DEFAULT_HEADROOM = {"gpu": 1 * GiB, "cpu": 256 * MiB}
 # packed: every quantized weight stays packed (a kernel where one exists, else dequantized inside each step);
 # fallback: those without a kernel are dequantized once at load; dense: all of them are (debugging, comparisons);
 # auto: packed when every weight has a kernel, else the fallback when it fits, else packed.
-PATHS = ("auto", "packed", "fallback", "dense")
-DTYPES = ("bfloat16", "float32")
 _SUGGEST_BITS = 4.5  # a 4-bit K-quant / MXFP4 model, scales included
 
 
@@ -631,20 +630,6 @@ def _size(n: int) -> str:
 
 
 # --- command line -------------------------------------------------------------------------------------------
-
-
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    """``imp-jax plan --model M [--context N|auto] [--batch B] [--device-memory 8GiB] [--path P]``."""
-    p = subparsers.add_parser("plan", help="memory plan: weights, KV cache, workspace, peak, verdict")
-    p.add_argument("--model", "-m", required=True, help="a .gguf path or a registry name")
-    p.add_argument("--context", default="4096", help="max context in tokens, or 'auto' (largest that fits)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: float32 on CPU, else bfloat16")
-    p.add_argument("--device-memory", default=None, help="budget instead of the device's free memory, e.g. 8GiB")
-    p.add_argument("--headroom", default=None, help="runtime headroom (default 1GiB on GPU, 256MiB on CPU)")
-    p.add_argument("--path", default="auto", choices=PATHS, help="weight execution path")
-    p.set_defaults(run=cmd_plan)
-    return p
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

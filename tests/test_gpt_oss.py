@@ -257,17 +257,27 @@ def model():
 
 
 def test_generate_separates_reasoning_from_the_answer(model, monkeypatch):
+    """What the engine hands back for a harmony reply is split into the final answer and the analysis channel."""
+    import imp_jax.model as model_module
+    from imp_jax.runtime.engine import StepOutput
+
     tok = model.tokenizer
     reply = "<|channel|>analysis<|message|>Think first.<|end|><|start|>assistant<|channel|>final<|message|>The answer."
-    script = [*tok.encode(reply, add_special=False), tok.piece_to_id("<|return|>"), 0, 0]
+    ids = tok.encode(reply, add_special=False)
+    requests = []
 
-    def scripted(*args, **kwargs):
-        yield from script
+    def scripted(engine, runs):
+        for run in runs:
+            requests.append((engine, run.request_id))
+            run.take(StepOutput(run.request_id, ids, True, "stop", text=reply))
 
-    monkeypatch.setattr(steps, "token_stream", scripted)
-    gen = imp_jax.generate(model, "Hi", max_tokens=len(script))
+    monkeypatch.setattr(model_module, "engine_step_into", scripted)
+    gen = imp_jax.generate(model, "Hi", max_tokens=len(ids) + 3)
+    for engine, rid in requests:  # the scripted request never ran: free it
+        engine.abort(rid)
+        engine.step()
     assert (gen.text, gen.reasoning, gen.finish_reason) == ("The answer.", "Think first.", "stop")
-    assert gen.token_ids == script[:-3]
+    assert gen.token_ids == ids
 
 
 @pytest.mark.slow

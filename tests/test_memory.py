@@ -221,22 +221,16 @@ def test_q4_k_m_mix_takes_a_kernel_for_every_matrix(monkeypatch):
     """A Q4_K_M-style file (Q4_K, with Q6_K for attn_v, ffn_down and the output head) on a Hopper GPU: every
     packed matrix is repacked for a kernel (none left to dequantize inside a step), and the plan names the
     kernel format of each stored qtype."""
-    import dataclasses
-
     from gguf import GGMLQuantizationType as T
 
-    from imp_jax import memory, ops
-    from imp_jax.params import abstract_leaf
+    from imp_jax import ops
+    from imp_jax.planning import memory
+    from imp_jax.weights.loading import abstract_leaf
 
-    _, specs = synthetic_specs("tiny", "q4_k")
-
-    def mix(spec):
-        six = spec.dtype is None and any(k in spec.names[0] for k in ("attn_v", "ffn_down", "output.weight"))
-        return dataclasses.replace(spec, qtype=int(T.Q6_K)) if six else spec
-
-    leaves = [mix(s) for s in memory._leaves(specs)]
+    _, specs = synthetic_specs("tiny", "q4_k_m")  # llama.cpp's Q4_K_M rule: layer 1's attn_v/ffn_down, output Q6_K
+    leaves = memory._leaves(specs)
     assert {s.qtype for s in leaves if s.dtype is None} >= {int(T.Q4_K), int(T.Q6_K)}
-    monkeypatch.setattr(ops, "kernel_mode", lambda: "auto")
+    monkeypatch.setattr(ops.policy, "kernel_mode", lambda: "auto")
     lines = memory._weight_lines({s: abstract_leaf(s) for s in leaves if not s.gathered})
     packed = {(w.qtype, w.path) for w in lines if w.stored == "packed"}
     assert packed == {("Q4_K", "kernel:pallas Q4_K"), ("Q6_K", "kernel:pallas Q6_K")}

@@ -32,15 +32,17 @@ def write_pages(kv, new, layer, pages, pos, valid):
     [L, n_pages, P, Hkv, D], through each row's page table pages [B, n_pg]. Padding tokens (``valid`` False) and
     positions past the table are dropped, so they can never land in another sequence's page."""
     k_cache, v_cache = kv
-    n_layers, n_pages, page, hkv, d = k_cache.shape
+    n_pages, page = k_cache.shape[1:3]
     col = pos // page
     ok = valid & (col < pages.shape[1])
     page_id = jnp.take_along_axis(pages, jnp.minimum(col, pages.shape[1] - 1), axis=1)
-    flat = jnp.where(ok, page_id * page + pos % page, n_pages * page)
+    page_id = jnp.where(ok, page_id, n_pages)  # out of range: dropped
+    offset = pos % page
 
     def put(cache, x):
-        cache = cache.reshape(n_layers, n_pages * page, hkv, d)
-        return cache.at[layer, flat].set(x.astype(cache.dtype), mode="drop").reshape(k_cache.shape)
+        # Indexed in the cache's own shape: a reshape of the loop-carried cache made XLA:CPU copy the whole pool
+        # at every layer (decode time grew with max_context).
+        return cache.at[layer, page_id, offset].set(x.astype(cache.dtype), mode="drop")
 
     return put(k_cache, new[0]), put(v_cache, new[1])
 

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+import pallas.mgpu_decode as mgpu_decode
 from imp_jax.errors import KernelError
-from pallas import mgpu_decode
 from pallas.common import interpret_params, wgmma_from_regs
 from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from imp_jax.ops import policy
+import imp_jax.ops.policy as policy
 
 
 def _kernel_attention_ok(q: jax.Array, softcap: float) -> bool:

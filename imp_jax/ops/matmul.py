@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
+import imp_jax.ops.policy as policy
 from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
-from imp_jax.ops import policy
 
 Weight = QTensor | jax.Array
 

@@ -10,9 +10,11 @@ import os
 
 import jax
 
-# Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. XLA's dot already
-# streams a bf16 GEMV near HBM speed and runs prefill on cuBLAS; docs/BENCHMARKS.md has the measured comparison.
-BF16_KERNEL = False
+# Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. Inside the scanned
+# layer stack XLA copies every layer's slice out of the stacked weights before cuBLAS reads it (29% of copy
+# bandwidth for Qwen3-8B's matrices on the H200), while the kernel reads the slice where it lies (78%):
+# benchmarks/layer_weights.py, docs/BENCHMARKS.md "bf16 weights in place".
+BF16_KERNEL = True
 
 
 def kernel_mode() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 
 from imp_jax import bench
 from imp_jax.models.config import GPT_OSS, LLAMA, QWEN3, QWEN3MOE, QWEN35, RECURRENT
+from imp_jax.ops.policy import resolve_kernels
 from imp_jax.weights.synthetic import SHAPES
 
 
@@ -40,18 +40,18 @@ def copy_bandwidth() -> float:
 
 
 def imp_rows(shape: str, quant: str, kernels: bool, pp: list[int], tg: int, batches: list[int], bw: float):
-    os.environ["IMP_JAX_KERNELS"] = "1" if kernels else "0"
-    params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16")
+    policy = resolve_kernels("auto" if kernels else "off")
+    params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16", kernels=policy)
     per_token = bench.decode_bytes_per_token(params, cfg)
     label = "imp-jax pallas" if kernels else "imp-jax xla"
     out = []
     for n in pp:
-        bench.time_prefill(params, cfg, n, jnp.bfloat16)
-        t = min(bench.time_prefill(params, cfg, n, jnp.bfloat16) for _ in range(3))
+        bench.time_prefill(params, cfg, n, jnp.bfloat16, 1, policy)
+        t = min(bench.time_prefill(params, cfg, n, jnp.bfloat16, 1, policy) for _ in range(3))
         out.append(dict(engine=label, shape=shape, quant=quant, test=f"pp{n}", batch=1, tok_s=n / t))
     for b in batches:
-        bench.time_decode(params, cfg, tg, jnp.bfloat16, b)
-        t = min(bench.time_decode(params, cfg, tg, jnp.bfloat16, b) for _ in range(3))
+        bench.time_decode(params, cfg, tg, jnp.bfloat16, b, policy)
+        t = min(bench.time_decode(params, cfg, tg, jnp.bfloat16, b, policy) for _ in range(3))
         row = dict(engine=label, shape=shape, quant=quant, test=f"tg{tg}", batch=b, tok_s=b * tg / t)
         if b == 1:
             roof = bw * 1e9 / per_token

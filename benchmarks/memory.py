@@ -38,10 +38,11 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     import numpy as np
 
     from imp_jax.errors import ModelTooLarge
+    from imp_jax.ops.policy import resolve_kernels
     from imp_jax.planning.memory import check_fits, plan_specs, resolve_budget
     from imp_jax.runtime import steps
     from imp_jax.runtime.cache import init_cache
-    from imp_jax.runtime.sampling import RECENT, SamplingParams
+    from imp_jax.runtime.sampling import SamplingParams
     from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
 
     model_shape, quant, path, ctx = CONFIGS[name]
@@ -53,9 +54,9 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
 
     before = dict(live=len(jax.live_arrays()), in_use=stats().get("bytes_in_use", 0))
     t0 = time.perf_counter()
-    plan = plan_specs(
-        specs, cfg, label=name, max_context=ctx, batch=1, dtype="bfloat16", budget=resolve_budget(), path=path
-    )
+    kernels = resolve_kernels()
+    plan = plan_specs(specs, cfg, label=name, max_context=ctx, batch=1, dtype="bfloat16", budget=resolve_budget(),
+                      path=path, kernels=kernels)  # fmt: skip
     out = dict(
         name=name,
         device=plan.budget.device,
@@ -80,7 +81,7 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     if plan_only:
         return out
     t0 = time.perf_counter()
-    params = jax.block_until_ready(synthetic_params(plan.specs, jax.random.key(0), config=cfg))
+    params = jax.block_until_ready(synthetic_params(plan.specs, jax.random.key(0), config=cfg, kernels=kernels))
     out.update(
         build_s=time.perf_counter() - t0,
         weights_in_use=stats().get("bytes_in_use"),
@@ -90,7 +91,7 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
     tokens = jax.random.randint(jax.random.key(1), (1, ctx), 0, cfg.vocab_size, jnp.int32)
     t0 = time.perf_counter()
     logits, cache = steps.prefill_step(
-        params, cfg, tokens, jnp.asarray([n], jnp.int32), init_cache(cfg, 1, ctx, "bfloat16")
+        params, cfg, tokens, jnp.asarray([n], jnp.int32), init_cache(cfg, 1, ctx, "bfloat16"), kernels=kernels
     )
     logits = jax.block_until_ready(logits)
     out.update(
@@ -98,15 +99,10 @@ def run_one(name: str, shape: str, plan_only: bool) -> dict:
         finite=bool(np.isfinite(np.asarray(logits)).all()),
         peak_after_prefill=stats().get("peak_bytes_in_use"),
     )
-    state = steps.DecodeState(
-        jnp.zeros((1,), jnp.int32),
-        jnp.asarray([n], jnp.int32),
-        jnp.full((1, RECENT), -1, jnp.int32),
-        jax.random.key(2),
-    )
+    state = steps.decode_state([n], seed=2)
     p = SamplingParams(temperature=0.8, repeat_penalty=1.1).arrays()
     for _ in range(4):
-        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=False, penalty=True)
+        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=False, penalty=True, kernels=kernels)
     jax.block_until_ready(state.token)
     out.update(peak_measured=stats().get("peak_bytes_in_use"), in_use_end=stats().get("bytes_in_use"))
     return out

@@ -35,9 +35,10 @@ import numpy as np
 
 from imp_jax import bench
 from imp_jax.models.config import ModelConfig
+from imp_jax.ops.policy import KernelPolicy, resolve_kernels
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import init_cache
-from imp_jax.runtime.steps import DecodeState, decode_step, first_token, prefill_step
+from imp_jax.runtime.steps import decode_state, decode_step, first_token, prefill_step
 
 # (label, regex on the kernel name, case-insensitive); the first match wins, unmatched names go to OTHER.
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -53,25 +54,21 @@ DECODE_MODULE = "decode_step"  # substring of the decode step's XLA module name 
 TOP = 15
 
 
-def time_decode(params, cfg: ModelConfig, steps: int, dtype, batch: int, context: int) -> float:
+def time_decode(params, cfg: ModelConfig, steps: int, dtype, batch: int, context: int, kernels: KernelPolicy) -> float:
     """Seconds for ``steps`` greedy decode steps of ``batch`` sequences after a ``context``-token prompt.
 
     ``bench.time_decode`` with a prompt length: the prefill and first sample are outside the timed loop."""
     cache = init_cache(cfg, batch, -(-(context + steps + 1) // 8) * 8, dtype)
     prompt = jnp.asarray((np.arange(context)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
-    logits, cache = prefill_step(params, cfg, prompt, jnp.full((batch,), context, jnp.int32), cache)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    logits, cache = prefill_step(params, cfg, prompt, lengths, cache, kernels=kernels)
     p = sampling.SamplingParams().arrays()
-    state = DecodeState(
-        jnp.zeros((batch,), jnp.int32),
-        jnp.full((batch,), context - 1, jnp.int32),
-        jnp.full((batch, sampling.RECENT), -1, jnp.int32),
-        jax.random.key(0),
-    )
+    state = decode_state(np.full((batch,), context - 1, np.int32))
     state = first_token(logits, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, cache = decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
+        state, cache = decode_step(params, cfg, cache, state, p, greedy=True, penalty=False, kernels=kernels)
     jax.block_until_ready(state)
     return time.perf_counter() - t0
 
@@ -159,11 +156,13 @@ def tables(result: dict, top: int = TOP) -> str:
 
 def profile(shape: str, quant: str, steps: int, batch: int, context: int, trace_dir: str) -> dict:
     """Warm up, trace one run of ``steps`` decode steps, and return the wall time and breakdown (or an error)."""
-    params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16")
-    time_decode(params, cfg, steps, jnp.bfloat16, batch, context)  # compile and warm up
-    untraced = time_decode(params, cfg, steps, jnp.bfloat16, batch, context)
+    kernels = resolve_kernels()
+    params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16", kernels=kernels)
+    run = (params, cfg, steps, jnp.bfloat16, batch, context, kernels)
+    time_decode(*run)  # compile and warm up
+    untraced = time_decode(*run)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        wall = time_decode(params, cfg, steps, jnp.bfloat16, batch, context)
+        wall = time_decode(*run)
     out = dict(
         device=jax.devices()[0].device_kind, shape=shape, quant=quant, steps=steps, batch=batch, context=context,
         wall_ms_per_step=1e3 * wall / steps, untraced_wall_ms_per_step=1e3 * untraced / steps,

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax import ops
 from imp_jax.models.config import ModelConfig
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime import sampling, steps
 from imp_jax.runtime.cache import init_cache
 
@@ -39,42 +39,38 @@ class BenchRow:
         return dataclasses.asdict(self)
 
 
-def backend_name() -> str:
+def backend_name(kernels: KernelPolicy) -> str:
     dev = jax.devices()[0]
-    return f"{dev.platform}" + ("+pallas" if ops.kernels_enabled() else "")
+    return f"{dev.platform}" + (f"+{kernels.label}" if kernels.enabled else "")
 
 
 def _prompt(cfg: ModelConfig, batch: int, n: int) -> jax.Array:
     return jnp.asarray((np.arange(n)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
 
 
-def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> float:
+def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1, kernels: KernelPolicy = REFERENCE) -> float:
     """Seconds for one prefill of n tokens x batch (device synchronised)."""
     cache = init_cache(cfg, batch, n, dtype)
     tokens, lengths = _prompt(cfg, batch, n), jnp.full((batch,), n, jnp.int32)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    logits, cache = steps.prefill_step(params, cfg, tokens, lengths, cache)
+    logits, cache = steps.prefill_step(params, cfg, tokens, lengths, cache, kernels=kernels)
     jax.block_until_ready(logits)
     return time.perf_counter() - t0
 
 
-def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int = 1) -> float:
+def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int = 1, kernels: KernelPolicy = REFERENCE) -> float:
     """Seconds for n greedy decode steps of batch sequences after a one-token prompt."""
     cache = init_cache(cfg, batch, n + 8 - (n % 8), dtype)
-    logits, cache = steps.prefill_step(params, cfg, _prompt(cfg, batch, 1), jnp.ones((batch,), jnp.int32), cache)
+    one = jnp.ones((batch,), jnp.int32)
+    logits, cache = steps.prefill_step(params, cfg, _prompt(cfg, batch, 1), one, cache, kernels=kernels)
     p = sampling.SamplingParams().arrays()
-    state = steps.DecodeState(
-        jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch,), jnp.int32),
-        jnp.full((batch, sampling.RECENT), -1, jnp.int32),
-        jax.random.key(0),
-    )
+    state = steps.decode_state(np.zeros((batch,), np.int32))
     state = steps.first_token(logits, state, p, greedy=True, penalty=False)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(n):
-        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False)
+        state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False, kernels=kernels)
     jax.block_until_ready(state)
     return time.perf_counter() - t0
 
@@ -92,20 +88,21 @@ def run(
     tg: int,
     reps: int,
     batch: int = 1,
+    kernels: KernelPolicy = REFERENCE,
 ) -> list[BenchRow]:
     rows = []
     for test, n, timer in (("pp", pp, time_prefill), ("tg", tg, time_decode)):
         if n <= 0:
             continue
-        timer(params, cfg, n, dtype, batch)  # compile and warm up
-        rates = [batch * n / timer(params, cfg, n, dtype, batch) for _ in range(reps)]
+        timer(params, cfg, n, dtype, batch, kernels)  # compile and warm up
+        rates = [batch * n / timer(params, cfg, n, dtype, batch, kernels) for _ in range(reps)]
         rows.append(
             BenchRow(
                 name,
                 quant,
                 size_bytes / 2**30,
                 n_params / 1e9,
-                backend_name(),
+                backend_name(kernels),
                 f"{test}{n}",
                 statistics.mean(rates),
                 statistics.stdev(rates) if len(rates) > 1 else 0.0,
@@ -115,7 +112,7 @@ def run(
     return rows
 
 
-def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
+def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0, *, kernels: KernelPolicy = REFERENCE):
     """Random weights of a real model's shape, built on the device (no file), in this backend's kernel layout.
     Returns (params, config, weight bytes, parameter count)."""
     from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
@@ -124,7 +121,7 @@ def synthetic_model(shape: str, quant: str, dtype: str, seed: int = 0):
     cfg, specs = synthetic_specs(shape, quant, dtype)
     leaves = [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if s.names != (ROPE,)]
     n_params = sum(len(s.names) * int(np.prod(s.shape)) for s in leaves)
-    params = synthetic_params(specs, jax.random.key(seed), config=cfg)
+    params = synthetic_params(specs, jax.random.key(seed), config=cfg, kernels=kernels)
     return params, cfg, sum(s.nbytes for s in leaves), n_params
 
 

@@ -76,6 +76,12 @@ def compile_cache_setting(environ: dict[str, str] | None = None) -> bool | str:
     return {"1": True, "0": False}.get(value, value)
 
 
+def kernels_setting(environ: dict[str, str] | None = None) -> str:
+    """``IMP_JAX_KERNELS``: unset or 1 (auto) runs the Pallas kernels that beat XLA on a Hopper GPU, 0 none (the
+    XLA reference path), all every kernel; ``load(kernels=...)`` resolves it once."""
+    return (os.environ if environ is None else environ).get("IMP_JAX_KERNELS", "auto")
+
+
 def _load(args: argparse.Namespace):
     """The model, loaded with the user's settings; announces a context cut to the model's own and, unless
     --quiet, says what it loads and how long it took (kept on args for the summary)."""
@@ -88,6 +94,7 @@ def _load(args: argparse.Namespace):
         max_context=args.context,
         progress=not args.quiet,
         compile_cache=compile_cache_setting(),
+        kernels=args.kernels,
     )
     args.load_s = time.perf_counter() - t0
     if model.max_context < args.context:
@@ -186,22 +193,25 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from imp_jax import bench
-    from imp_jax.ops.policy import resolve_dtype
+    from imp_jax.ops.policy import resolve_dtype, resolve_kernels
 
     dtype = resolve_dtype(args.dtype)
+    kernels = resolve_kernels(args.kernels)
     if args.synthetic:
-        params, cfg, size, n_params = bench.synthetic_model(args.synthetic, args.quant, dtype)
+        params, cfg, size, n_params = bench.synthetic_model(args.synthetic, args.quant, dtype, kernels=kernels)
         name, quant = args.synthetic, args.quant
     else:
         import imp_jax
         from imp_jax.inspect import summarize
 
-        model = imp_jax.load(args.model, dtype=dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch)
+        model = imp_jax.load(
+            args.model, dtype=dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch, kernels=kernels
+        )
         s = summarize(model.file)
         params, cfg = model.params, model.config
         name, quant, size, n_params = model.path.name, next(iter(s.bytes_by_qtype)), s.file_bytes, s.n_params
-    rows = bench.run(params, cfg, name=name, quant=quant, size_bytes=size, n_params=n_params,
-                     dtype=dtype, pp=args.pp, tg=args.tg, reps=args.reps, batch=args.batch)  # fmt: skip
+    rows = bench.run(params, cfg, name=name, quant=quant, size_bytes=size, n_params=n_params, dtype=dtype,
+                     pp=args.pp, tg=args.tg, reps=args.reps, batch=args.batch, kernels=kernels)  # fmt: skip
     print(bench.as_json(rows) if args.json else bench.table(rows))
 
 
@@ -348,6 +358,7 @@ def set_threads(threads: int | None, environ: dict | os._Environ = os.environ) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.kernels = kernels_setting()
     try:
         set_threads(getattr(args, "threads", None))
         args.run(args)

@@ -31,6 +31,7 @@ from imp_jax.errors import ImpError, NonFiniteError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import forward
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime.cache import init_cache
 from imp_jax.weights.tensor_spec import is_spec
 
@@ -93,7 +94,13 @@ def _op(name: str) -> str:
 
 
 def check_prefill(
-    params, config: ModelConfig, token_ids: Sequence[int], *, dtype: str = "bfloat16", specs=None
+    params,
+    config: ModelConfig,
+    token_ids: Sequence[int],
+    *,
+    dtype: str = "bfloat16",
+    specs=None,
+    kernels: KernelPolicy = REFERENCE,
 ) -> None:
     """One checked prefill of ``token_ids`` from an empty cache; raises NonFiniteError at the first bad op.
 
@@ -107,7 +114,7 @@ def check_prefill(
     cache = init_cache(config, 1, len(ids), jnp.dtype(dtype))
 
     def run(p, t, q, c):
-        return forward(p, config, t, q, c, decode=False)
+        return forward(p, config, t, q, c, decode=False, kernels=kernels)
 
     tags = weight_tags(params, specs)
     check_finite(run, params, tokens, pos, cache, weights=tags + [None] * (2 + len(jax.tree.leaves(cache))))

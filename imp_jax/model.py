@@ -17,7 +17,7 @@ from imp_jax.debug import check_prefill, debug_nans_enabled
 from imp_jax.errors import ContextOverflow, ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
-from imp_jax.ops.policy import resolve_dtype
+from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
@@ -54,6 +54,7 @@ class Model:
         dtype: str,
         max_context: int,
         batch: int,
+        kernels: KernelPolicy = REFERENCE,
     ):
         self.file = file
         self.config = config
@@ -62,6 +63,7 @@ class Model:
         self.dtype = dtype
         self.max_context = max_context
         self.batch = batch
+        self.kernels = kernels  # resolved once at load; every step gets it as static configuration
         self.plan: memory.MemoryPlan | None = None  # the plan load() checked before any weight moved
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
         self._engine = None  # the engine generate() runs on (engine_for), made on first use
@@ -92,6 +94,7 @@ class Model:
             steps.bucket(len(ids), self.max_context),
             jnp.dtype(self.dtype),
             all_logits=True,
+            kernels=self.kernels,
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
 
@@ -125,6 +128,7 @@ def load(
     debug: bool = False,
     progress: bool | None = None,
     compile_cache: bool | str | os.PathLike[str] = True,
+    kernels: str | KernelPolicy = "auto",
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -137,9 +141,12 @@ def load(
     ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
     ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
     imp-jax cache folder, a folder of your own, or False.
+    ``kernels`` picks the Pallas kernels ("auto": those that beat XLA on this GPU, "off": the XLA reference path,
+    "all": every kernel, or a KernelPolicy); it is resolved here once and passed to every step as static config.
     ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
     """
     dtype = _parse_dtype(resolve_dtype(dtype))
+    policy = resolve_kernels(kernels)
     compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
     mf = open_model_file(path_or_name, progress=show)
@@ -150,13 +157,15 @@ def load(
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
-        budget=memory.resolve_budget(device_memory), path=path,
+        budget=memory.resolve_budget(device_memory), path=path, kernels=policy,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
-    params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan, show))
+    params = load_params(mf, config, plan.specs, policy, on_bytes=_progress(mf, plan, show))
     if debug or debug_nans_enabled():
-        check_prefill(params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs)
-    model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch)
+        check_prefill(
+            params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs, kernels=policy
+        )
+    model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)
     model.plan = plan
     return model
 

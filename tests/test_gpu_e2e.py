@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +14,12 @@ from imp_jax.runtime import sampling, steps
 pytestmark = pytest.mark.gpu
 
 
+def _policy(kernels: bool | str) -> ops.KernelPolicy:
+    return ops.resolve_kernels({True: "auto", False: "off"}.get(kernels, kernels))
+
+
 def _model(quant: str, kernels: bool, shape: str = "tiny"):
-    os.environ["IMP_JAX_KERNELS"] = "1" if kernels else "0"
-    try:
-        return bench.synthetic_model(shape, quant, "bfloat16")[:2]
-    finally:
-        os.environ.pop("IMP_JAX_KERNELS")
+    return bench.synthetic_model(shape, quant, "bfloat16", kernels=_policy(kernels))[:2]
 
 
 CASES = [("tiny", q, n) for q in ("mxfp4", "q8_0", "q4_k") for n in (1, 17, 300)] + [
@@ -32,11 +30,7 @@ CASES = [("tiny", q, n) for q in ("mxfp4", "q8_0", "q4_k") for n in (1, 17, 300)
 
 
 def _logits(params, cfg, ids, dtype, kernels: bool) -> np.ndarray:
-    os.environ["IMP_JAX_KERNELS"] = "1" if kernels else "0"
-    try:
-        out, _ = steps.run_prefill(params, cfg, ids, 512, dtype, all_logits=True)
-    finally:
-        os.environ.pop("IMP_JAX_KERNELS")
+    out, _ = steps.run_prefill(params, cfg, ids, 512, dtype, all_logits=True, kernels=_policy(kernels))
     return np.asarray(out[0, : len(ids)], np.float64)
 
 
@@ -73,28 +67,28 @@ def test_expert_kernels_match_reference_moe_layer(shape, quant, tokens):
         return jax.tree.map(lambda a: a[0], params.segments[0][0].moe)
 
     x = jax.random.normal(jax.random.key(tokens), (1, tokens, cfg.n_embd), jnp.bfloat16)
-    got = np.asarray(jax.jit(moe.moe_ffn, static_argnums=1)(layer0(fast), cfg.moe, x), np.float64)
+    ffn = jax.jit(moe.moe_ffn, static_argnums=1, static_argnames="kernels")
+    got = np.asarray(ffn(layer0(fast), cfg.moe, x, kernels=_policy(True)), np.float64)
     want = np.asarray(jax.jit(moe.moe_ffn, static_argnums=1)(layer0(ref), cfg.moe, x), np.float64)
     assert _rel(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("n", [1, 300])
-def test_bf16_kernel_path_matches_xla_dot(n, monkeypatch):
+def test_bf16_kernel_path_matches_xla_dot(n):
     """By default the bf16 weights run the Pallas kernel, read in place (ops.policy.BF16_KERNEL): it matches XLA's
     dot."""
     params, cfg = _model("bf16", True)
     ids = [int(i) for i in np.random.default_rng(n).integers(0, cfg.vocab_size, n)]
-    monkeypatch.setenv("IMP_JAX_KERNELS", "1")
-    assert ops.matmul_path(params.output) == ops.PALLAS
-    out, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
-    monkeypatch.setenv("IMP_JAX_KERNELS", "0")
-    jax.clear_caches()  # the dispatch is decided at trace time, and both runs have the same argument types
-    ref, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True)
+    default = _policy("auto")
+    assert ops.matmul_path(params.output, default) == ops.PALLAS
+    out, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True, kernels=default)
+    ref, _ = steps.run_prefill(params, cfg, ids, 512, jnp.bfloat16, all_logits=True, kernels=_policy(False))
     assert _rel(np.asarray(out[0, :n], np.float64), np.asarray(ref[0, :n], np.float64)) < 3e-2
 
 
 def test_generate_with_kernels():
     params, cfg = _model("mxfp4", True)
     timings: dict = {}
-    out = list(steps.token_stream(params, cfg, [1, 2, 3], 64, jnp.bfloat16, sampling.SamplingParams(), 20, timings))
+    sp = sampling.SamplingParams()
+    out = list(steps.token_stream(params, cfg, [1, 2, 3], 64, jnp.bfloat16, sp, 20, timings, _policy(True)))
     assert len(out) == 20 and all(0 <= t < cfg.vocab_size for t in out)

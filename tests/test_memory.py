@@ -201,7 +201,7 @@ def test_plan_command_prints_table_and_refusal(tinycoder, capsys):
         cmd_plan(parser.parse_args(["plan", "--model", str(path), "--context", "lots"]))
 
 
-def test_bf16_matrices_name_the_kernel_when_it_runs_them(monkeypatch):
+def test_bf16_matrices_name_the_kernel_when_it_runs_them():
     """The plan's weight lines say which bf16 matrices the Pallas kernel reads in place (IMP_JAX_KERNELS=all on a
     Hopper GPU) and which stay on XLA's dot (the embedding, read by row; norms)."""
     from imp_jax import ops
@@ -210,14 +210,14 @@ def test_bf16_matrices_name_the_kernel_when_it_runs_them(monkeypatch):
 
     _, specs = synthetic_specs("tiny", "bf16")
     leaves = memory._leaves(specs)
-    for mode, expect in (("auto", set()), ("all", {("BF16", "kernel:pallas", "bfloat16")})):
-        monkeypatch.setattr(ops.policy, "kernel_mode", lambda mode=mode: mode)
-        lines = memory._weight_lines({s: abstract_leaf(s) for s in leaves})
+    auto, every = ops.KernelPolicy(matmul=True, attention=True), ops.KernelPolicy(True, True, True)
+    for kernels, expect in ((auto, set()), (every, {("BF16", "kernel:pallas", "bfloat16")})):
+        lines = memory._weight_lines({s: abstract_leaf(s, kernels) for s in leaves}, kernels)
         assert {(w.qtype, w.path, w.stored) for w in lines if w.path.startswith("kernel:")} == expect
         assert any(w.path == "dense" and w.qtype == "BF16" for w in lines)  # the embedding table
 
 
-def test_q4_k_m_mix_takes_a_kernel_for_every_matrix(monkeypatch):
+def test_q4_k_m_mix_takes_a_kernel_for_every_matrix():
     """A Q4_K_M-style file (Q4_K, with Q6_K for attn_v, ffn_down and the output head) on a Hopper GPU: every
     packed matrix is repacked for a kernel (none left to dequantize inside a step), and the plan names the
     kernel format of each stored qtype."""
@@ -230,7 +230,7 @@ def test_q4_k_m_mix_takes_a_kernel_for_every_matrix(monkeypatch):
     _, specs = synthetic_specs("tiny", "q4_k_m")  # llama.cpp's Q4_K_M rule: layer 1's attn_v/ffn_down, output Q6_K
     leaves = memory._leaves(specs)
     assert {s.qtype for s in leaves if s.dtype is None} >= {int(T.Q4_K), int(T.Q6_K)}
-    monkeypatch.setattr(ops.policy, "kernel_mode", lambda: "auto")
-    lines = memory._weight_lines({s: abstract_leaf(s) for s in leaves if not s.gathered})
+    hopper = ops.KernelPolicy(matmul=True, attention=True)
+    lines = memory._weight_lines({s: abstract_leaf(s, hopper) for s in leaves if not s.gathered}, hopper)
     packed = {(w.qtype, w.path) for w in lines if w.stored == "packed"}
     assert packed == {("Q4_K", "kernel:pallas Q4_K"), ("Q6_K", "kernel:pallas Q6_K")}

@@ -62,12 +62,12 @@ def test_bad_shape_or_quant_is_named():
         synthetic_specs("gpt-oss-20b", "q4_k")
 
 
-def test_kernel_layout_is_planned_without_bytes(monkeypatch):
+def test_kernel_layout_is_planned_without_bytes():
     """As on a Hopper GPU: the plan's abstract tree repacks every matrix but the embedding, expert stacks
     included (traced, so the MXFP4 scale check that needs the bytes is left to the load)."""
-    monkeypatch.setattr(ops.policy, "kernels_enabled", lambda: True)
+    hopper = ops.KernelPolicy(matmul=True, attention=True)
     _, specs = synthetic_specs("tiny-gpt-oss", "mxfp4")
-    tree = abstract_params(specs)
+    tree = abstract_params(specs, hopper)
     moe = tree.segments[0][0].moe
     assert ops.matmul_path(moe.gate_up_exps) == ops.PALLAS and moe.gate_up_exps.stack_shape == (1, 4)
     assert ops.matmul_path(tree.output) == ops.PALLAS and ops.matmul_path(tree.embed) == ops.REFERENCE

@@ -72,7 +72,7 @@ def attention_mixer(
     hd = cfg.head_dim
     pos = step.pos
     q_out, kv_out = cfg.n_head * hd * (2 if cfg.attn_gate else 1), cfg.n_head_kv * hd
-    q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out))
+    q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out), kernels=step.kernels)
     q, k, v = _add(q, p.bq), _add(k, p.bk), _add(v, p.bv)
     gate = None
     if cfg.attn_gate:
@@ -89,11 +89,11 @@ def attention_mixer(
     k = apply_rope(k, pos, inv_freq, cfg.rope.neox)
     valid = jnp.arange(t)[None, :] < step.valid_len[:, None]
     kv = ops.write_pages(kv, (k, v), layer, step.rows.pages, pos, valid)
-    opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks)
+    opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks, kernels=step.kernels)
     if step.chunked:
         o = ops.attention_paged(q, *kv, pos, layer, step.rows.pages, contiguous=step.contiguous, **opts)
     else:
         o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(x.dtype)
-    return _add(ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo), p.bo), kv
+    return _add(ops.matmul(o.reshape(b, t, cfg.n_head * hd), p.wo, kernels=step.kernels), p.bo), kv

@@ -21,6 +21,7 @@ from imp_jax.models.config import ATTENTION, ModelConfig
 from imp_jax.models.layers import gated_mlp, rms_norm, softcap
 from imp_jax.models.moe import MoE, moe_ffn
 from imp_jax.models.recurrent import Recurrent, recurrent_mixer
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime.cache import Cache, Rows, contiguous_rows
 
 Weight = ops.Weight
@@ -57,10 +58,10 @@ class Decoder:
     inv_freq: jax.Array  # [L, rot/2] per-layer rope inverse frequencies (local and global layers differ)
 
 
-def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array, kernels: KernelPolicy) -> jax.Array:
     if p.moe is not None:
-        return moe_ffn(p.moe, cfg.moe, h)
-    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up)
+        return moe_ffn(p.moe, cfg.moe, h, kernels=kernels)
+    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up, kernels=kernels)
 
 
 def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], step: StepInfo):
@@ -79,7 +80,7 @@ def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...
             if p.post_mixer_norm is not None:
                 a = rms_norm(a, p.post_mixer_norm, cfg.rms_eps)
             x = x + a
-            m = _ffn(p, cfg, rms_norm(x, p.ffn_norm, cfg.rms_eps))
+            m = _ffn(p, cfg, rms_norm(x, p.ffn_norm, cfg.rms_eps), step.kernels)
             if p.post_ffn_norm is not None:
                 m = rms_norm(m, p.post_ffn_norm, cfg.rms_eps)
             x = x + m
@@ -94,7 +95,8 @@ class StepInfo:
     t >= valid_len are padding: they write nothing), where each row keeps its state (``rows``), and how the step
     attends (static): ``decode`` picks the one-step recurrence; ``chunked`` says a prefill chunk may continue
     earlier pages (attend through the page table) rather than start every row at position 0 (attend within the
-    chunk); ``contiguous`` that the cache has one page per row, row b owning page b."""
+    chunk); ``contiguous`` that the cache has one page per row, row b owning page b; ``kernels`` the model's
+    load-time kernel policy."""
 
     pos: jax.Array
     valid_len: jax.Array
@@ -102,6 +104,7 @@ class StepInfo:
     decode: bool
     chunked: bool
     contiguous: bool
+    kernels: KernelPolicy = REFERENCE
 
 
 def _recurrent(p: Layer, cfg: ModelConfig, h: jax.Array, rec, layer: jax.Array, step: StepInfo):
@@ -111,7 +114,7 @@ def _recurrent(p: Layer, cfg: ModelConfig, h: jax.Array, rec, layer: jax.Array, 
     fresh = step.pos[:, 0] == 0
     conv = jnp.where(fresh[:, None, None], 0.0, rec[0][layer][slot]).astype(rec[0].dtype)
     ssm = jnp.where(fresh[:, None, None, None], 0.0, rec[1][layer][slot]).astype(rec[1].dtype)
-    a, (conv, ssm) = recurrent_mixer(p.mixer, cfg, h, (conv, ssm), step.valid_len, step.decode)
+    a, (conv, ssm) = recurrent_mixer(p.mixer, cfg, h, (conv, ssm), step.valid_len, step.decode, step.kernels)
     rec = (rec[0].at[layer, slot].set(conv, mode="drop"), rec[1].at[layer, slot].set(ssm, mode="drop"))
     return a, rec
 
@@ -137,6 +140,7 @@ def forward(
     logits_at: jax.Array | None = None,
     rows: Rows | None = None,
     chunked: bool = False,
+    kernels: KernelPolicy = REFERENCE,
 ) -> tuple[jax.Array, Cache]:
     """Run tokens [B, T] at positions pos [B, T] and update the cache.
 
@@ -144,13 +148,20 @@ def forward(
     rows continue their earlier pages (chunked prefill). ``valid_len`` [B] marks right padding, which neither the
     KV pages nor the recurrent state see. Decode attends over the cache. ``rows`` gives each row's page table and
     state slot (default: the contiguous layout, row b owning page b). ``logits_at`` [B] picks one position per
-    row for the output head (generation); None returns all positions. Logits are f32.
+    row for the output head (generation); None returns all positions. Logits are f32. ``kernels`` (static) is the
+    model's load-time kernel policy; the default is the XLA reference path.
     """
     b, t = tokens.shape
     if valid_len is None:
         valid_len = jnp.full((b,), t, jnp.int32)
     step = StepInfo(
-        pos, valid_len, contiguous_rows(b) if rows is None else rows, decode, chunked or decode, cache.contiguous
+        pos,
+        valid_len,
+        contiguous_rows(b) if rows is None else rows,
+        decode,
+        chunked or decode,
+        cache.contiguous,
+        kernels,
     )
     x = ops.embed(params.embed, tokens, jnp.float32)
     x = (x * cfg.embed_scale if cfg.embed_scale != 1.0 else x).astype(cache.dtype)
@@ -169,5 +180,5 @@ def forward(
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = rms_norm(x, params.output_norm, cfg.rms_eps)
     head = params.embed if params.output is None else params.output
-    logits = softcap(ops.matmul(x, head, jnp.float32), cfg.final_softcap)
+    logits = softcap(ops.matmul(x, head, jnp.float32, kernels=kernels), cfg.final_softcap)
     return logits, cache.replace(kv, rec)

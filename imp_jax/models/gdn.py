@@ -19,8 +19,6 @@ beta = 0 and q = k = v = 0 there, spec §3.8), and their outputs are zero.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,38 +34,6 @@ SOFTPLUS_THRESHOLD = 20.0
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class GDNState:
-    """The per-layer recurrent cache of the GDN layers, stacked over layers so that ``lax.scan`` slices it.
-
-    ``conv``: ``[L, B, K-1, C]``, the last K-1 *pre-conv, pre-SiLU* ``mixed_qkv`` rows, channel order of the
-    layer's ``attn_qkv`` weight (spec §3.8); any float dtype holds the inputs exactly if it is theirs.
-    ``recurrent``: ``[L, B, Hv, dk, dv]`` f32, the delta-rule state S with the key index first.
-    """
-
-    conv: jax.Array
-    recurrent: jax.Array
-
-
-def init_state(
-    *,
-    n_layers: int,
-    batch: int,
-    conv_kernel: int,
-    conv_channels: int,
-    n_v_heads: int,
-    head_k_dim: int,
-    head_v_dim: int,
-    conv_dtype: jnp.dtype = _F32,
-) -> GDNState:
-    """Zero state: an empty history for the conv (zero padding before the sequence) and for the recurrence."""
-    return GDNState(
-        conv=jnp.zeros((n_layers, batch, conv_kernel - 1, conv_channels), conv_dtype),
-        recurrent=jnp.zeros((n_layers, batch, n_v_heads, head_k_dim, head_v_dim), _F32),
-    )
 
 
 def causal_conv1d(

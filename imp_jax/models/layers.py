@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax import ops
+from imp_jax.ops.policy import REFERENCE
 
 if TYPE_CHECKING:
     from imp_jax.models.config import RopeConfig
@@ -69,21 +70,31 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: jax.Array, neox: bool) ->
     return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
 
 
-def projections(x: jax.Array, fused, parts: tuple, sizes: tuple[int, ...] | None = None, out_dtype=None):
+def projections(
+    x: jax.Array,
+    fused,
+    parts: tuple,
+    sizes: tuple[int, ...] | None = None,
+    out_dtype=None,
+    *,
+    kernels: ops.KernelPolicy = REFERENCE,
+):
     """``x @ W.T`` for several matrices that read the same x (q/k/v, gate/up): one matmul over their
     concatenation where the loader fused them (``fused``, split at ``sizes``, or in equal parts without), else one
     per matrix of ``parts``."""
     if fused is None:
-        return tuple(ops.matmul(x, w, out_dtype) for w in parts)
+        return tuple(ops.matmul(x, w, out_dtype, kernels=kernels) for w in parts)
     sections = len(parts) if sizes is None else np.cumsum(sizes)[:-1].tolist()
-    return tuple(jnp.split(ops.matmul(x, fused, out_dtype), sections, axis=-1))
+    return tuple(jnp.split(ops.matmul(x, fused, out_dtype, kernels=kernels), sections, axis=-1))
 
 
-def gated_mlp(x: jax.Array, w_gate, w_up, w_down, activation: str, w_gate_up=None) -> jax.Array:
+def gated_mlp(
+    x: jax.Array, w_gate, w_up, w_down, activation: str, w_gate_up=None, *, kernels: ops.KernelPolicy = REFERENCE
+) -> jax.Array:
     """SwiGLU (silu) or GeGLU (tanh-approximated gelu) feed-forward; ``w_gate_up`` is gate and up fused."""
-    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up)))
+    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up), kernels=kernels))
     act = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=True)
-    return ops.matmul((act * u).astype(x.dtype), w_down)
+    return ops.matmul((act * u).astype(x.dtype), w_down, kernels=kernels)
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:

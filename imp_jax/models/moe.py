@@ -40,6 +40,7 @@ from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import MoEConfig
 from imp_jax.models.layers import gated_mlp
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 
 Weight = QTensor | jax.Array
 
@@ -106,7 +107,13 @@ def _stack_shape(w: Weight) -> tuple[int, ...]:
 
 
 def expert_matmul(
-    x: jax.Array, w: Weight, expert_ids: jax.Array, group_sizes: jax.Array | None = None, out_dtype=None
+    x: jax.Array,
+    w: Weight,
+    expert_ids: jax.Array,
+    group_sizes: jax.Array | None = None,
+    out_dtype=None,
+    *,
+    kernels: KernelPolicy = REFERENCE,
 ) -> jax.Array:
     """Row m of ``x`` [M, K] times expert ``expert_ids[m]`` of the stack ``w`` [E, N, K]: ``x[m] @ W[e].T``.
 
@@ -122,18 +129,18 @@ def expert_matmul(
             "(want x [M, K], expert ids [M], stack [E, N, K])"
         )
     if group_sizes is None:
-        y = ops.expert_matmul(x[:, None], w, expert_ids, jnp.float32)[:, 0]
+        y = ops.expert_matmul(x[:, None], w, expert_ids, jnp.float32, kernels=kernels)[:, 0]
     else:
-        y = _grouped_matmul(x, w, group_sizes)
+        y = _grouped_matmul(x, w, group_sizes, kernels)
     return y.astype(out_dtype or x.dtype)
 
 
-def _grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Array:
+def _grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, kernels: KernelPolicy) -> jax.Array:
     """Sorted rows x [M, K] in tiles of one expert each, a few tiles per step (see ``grouped_tiles``); f32 [M, N]."""
     (m, k), n_experts = x.shape, group_sizes.shape[0]
     n = _stack_shape(w)[1]
     # The kernel reads packed tiles in place, so all tiles go in one call; dequantized experts are transient.
-    matrix_bytes = 1 if ops.matmul_path(w) == ops.PALLAS else n * k * x.dtype.itemsize
+    matrix_bytes = 1 if ops.matmul_path(w, kernels) == ops.PALLAS else n * k * x.dtype.itemsize
     rows, n_tiles, per_step = grouped_tiles(m, n_experts, matrix_bytes)
     tiles = (group_sizes + rows - 1) // rows
     tile_end = jnp.cumsum(tiles)
@@ -149,7 +156,7 @@ def _grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Arra
 
     def step(tiles_and_experts):
         xs, ids = tiles_and_experts
-        return ops.expert_matmul(xs, w, ids, jnp.float32)
+        return ops.expert_matmul(xs, w, ids, jnp.float32, kernels=kernels)
 
     steps = (xt.reshape(-1, per_step, rows, k), expert.reshape(-1, per_step))
     yt = jax.lax.map(step, steps).reshape(n_tiles, rows, n)
@@ -196,22 +203,26 @@ def _add_bias(y: jax.Array, bias: jax.Array | None, ids: jax.Array) -> jax.Array
     return y if bias is None else y + jnp.take(bias, ids, axis=0).astype(jnp.float32)
 
 
-def _experts(p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: jax.Array | None) -> jax.Array:
+def _experts(
+    p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: jax.Array | None, kernels: KernelPolicy
+) -> jax.Array:
     """Down-projected expert outputs [M, D] (f32, biases added) for rows x [M, D] routed to experts ids [M]."""
+    run = dict(out_dtype=jnp.float32, kernels=kernels)
     if p.gate_up_exps is not None:
-        gate_up = expert_matmul(x, p.gate_up_exps, ids, group_sizes, jnp.float32)
+        gate_up = expert_matmul(x, p.gate_up_exps, ids, group_sizes, **run)
         gate, up = gate_up[:, : cfg.n_ff_exp], gate_up[:, cfg.n_ff_exp :]
     else:
-        gate = expert_matmul(x, p.gate_exps, ids, group_sizes, jnp.float32)
-        up = expert_matmul(x, p.up_exps, ids, group_sizes, jnp.float32)
+        gate = expert_matmul(x, p.gate_exps, ids, group_sizes, **run)
+        up = expert_matmul(x, p.up_exps, ids, group_sizes, **run)
     gate, up = _add_bias(gate, p.gate_bias, ids), _add_bias(up, p.up_bias, ids)
     h = activate(gate, up, cfg).astype(x.dtype)
-    return _add_bias(expert_matmul(h, p.down_exps, ids, group_sizes, jnp.float32), p.down_bias, ids)
+    return _add_bias(expert_matmul(h, p.down_exps, ids, group_sizes, **run), p.down_bias, ids)
 
 
-def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
+def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array, kernels: KernelPolicy = REFERENCE) -> jax.Array:
     """The always-on expert (f32), scaled per token by ``sigmoid(x . w)`` when the file has that gate."""
-    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu", p.shared_gate_up).astype(jnp.float32)
+    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu", p.shared_gate_up, kernels=kernels)
+    y = y.astype(jnp.float32)
     if cfg.shared_gate:
         w = _dense(p.shared_router, jnp.float32).reshape(-1)
         logit = jnp.einsum("...d,d->...", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
@@ -219,7 +230,9 @@ def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
     return y
 
 
-def moe_ffn(p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None) -> jax.Array:
+def moe_ffn(
+    p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None, kernels: KernelPolicy = REFERENCE
+) -> jax.Array:
     """The MoE feed-forward of x [B, T, D] -> [B, T, D], reading only the routed experts' weights. ``path`` pins
     the expert path (tests, debugging); the default is ``expert_path`` of the static shapes."""
     b, t, d = x.shape
@@ -229,17 +242,17 @@ def moe_ffn(p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None) ->
     token = jnp.arange(rows.size) // cfg.top_k
     path = path or expert_path(rows.size, cfg.n_experts)
     if path == GATHER:
-        y = _experts(p, cfg, xf[token], rows, None)
+        y = _experts(p, cfg, xf[token], rows, None, kernels)
     elif path == GROUPED:
         order = jnp.argsort(rows, stable=True)
         group_sizes = jnp.bincount(rows, length=cfg.n_experts).astype(jnp.int32)
-        y_sorted = _experts(p, cfg, xf[token[order]], rows[order], group_sizes)
+        y_sorted = _experts(p, cfg, xf[token[order]], rows[order], group_sizes, kernels)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     else:
         raise KernelError(f"moe_ffn: unknown expert path '{path}' (use '{GATHER}' or '{GROUPED}')")
     out = jnp.sum(y.reshape(b * t, cfg.top_k, d) * weights[..., None], axis=1)
     if cfg.has_shared:
-        out = out + _shared_expert(p, cfg, xf)
+        out = out + _shared_expert(p, cfg, xf, kernels)
     return out.astype(x.dtype).reshape(b, t, d)
 
 

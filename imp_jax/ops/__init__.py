@@ -16,12 +16,13 @@ from imp_jax.ops.matmul import (
     repacks,
     scale_bound,
 )
-from imp_jax.ops.policy import kernel_mode, kernels_enabled
+from imp_jax.ops.policy import KernelPolicy, resolve_kernels
 
 __all__ = [
     "DENSE",
     "PALLAS",
     "REFERENCE",
+    "KernelPolicy",
     "Weight",
     "attention",
     "attention_paged",
@@ -29,12 +30,11 @@ __all__ = [
     "check_scale_bound",
     "embed",
     "expert_matmul",
-    "kernel_mode",
-    "kernels_enabled",
     "matmul",
     "matmul_path",
     "prepare_weight",
     "repacks",
+    "resolve_kernels",
     "scale_bound",
     "write_pages",
 ]

@@ -1,7 +1,7 @@
 """Attention: the one dispatch point for prefill and decode attention.
 
-``attention_prefill`` / ``attention_paged`` pick the Pallas attention kernels on Hopper for what they support and
-the jnp reference (``attention``) otherwise.
+``attention_prefill`` / ``attention_paged`` pick the Pallas attention kernels where the model's load-time
+``KernelPolicy`` turns them on, for what they support, and the jnp reference (``attention``) otherwise.
 """
 
 from __future__ import annotations
@@ -12,13 +12,23 @@ import jax.numpy as jnp
 import imp_jax.ops.policy as policy
 
 
-def _kernel_attention_ok(q: jax.Array, softcap: float) -> bool:
-    return policy.kernels_enabled() and not softcap and q.shape[-1] in (64, 128, 256)
+def _kernel_attention_ok(q: jax.Array, softcap: float, kernels: policy.KernelPolicy) -> bool:
+    return kernels.attention and not softcap and q.shape[-1] in (64, 128, 256)
 
 
-def attention_prefill(q, k, v, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None) -> jax.Array:
+def attention_prefill(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks=None,
+    kernels: policy.KernelPolicy = policy.REFERENCE,
+) -> jax.Array:
     """Causal self-attention of a chunk that starts at position 0: q [B, T, H, D], k/v [B, T, Hkv, D]."""
-    if _kernel_attention_ok(q, softcap):
+    if _kernel_attention_ok(q, softcap, kernels):
         import pallas
 
         return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
@@ -60,6 +70,7 @@ def attention_paged(
     window: int = 0,
     softcap: float = 0.0,
     sinks=None,
+    kernels: policy.KernelPolicy = policy.REFERENCE,
 ) -> jax.Array:
     """New tokens q [B, T, H, D] at positions q_pos [B, T] (ascending per row) against layer ``layer`` of the
     paged caches [L, n_pages, P, Hkv, D], which already hold them, read through the page tables [B, n_pg].
@@ -69,7 +80,7 @@ def attention_paged(
     the ones the window can see) and attends over them: the read follows the sequence's length, not max_context.
     """
     page = k_cache.shape[2]
-    if contiguous and _kernel_attention_ok(q, softcap) and page % 8 == 0:
+    if contiguous and _kernel_attention_ok(q, softcap, kernels) and page % 8 == 0:
         import pallas
 
         lengths = (q_pos[:, -1] + 1).astype(jnp.int32)

@@ -4,7 +4,7 @@
 Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
 array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading the bf16 weight in place where
-``policy.BF16_KERNEL`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
+the load-time ``KernelPolicy`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
 that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
 """
 
@@ -26,23 +26,23 @@ PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
 DENSE = "dense"  # a float weight: jnp.dot
 
 
-def repacks(w: Weight) -> bool:
-    """Whether ``prepare_weight`` repacks this leaf: on Hopper, QTensors of a format the kernels read."""
-    if not (policy.kernels_enabled() and isinstance(w, QTensor) and w.scale is None):
+def repacks(w: Weight, kernels: policy.KernelPolicy) -> bool:
+    """Whether ``prepare_weight`` repacks this leaf: with the matmul kernel on, QTensors of a format it reads."""
+    if not (kernels.matmul and isinstance(w, QTensor) and w.scale is None):
         return False
     import pallas
 
     return pallas.can_repack(w.qtype, w.shape)
 
 
-def prepare_weight(w: Weight, *, check: bool = True) -> Weight:
-    """The leaf ``matmul`` should hold for this weight on this backend: on Hopper, QTensors of a format the
-    kernels read are repacked (once, at load) into the kernel layout; everything else is kept as is.
+def prepare_weight(w: Weight, kernels: policy.KernelPolicy, *, check: bool = True) -> Weight:
+    """The leaf ``matmul`` should hold for this weight under ``kernels``: with the matmul kernel on, QTensors of
+    a format it reads are repacked (once, at load) into the kernel layout; everything else is kept as is.
 
     ``check`` reads the MXFP4 block scales back to the host to check the kernel's decode holds them; the loader
     passes False and checks every matrix at once at the end (``scale_bound`` / ``check_scale_bound``), so the
     transfers never wait on a device sync."""
-    if not repacks(w):
+    if not repacks(w, kernels):
         return w
     if check and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
         bound = scale_bound(w)
@@ -65,7 +65,7 @@ def check_scale_bound(shape: tuple[int, ...], top: int) -> None:
     if top > pallas.qformats.MXFP4_MAX_SCALE_BYTE:
         raise KernelError(
             f"MXFP4 weight {shape} has a block scale 2**{top - 127}, beyond the kernel's decode "
-            f"(2**{pallas.qformats.MXFP4_MAX_SCALE_BYTE - 127}); run with IMP_JAX_KERNELS=0"
+            f"(2**{pallas.qformats.MXFP4_MAX_SCALE_BYTE - 127}); load with kernels='off' (IMP_JAX_KERNELS=0)"
         )
 
 
@@ -82,29 +82,30 @@ def _repack(w: QTensor):
     return jax.tree.map(lambda a: a.reshape(*stack, *a.shape[1:]), out)
 
 
-def matmul_path(w) -> str:
-    """The implementation ``matmul`` uses for this leaf (or abstract leaf) of one layer."""
+def matmul_path(w, kernels: policy.KernelPolicy = policy.REFERENCE) -> str:
+    """The implementation ``matmul`` uses for this leaf (or abstract leaf) of one layer: a repacked leaf always
+    runs its kernel; ``kernels`` decides for a dense bf16 matrix."""
     if isinstance(w, QTensor):
         return REFERENCE
-    return PALLAS if hasattr(w, "fmt") or _bf16_kernel(w) else DENSE
+    return PALLAS if hasattr(w, "fmt") or _bf16_kernel(w, kernels) else DENSE
 
 
-def _bf16_kernel(w) -> bool:
-    """A dense bf16 matrix runs the kernel under IMP_JAX_KERNELS=all, or by default where BF16_KERNEL says so."""
-    mode = policy.kernel_mode()
-    if not (mode == "all" or (mode == "auto" and policy.BF16_KERNEL)):
+def _bf16_kernel(w, kernels: policy.KernelPolicy) -> bool:
+    """A dense bf16 matrix runs the kernel where the policy says so (kernels="all", or policy.BF16_KERNEL)."""
+    if not kernels.bf16_matmul:
         return False
     import pallas
 
     return pallas.can_view_dense(w)
 
 
-def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
+def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = policy.REFERENCE) -> jax.Array:
     """``x @ W.T`` for W of logical shape [N, K] (GGUF/numpy order), accumulating in f32.
 
-    The result is in ``out_dtype`` (default x.dtype); the output head asks for f32 logits.
+    The result is in ``out_dtype`` (default x.dtype); the output head asks for f32 logits. ``kernels`` is the
+    model's load-time policy (static).
     """
-    if matmul_path(w) == PALLAS:
+    if matmul_path(w, kernels) == PALLAS:
         import pallas
 
         pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
@@ -114,13 +115,15 @@ def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or x.dtype)
 
 
-def expert_matmul(x: jax.Array, w, expert_ids: jax.Array, out_dtype=None) -> jax.Array:
+def expert_matmul(
+    x: jax.Array, w, expert_ids: jax.Array, out_dtype=None, *, kernels: policy.KernelPolicy = policy.REFERENCE
+) -> jax.Array:
     """``x[g] @ W[expert_ids[g]].T`` for groups of rows x [G, R, K] and a stack of experts W [E, N, K] -> [G, R, N].
 
     A stack repacked for the kernel runs it (reading only the named experts' tiles); otherwise the named experts'
     packed blocks are gathered and dequantized, then one batched dot with f32 accumulation.
     """
-    if matmul_path(w) == PALLAS:
+    if matmul_path(w, kernels) == PALLAS:
         import pallas
 
         return pallas.quantized_matmul(x, w, expert_ids=expert_ids).astype(out_dtype or x.dtype)

@@ -1,14 +1,17 @@
-"""Which kernels run on this backend: the one place that reads ``IMP_JAX_KERNELS``.
+"""Which kernels the steps run: a ``KernelPolicy`` resolved once, at load, and passed down as static config.
 
-``kernel_mode`` says which world applies: ``IMP_JAX_KERNELS=0`` turns the kernels off (debugging: compare against
-the reference path), ``IMP_JAX_KERNELS=all`` also runs the ones measured slower than XLA (benchmarks, debugging).
+Nothing below the CLI reads the environment: the CLI turns ``IMP_JAX_KERNELS`` into ``load(kernels=...)``, which
+resolves it against the backend here (``resolve_kernels``); the policy then travels with the model into every
+jitted step as a static argument, so a trace never depends on state it cannot see.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import jax
+
+from imp_jax.errors import ImpError
 
 # Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. Inside the scanned
 # layer stack XLA copies every layer's slice out of the stacked weights before cuBLAS reads it (29% of copy
@@ -16,20 +19,48 @@ import jax
 # benchmarks/layer_weights.py, docs/BENCHMARKS.md "bf16 weights in place".
 BF16_KERNEL = True
 
-
-def kernel_mode() -> str:
-    """Which kernels run: "off" (IMP_JAX_KERNELS=0, or not a Hopper GPU: compute capability 9.x), "all"
-    (IMP_JAX_KERNELS=all) or "auto" (the default: every kernel that beats the XLA path)."""
-    env = os.environ.get("IMP_JAX_KERNELS", "1")
-    dev = jax.devices()[0]
-    if env == "0" or not (dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")):
-        return "off"
-    return "all" if env == "all" else "auto"
+# The user's settings: "auto" every kernel that beats the XLA path, "off" the reference path everywhere
+# (debugging: compare against it), "all" also the ones measured slower than XLA (benchmarks, debugging).
+# "1" and "0" are IMP_JAX_KERNELS's spellings of "auto" and "off".
+KERNEL_SETTINGS = ("auto", "off", "all")
+_ALIASES = {"1": "auto", "0": "off"}
 
 
-def kernels_enabled() -> bool:
-    """Pallas kernels run (Hopper GPU, not IMP_JAX_KERNELS=0)."""
-    return kernel_mode() != "off"
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Which Pallas kernels run. The default (all False) is the XLA reference path, what every kernel is checked
+    against and what XLA:CPU always runs."""
+
+    matmul: bool = False  # quantized weights are repacked at load for the Mosaic-GPU matmul
+    bf16_matmul: bool = False  # dense bf16 matrices run that kernel too, reading the weight in place
+    attention: bool = False  # flash prefill and decode attention
+
+    @property
+    def enabled(self) -> bool:
+        return self.matmul or self.bf16_matmul or self.attention
+
+    @property
+    def label(self) -> str:
+        """The setting in words, as a backend name shows it ("" for the reference path)."""
+        return "pallas" if self.enabled else ""
+
+
+REFERENCE = KernelPolicy()
+
+
+def resolve_kernels(setting: str | KernelPolicy = "auto", device: jax.Device | None = None) -> KernelPolicy:
+    """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
+    (compute capability 9.x); anywhere else every setting resolves to the reference path."""
+    if isinstance(setting, KernelPolicy):
+        return setting
+    mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
+    if mode not in KERNEL_SETTINGS:
+        raise ImpError(f"kernels={setting!r} is not a kernel setting; use one of {', '.join(KERNEL_SETTINGS)}")
+    dev = device or jax.devices()[0]
+    hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    if mode == "off" or not hopper:
+        return REFERENCE
+    return KernelPolicy(matmul=True, bf16_matmul=mode == "all" or BF16_KERNEL, attention=True)
 
 
 def resolve_dtype(dtype: str) -> str:

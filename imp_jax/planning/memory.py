@@ -36,11 +36,11 @@ from imp_jax import ops
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
-from imp_jax.ops.policy import resolve_dtype
+from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
 from imp_jax.planning.options import DTYPES, PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
-from imp_jax.runtime.sampling import RECENT, SamplingParams
+from imp_jax.runtime.sampling import SamplingParams
 from imp_jax.weights.fallback import fallback_specs, is_fallback, packed_spec, to_dense
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import abstract_leaf, abstract_stored
@@ -116,6 +116,7 @@ class MemoryPlan:
     budget: Budget
     specs: Any = dataclasses.field(repr=False, compare=False)  # the planned tree: what load_params gets
     source_specs: Any = dataclasses.field(repr=False, compare=False)  # the tree as stored, for replanning
+    kernels: KernelPolicy = REFERENCE  # the kernel policy the steps were planned (and will run) with
 
     @property
     def weights_bytes(self) -> int:
@@ -274,6 +275,7 @@ def plan_memory(
     device_memory: int | str | None = None,
     path: str = "auto",
     headroom: int | str | None = None,
+    kernels: str | KernelPolicy = "auto",
 ) -> MemoryPlan:
     """Plan a GGUF model (path or registry name) without moving any weight to the device.
 
@@ -294,6 +296,7 @@ def plan_memory(
         dtype=dtype,
         budget=resolve_budget(device_memory, headroom),
         path=path,
+        kernels=resolve_kernels(kernels),
     )
 
 
@@ -307,34 +310,41 @@ def plan_specs(
     dtype: str,
     budget: Budget,
     path: str = "auto",
+    kernels: KernelPolicy = REFERENCE,
 ) -> MemoryPlan:
-    """The plan for a spec tree as stored (``params.param_specs`` or ``synthetic.synthetic_specs``)."""
+    """The plan for a spec tree as stored (``params.param_specs`` or ``synthetic.synthetic_specs``), its steps
+    compiled under ``kernels`` (the policy the model will be loaded with)."""
     dtype = _check_dtype(dtype)
     if path not in PATHS:
         raise ImpError(f"unknown weight path {path!r}; use one of {', '.join(PATHS)}")
     if not isinstance(batch, int) or batch < 1:
         raise ImpError(f"batch must be a positive integer, got {batch!r}")
     if max_context == "auto":
-        return auto_context(specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path)
+        return auto_context(
+            specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels
+        )
     if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 1:
         raise ImpError(f"max_context must be a positive integer or 'auto', got {max_context!r}")
     if config.context_length < 1:
         raise ImpError(f"{label}: the model's context_length is {config.context_length}")
     max_context = min(max_context, config.context_length)
-    args = dict(label=label, max_context=max_context, batch=batch, dtype=dtype, budget=budget)
+    args = dict(label=label, max_context=max_context, batch=batch, dtype=dtype, budget=budget, kernels=kernels)
     if path != "auto":
         return _plan(specs, config, path=path, **args)
-    if not any(_without_kernel(s) for s in _leaves(specs)):
+    if not any(_without_kernel(s, kernels) for s in _leaves(specs)):
         return _plan(specs, config, path="packed", **args)
-    if _weights_bytes(_apply_path(specs, "fallback", dtype)) + budget.headroom_bytes > budget.available_bytes:
+    if (
+        _weights_bytes(_apply_path(specs, "fallback", dtype, kernels), kernels) + budget.headroom_bytes
+        > budget.available_bytes
+    ):
         return _plan(specs, config, path="packed", **args)  # the dense weights alone cannot fit: skip compiling
     fallback = _plan(specs, config, path="fallback", **args)
     return fallback if fallback.fits else _plan(specs, config, path="packed", **args)
 
 
-def _weights_bytes(planned) -> int:
+def _weights_bytes(planned, kernels: KernelPolicy) -> int:
     """The device bytes of a planned spec tree's weights, from the abstract leaves alone (no compile)."""
-    return sum(_nbytes(abstract_leaf(s)) for s in _leaves(planned))
+    return sum(_nbytes(abstract_leaf(s, kernels)) for s in _leaves(planned))
 
 
 def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
@@ -346,28 +356,31 @@ def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
         dtype=plan.dtype,
         budget=plan.budget,
         path=plan.path,
+        kernels=plan.kernels,
     )
     args.update(changes)
     return plan_specs(plan.source_specs, plan.config, **args)
 
 
-def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget) -> MemoryPlan:
-    planned = _apply_path(specs, path, dtype)
-    abstract = {s: abstract_leaf(s) for s in _leaves(planned)}  # repacking traced once per leaf
-    weights = _weight_lines(abstract)
+def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget, kernels) -> MemoryPlan:
+    planned = _apply_path(specs, path, dtype, kernels)
+    abstract = {s: abstract_leaf(s, kernels) for s in _leaves(planned)}  # repacking traced once per leaf
+    weights = _weight_lines(abstract, kernels)
     weights_bytes = sum(w.nbytes for w in weights)
     cache = abstract_cache(config, batch, max_context, dtype)
     kv_bytes = _nbytes(cache.kv_arrays())
-    state = _abstract_decode_state(batch)
+    state = steps.abstract_decode_state(batch)
     recurrent_bytes = _nbytes(cache.recurrent_arrays())
     state_bytes = recurrent_bytes + _nbytes(state)
     params = map_specs(abstract.__getitem__, planned)
     tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    prefill = steps.prefill_step.lower(params, config, tokens, lengths, cache).compile()
+    prefill = steps.prefill_step.lower(params, config, tokens, lengths, cache, kernels=kernels).compile()
     sampling = jax.eval_shape(SamplingParams().arrays)
     # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
-    decode = steps.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True).compile()
+    decode = steps.decode_step.lower(
+        params, config, cache, state, sampling, greedy=False, penalty=True, kernels=kernels
+    ).compile()
     step_memory = (
         _step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
         _step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
@@ -387,15 +400,16 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         budget=budget,
         specs=planned,
         source_specs=specs,
+        kernels=kernels,
     )
 
 
-def _apply_path(specs, path: str, dtype: str):
+def _apply_path(specs, path: str, dtype: str, kernels: KernelPolicy):
     """The spec tree the loader should materialize on this path."""
     if path == "dense":
         return fallback_specs(specs, dtype)
     if path == "fallback":
-        return fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s))
+        return fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s, kernels))
     return specs
 
 
@@ -405,16 +419,6 @@ def _step_memory(name: str, compiled, persistent: int) -> StepMemory:
         return StepMemory(name + " (no XLA statistics)", 0, 0)
     io = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes - persistent
     return StepMemory(name, int(stats.temp_size_in_bytes), max(int(io), 0))
-
-
-def _abstract_decode_state(batch: int) -> steps.DecodeState:
-    i32 = jnp.int32
-    return steps.DecodeState(
-        jax.ShapeDtypeStruct((batch,), i32),
-        jax.ShapeDtypeStruct((batch,), i32),
-        jax.ShapeDtypeStruct((batch, RECENT), i32),
-        jax.eval_shape(jax.random.key, 0),
-    )
 
 
 def _nbytes(tree) -> int:
@@ -441,23 +445,24 @@ def _unstacked(spec: TensorSpec) -> TensorSpec:
     )
 
 
-def _without_kernel(spec: TensorSpec) -> bool:
+def _without_kernel(spec: TensorSpec, kernels: KernelPolicy) -> bool:
     """A packed leaf that the reference path would dequantize inside every step (ops names no kernel for one
     layer's slice of it, as the scanned step sees it)."""
-    return spec.dtype is None and ops.matmul_path(abstract_leaf(_unstacked(spec))) == ops.REFERENCE
+    leaf = abstract_leaf(_unstacked(spec), kernels)
+    return spec.dtype is None and ops.matmul_path(leaf, kernels) == ops.REFERENCE
 
 
-def _weight_lines(abstract: dict) -> tuple[WeightLine, ...]:
+def _weight_lines(abstract: dict, kernels: KernelPolicy) -> tuple[WeightLine, ...]:
     groups: dict[tuple[str, str, str], list[int]] = {}
     for spec, leaf in abstract.items():
         if spec.dtype is None:
-            mp = ops.matmul_path(leaf)  # a kernel names the format it reads (a transcoded type says into what)
+            mp = ops.matmul_path(leaf, kernels)  # a kernel names the format it reads (a transcoded type says into what)
             key = (mp if mp == ops.REFERENCE else f"kernel:{mp} {leaf.fmt.name}", "packed")
         elif is_fallback(spec):
             key = ("fallback", spec.dtype)
         else:  # a float weight: XLA's dot, or the Pallas kernel reading a bf16 matrix in place
             matrix = len(spec.shape) == 2 and not spec.gathered
-            mp = ops.matmul_path(abstract_leaf(_unstacked(spec))) if matrix else ops.DENSE
+            mp = ops.matmul_path(abstract_leaf(_unstacked(spec), kernels), kernels) if matrix else ops.DENSE
             key = ("dense" if mp == ops.DENSE else f"kernel:{mp}", spec.dtype)
         entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key), [0, 0])
         entry[0] += len(spec.names) * len(spec.parts)
@@ -529,11 +534,13 @@ def fit_context(plan: MemoryPlan, limit: int | None = None) -> MemoryPlan | None
     return best if best is not None and best.max_context == cands[lo] else replan(plan, max_context=cands[lo])
 
 
-def auto_context(specs, config: ModelConfig, *, label, batch, dtype, budget, path="auto") -> MemoryPlan:
+def auto_context(
+    specs, config: ModelConfig, *, label, batch, dtype, budget, path="auto", kernels: KernelPolicy = REFERENCE
+) -> MemoryPlan:
     """The plan at the largest context that fits; if none does, the plan at the smallest candidate context (it
     says how far even that is from fitting). The smallest is planned first: when it does not fit, nothing does,
     and that answer costs one plan instead of a bisection from the full context down."""
-    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path)
+    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels)
     smallest = plan_specs(specs, config, max_context=context_candidates(config.context_length)[0], **args)
     if not smallest.fits:
         return smallest
@@ -643,6 +650,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         device_memory=args.device_memory,
         path=args.path,
         headroom=args.headroom,
+        kernels=args.kernels,
     )
     print(plan.report())
     if context != "auto" and plan.max_context < context:

@@ -33,6 +33,7 @@ import numpy as np
 from imp_jax.errors import ContextOverflow, ImpError, RequestTooLarge
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder, forward
+from imp_jax.ops.policy import KernelPolicy
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
 from imp_jax.runtime.pages import PagePool, chain_hashes
@@ -87,7 +88,7 @@ class _Request:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs"),
+    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs", "kernels"),
     donate_argnames=("cache",),
 )
 def engine_step(
@@ -108,6 +109,7 @@ def engine_step(
     greedy: bool,
     penalty: bool,
     n_logprobs: int,
+    kernels: KernelPolicy,
 ):
     """Feed tokens [B, T] at positions pos [B, T] (valid_len [B] real tokens per row) into each row's pages and
     slot, and sample one token per row after its last real token: row b draws with key fold_in(key(seeds[b]),
@@ -124,6 +126,7 @@ def engine_step(
         logits_at=jnp.maximum(valid_len - 1, 0),
         rows=rows,
         chunked=chunked,
+        kernels=kernels,
     )
     logits = logits[:, 0]
     scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
@@ -439,6 +442,7 @@ class Engine:
             greedy=all(req.params.greedy for req, _ in batch),
             penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
             n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
+            kernels=self.model.kernels,
         )
         out = jax.device_get(out)
         results = []

@@ -20,6 +20,7 @@ import numpy as np
 from imp_jax.errors import ContextOverflow, ImpError
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder, forward
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, init_cache
 
@@ -34,14 +35,25 @@ def bucket(n: int, limit: int) -> int:
     return min(b, limit)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
-def prefill_step(params: Decoder, cfg: ModelConfig, tokens, lengths, cache: Cache, *, all_logits=False):
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "kernels"), donate_argnames=("cache",))
+def prefill_step(
+    params: Decoder,
+    cfg: ModelConfig,
+    tokens,
+    lengths,
+    cache: Cache,
+    *,
+    all_logits=False,
+    kernels: KernelPolicy = REFERENCE,
+):
     """Tokens [B, T] (padded) from position 0. Returns logits at each row's last valid token [B, V]
     (or at every position [B, T, V] with all_logits) and the filled cache."""
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     at = None if all_logits else lengths - 1
-    logits, cache = forward(params, cfg, tokens, pos, cache, decode=False, valid_len=lengths, logits_at=at)
+    logits, cache = forward(
+        params, cfg, tokens, pos, cache, decode=False, valid_len=lengths, logits_at=at, kernels=kernels
+    )
     return (logits if all_logits else logits[:, 0]), cache
 
 
@@ -58,6 +70,24 @@ class DecodeState:
 jax.tree_util.register_dataclass(DecodeState, data_fields=["token", "pos", "recent", "key"], meta_fields=[])
 
 
+def decode_state(pos: Sequence[int] | jax.Array, seed: int = 0, tails: Sequence[Sequence[int]] = ()) -> DecodeState:
+    """The decode loop's state before its first sample, the one place it is built: row b's next token goes in
+    at pos[b], its repeat-penalty window starts from ``tails[b]`` (the prompt's last tokens; empty without), and
+    the rows draw from the stream of ``seed``."""
+    pos = jnp.asarray(pos, jnp.int32)
+    recent = np.full((pos.shape[0], sampling.RECENT), -1, np.int32)
+    for row, tail in enumerate(tails):
+        tail = list(tail)[-sampling.RECENT :]
+        if tail:
+            recent[row, -len(tail) :] = tail
+    return DecodeState(jnp.zeros_like(pos), pos, jnp.asarray(recent), jax.random.key(seed))
+
+
+def abstract_decode_state(batch: int) -> DecodeState:
+    """The ShapeDtypeStruct twin of ``decode_state`` for ``batch`` rows (the memory planner's)."""
+    return jax.eval_shape(lambda: decode_state(jnp.zeros((batch,), jnp.int32)))
+
+
 @functools.partial(jax.jit, static_argnames=("greedy", "penalty"))
 def first_token(logits, state: DecodeState, p, *, greedy: bool, penalty: bool) -> DecodeState:
     """Sample the token after the prompt from the prefill logits."""
@@ -72,8 +102,18 @@ def _sample_into(logits, state: DecodeState, p, greedy: bool, penalty: bool) -> 
     return DecodeState(tok, state.pos + 1, sampling.push_recent(state.recent, tok), key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "penalty"), donate_argnames=("cache", "state"))
-def decode_step(params: Decoder, cfg: ModelConfig, cache: Cache, state: DecodeState, p, *, greedy, penalty):
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "penalty", "kernels"), donate_argnames=("cache", "state"))
+def decode_step(
+    params: Decoder,
+    cfg: ModelConfig,
+    cache: Cache,
+    state: DecodeState,
+    p,
+    *,
+    greedy,
+    penalty,
+    kernels: KernelPolicy = REFERENCE,
+):
     """Feed the last sampled token at its position; sample the next one. Returns (state, cache)."""
     logits, cache = forward(
         params,
@@ -83,6 +123,7 @@ def decode_step(params: Decoder, cfg: ModelConfig, cache: Cache, state: DecodeSt
         cache,
         decode=True,
         logits_at=jnp.zeros_like(state.token),
+        kernels=kernels,
     )
     return _sample_into(logits[:, 0], state, p, greedy, penalty), cache
 
@@ -103,7 +144,16 @@ class Timings:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def run_prefill(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtype, *, all_logits=False):
+def run_prefill(
+    params,
+    cfg: ModelConfig,
+    ids: Sequence[int],
+    max_len: int,
+    dtype,
+    *,
+    all_logits=False,
+    kernels: KernelPolicy = REFERENCE,
+):
     """Prefill one prompt into a fresh cache of max_len slots; returns (logits, cache)."""
     n = len(ids)
     if n == 0:
@@ -117,7 +167,8 @@ def run_prefill(params, cfg: ModelConfig, ids: Sequence[int], max_len: int, dtyp
     tokens = np.zeros((1, t), np.int32)
     tokens[0, :n] = ids
     cache = init_cache(cfg, 1, max_len, dtype)
-    return prefill_step(params, cfg, jnp.asarray(tokens), jnp.asarray([n], jnp.int32), cache, all_logits=all_logits)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray([n], jnp.int32)
+    return prefill_step(params, cfg, tokens, lengths, cache, all_logits=all_logits, kernels=kernels)
 
 
 def token_stream(
@@ -129,6 +180,7 @@ def token_stream(
     sp: sampling.SamplingParams,
     max_new: int,
     timings: dict,
+    kernels: KernelPolicy = REFERENCE,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (the caller stops iterating at EOS or a stop string).
 
@@ -138,18 +190,9 @@ def token_stream(
     p = sp.arrays()
     greedy, penalty = sp.greedy, sp.repeat_penalty != 1.0
     t0 = time.perf_counter()
-    logits, cache = run_prefill(params, cfg, ids, max_len, dtype)
-    recent = np.full((1, sampling.RECENT), -1, np.int32)
-    tail = list(ids)[-sampling.RECENT :]
-    if tail:
-        recent[0, -len(tail) :] = tail
+    logits, cache = run_prefill(params, cfg, ids, max_len, dtype, kernels=kernels)
     seed = sp.seed if sp.seed is not None else int.from_bytes(np.random.default_rng().bytes(4), "little")
-    state = DecodeState(
-        jnp.zeros((1,), jnp.int32),
-        jnp.asarray([len(ids) - 1], jnp.int32),
-        jnp.asarray(recent),
-        jax.random.key(seed),
-    )
+    state = decode_state([len(ids) - 1], seed, [ids])
     state = first_token(logits, state, p, greedy=greedy, penalty=penalty)
     token = int(state.token[0])
     timings["prefill_s"] = time.perf_counter() - t0
@@ -159,7 +202,7 @@ def token_stream(
     for i in range(budget):
         pending = None
         if i + 1 < budget:  # dispatch the next step before reading this token: the device never waits on us
-            state, cache = decode_step(params, cfg, cache, state, p, greedy=greedy, penalty=penalty)
+            state, cache = decode_step(params, cfg, cache, state, p, greedy=greedy, penalty=penalty, kernels=kernels)
             pending = state
         timings["decode_s"] = time.perf_counter() - t1
         yield token

@@ -26,6 +26,7 @@ from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.weights.fallback import to_dense
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, map_specs, tensor_name
 
@@ -47,20 +48,18 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def prepared(spec: TensorSpec, w: QTensor):
-    """The packed leaf in the layout this backend's kernels read (``ops.prepare_weight``), unless it is gathered
-    by row (the embedding: a tied output head then takes the reference path)."""
-    return w if spec.gathered else ops.prepare_weight(w)
+def prepared(spec: TensorSpec, w: QTensor, kernels: KernelPolicy):
+    """The packed leaf in the layout ``kernels`` reads (``ops.prepare_weight``), unless it is gathered by row (the
+    embedding: a tied output head then takes the reference path)."""
+    return w if spec.gathered else ops.prepare_weight(w, kernels)
 
 
-def abstract_leaf(spec: TensorSpec):
+def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE):
     """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
     abstractly): no bytes are read, nothing touches the device."""
     if spec.dtype is None:
         stored = abstract_stored(spec)
-        # A fresh function each time: eval_shape caches traces by function, and the repacking depends on the
-        # kernel mode of the moment (IMP_JAX_KERNELS), which the cache key would not see.
-        return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w), stored)
+        return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w, kernels), stored)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 
@@ -118,8 +117,8 @@ class _Loader:
     THREADS = 4
     IN_FLIGHT = 256 * 2**20
 
-    def __init__(self, mf: ModelFile, cfg: ModelConfig, on_bytes: Callable[[int], None] | None):
-        self.mf, self.cfg, self.on_bytes = mf, cfg, on_bytes
+    def __init__(self, mf: ModelFile, cfg: ModelConfig, kernels: KernelPolicy, on_bytes: Callable[[int], None] | None):
+        self.mf, self.cfg, self.kernels, self.on_bytes = mf, cfg, kernels, on_bytes
         self.pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="imp-jax-load")
         self.in_flight = 0
         self.bounds: list[tuple[tuple[int, ...], jax.Array]] = []  # MXFP4 scale bounds, checked once at the end
@@ -188,19 +187,25 @@ class _Loader:
         w = QTensor(data, scale, spec.qtype, spec.qshape)
         if spec.dtype is not None:  # the dequantized fallback (imp_jax.weights.fallback)
             return to_dense(w, spec.dtype)
-        if spec.gathered or not ops.repacks(w):
+        if spec.gathered or not ops.repacks(w, self.kernels):
             return w
         bound = ops.scale_bound(w)
         if bound is not None:
             self.bounds.append((w.full_shape, bound))
-        return ops.prepare_weight(w, check=False)
+        return ops.prepare_weight(w, self.kernels, check=False)
 
 
-def load_params(mf: ModelFile, cfg: ModelConfig, specs: Decoder, on_bytes: Callable[[int], None] | None = None):
-    """Read every leaf from the memmap and put it on the device (``on_bytes`` reports the bytes of each tensor
-    as its transfer completes, from a transfer thread)."""
-    return _Loader(mf, cfg, on_bytes).load(specs)
+def load_params(
+    mf: ModelFile,
+    cfg: ModelConfig,
+    specs: Decoder,
+    kernels: KernelPolicy = REFERENCE,
+    on_bytes: Callable[[int], None] | None = None,
+):
+    """Read every leaf from the memmap and put it on the device in the layout ``kernels`` reads (``on_bytes``
+    reports the bytes of each tensor as its transfer completes, from a transfer thread)."""
+    return _Loader(mf, cfg, kernels, on_bytes).load(specs)
 
 
-def abstract_params(specs: Decoder):
-    return map_specs(abstract_leaf, specs)
+def abstract_params(specs: Decoder, kernels: KernelPolicy = REFERENCE):
+    return map_specs(lambda s: abstract_leaf(s, kernels), specs)

@@ -43,6 +43,7 @@ from imp_jax.models.config import (
 )
 from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
+from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.weights.fallback import is_fallback, packed_spec, to_dense
 from imp_jax.weights.loading import prepared
 from imp_jax.weights.specs import param_specs
@@ -322,10 +323,14 @@ def synthetic_specs(shape: str | SyntheticShape, quant: str, dtype: str = "bfloa
     return cfg, param_specs(mf, cfg, dtype)
 
 
-def synthetic_params(specs: Decoder, key: jax.Array, *, config: ModelConfig) -> Decoder:
-    """Random weights for a spec tree, created on the default device leaf by leaf."""
+def synthetic_params(
+    specs: Decoder, key: jax.Array, *, config: ModelConfig, kernels: KernelPolicy = REFERENCE
+) -> Decoder:
+    """Random weights for a spec tree, created on the default device leaf by leaf, in the layout ``kernels``
+    reads (as the loader would put them)."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    return jax.tree.unflatten(treedef, [_leaf(s, jax.random.fold_in(key, i), config) for i, s in enumerate(leaves)])
+    made = [_leaf(s, jax.random.fold_in(key, i), config, kernels) for i, s in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, made)
 
 
 # Float tensors that are not weight matrices: (offset, spread, sign) of their values by tensor kind, a value
@@ -343,7 +348,7 @@ def _fill(spec: TensorSpec) -> tuple[float, float, int]:
     return (1.0, 0.02, 1)
 
 
-def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
+def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig, kernels: KernelPolicy):
     if spec.names == (ROPE,):
         rows = [
             rope_inv_freq(config.rope_local if (w and config.rope_local is not None) else config.rope)
@@ -353,7 +358,7 @@ def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig):
     if is_fallback(spec):  # like the loader: the stored blocks, dequantized once
         return to_dense(_stored(packed_spec(spec), key), spec.dtype)
     if spec.dtype is None:  # like the loader: repacked for a kernel where one exists
-        return prepared(spec, _stored(spec, key))
+        return prepared(spec, _stored(spec, key), kernels)
     item, batch, keys = _items(spec, key)
     if len(spec.shape) == 1 or (spec.names[0].endswith(".bias")):
         out = _vector(keys, item, batch, *_fill(spec))

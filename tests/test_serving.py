@@ -242,13 +242,15 @@ def test_engine_takes_its_pool_from_the_plan_and_a_budget_sizes_it():
     engine = Engine(model, page_size=8, max_seqs=4, token_budget=32)
     pool = engine.pool_plan
     assert engine.n_pages == pool.n_pages == 8 and engine.cache.k.shape[1] == 8  # 1 x 64 tokens in pages of 8
-    assert pool.sequences(16) == 4 and pool.sequences(64) == 1 and "engine_step decode" in pool.report()
-    assert all(s.workspace_bytes > 0 for s in pool.steps)
-    fixed = pool.weights_bytes + pool.slot_bytes + pool.workspace_bytes + pool.budget.headroom_bytes
+    assert pool.sequences(16) == 4 and pool.sequences(64) == 1 and "sequences that fit" in pool.report()
+    probe = plan_pool(model.plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
+    fixed = probe.weights_bytes + probe.slot_bytes + probe.workspace_bytes + probe.budget.headroom_bytes
     budget = dataclasses.replace(pool.budget, available_bytes=fixed + 13 * pool.page_bytes + 100, source="test")
     plan = dataclasses.replace(model.plan, budget=budget)
     sized = plan_pool(plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
     assert sized.n_pages == 13 and sized.needed_bytes <= budget.available_bytes
+    assert [s.name.split(" [")[0] for s in sized.steps] == ["engine_step decode", "engine_step prefill"]
+    assert all(s.workspace_bytes > 0 for s in sized.steps)
     capped = plan_pool(dataclasses.replace(plan, budget=dataclasses.replace(budget, available_bytes=2**40)),
                        page_size=8, max_seqs=4, token_budget=32, utilization=0.5)  # fmt: skip
     assert capped.n_pages == 4 * 8  # no more than max_seqs full contexts can reference

@@ -1,12 +1,15 @@
 """The serving engine's page pool, sized from a memory plan (like vLLM's gpu_memory_utilization).
 
 ``plan_pool`` adds what the engine holds beside the pages, each measured: the weights (the load plan's), the
-recurrent-state slots of ``max_seqs`` sequences, and XLA's workspace of the step the engine actually runs,
-``engine_step``, lowered and compiled at its largest buckets (a decode batch of every slot reading a full
-context's page table; a prefill chunk of the whole token budget in every row, with the sampling variant that
-needs most). What remains of the budget, less the plan's headroom, is pages. With ``utilization`` the pool
-fills that fraction of the budget (capped at what ``max_seqs`` full contexts can reference); without it, the pool
-is the ``batch`` x ``max_context`` that load() planned, shrunk if the engine's own workspace does not leave room.
+recurrent-state slots of ``max_seqs`` sequences, and XLA's workspace of a step. What remains of the budget, less
+the plan's headroom, is pages.
+
+With ``utilization`` the pool fills that fraction of the budget (capped at what ``max_seqs`` full contexts can
+reference), so the workspace is measured on the step the engine actually runs, ``engine_step``, lowered and
+compiled at its largest buckets (a decode batch of every slot reading a full context's page table; a prefill
+chunk of the whole token budget in every row; the sampling variant that needs most). Without it the pool is the
+``batch`` x ``max_context`` that load() planned and checked, with that plan's workspace: no extra compile on the
+way to a first generate().
 """
 
 from __future__ import annotations
@@ -105,10 +108,13 @@ def plan_pool(
     page_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in one_page.items() if k in ("k", "v"))
     slots = paged_shapes(cfg, 0, page_size, max_seqs, dtype)
     slot_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in slots.items() if k in ("conv", "ssm"))
-    workspace = _engine_workspace(plan, page_size, max_seqs, token_budget, pages_per_seq)
+    if utilization is None:
+        workspace = plan.steps
+    else:
+        workspace = _engine_workspace(plan, page_size, max_seqs, token_budget, pages_per_seq)
     available = plan.available_bytes * (utilization or 1.0)
     room = available - plan.budget.headroom_bytes - plan.weights_bytes - slot_bytes
-    room -= max(s.workspace_bytes for s in workspace)
+    room -= max((s.workspace_bytes for s in workspace), default=0)
     fit = max(int(room // page_bytes), 0)
     target = max_seqs * pages_per_seq if utilization is not None else max(plan.batch, 1) * pages_per_seq
     pool = PoolPlan(plan.label, page_size, min(fit, target), max_seqs, token_budget, plan.max_context, page_bytes,

@@ -216,3 +216,15 @@ def test_random_gguf_tiny(tmp_path):
     assert model.config.n_layers == 2 and model.config.vocab_size == len(vocab["tokenizer.ggml.tokens"])
     ids = model.tokenizer.encode("hello")
     assert model.tokenizer.decode(ids) == "hello"
+
+
+def test_serving_benchmark_tiny_on_cpu(tmp_path, capsys):
+    """The serving table on a tiny shape: every concurrency gets a positive decode rate and a row."""
+    serving = load_script("serving")
+    out = tmp_path / "s.json"
+    argv = ["--models", "tiny:q8_0", "--concurrency", "1,4", "--prompt", "20", "--output", "6", "--json", str(out)]
+    assert serving.main(argv) == 0
+    assert "| tiny | q8_0 | 4 | 20+6 |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["concurrency"] for r in rows] == [1, 4] and all(r["tok_s"] > 0 for r in rows)
+    assert rows[1]["decode_tokens"] == 4 * 5  # after every request's first token, the rest of each output

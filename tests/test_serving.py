@@ -3,6 +3,7 @@ page leaks, per-row sampling streams, stop strings, threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 import imp_jax
-from imp_jax.errors import RequestTooLarge
+from imp_jax.errors import ModelTooLarge, RequestTooLarge
+from imp_jax.planning.pool import plan_pool
 from imp_jax.runtime.engine import Engine, engine_step
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -155,8 +157,10 @@ def test_a_request_that_can_never_fit_is_refused():
     model = _model("llama")
     engine = Engine(model, page_size=8, n_pages=3, max_seqs=2)
     with pytest.raises(RequestTooLarge, match="needs 4 KV pages of 8 tokens but the engine's pool has 3") as e:
-        engine.add_request(list(range(3, 30)))
+        engine.add_request(list(range(3, 30)), max_tokens=1)
     assert e.value.needed == 4 and e.value.available == 3
+    with pytest.raises(RequestTooLarge, match="20 prompt tokens and up to 44 more needs 8 KV pages"):
+        engine.add_request(list(range(3, 23)))  # the prompt fits, its output (capped by the context, 64) would not
 
 
 def test_warm_engine_does_not_recompile():
@@ -229,3 +233,27 @@ def test_submit_streams_from_another_thread():
         driver.join()
     for got, p in zip(outs, prompts, strict=True):
         assert got == _alone(model, p, max_tokens=5)[0]
+
+
+def test_engine_takes_its_pool_from_the_plan_and_a_budget_sizes_it():
+    """Default: the batch x max_context load() planned; with a budget, what is left beside the weights, the slots
+    and engine_step's compiled workspace (vLLM's gpu_memory_utilization); none left is refused."""
+    model = _model("llama")
+    engine = Engine(model, page_size=8, max_seqs=4, token_budget=32)
+    pool = engine.pool_plan
+    assert engine.n_pages == pool.n_pages == 8 and engine.cache.k.shape[1] == 8  # 1 x 64 tokens in pages of 8
+    assert pool.sequences(16) == 4 and pool.sequences(64) == 1 and "sequences that fit" in pool.report()
+    probe = plan_pool(model.plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
+    fixed = probe.weights_bytes + probe.slot_bytes + probe.workspace_bytes + probe.budget.headroom_bytes
+    budget = dataclasses.replace(pool.budget, available_bytes=fixed + 13 * pool.page_bytes + 100, source="test")
+    plan = dataclasses.replace(model.plan, budget=budget)
+    sized = plan_pool(plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
+    assert sized.n_pages == 13 and sized.needed_bytes <= budget.available_bytes
+    assert [s.name.split(" [")[0] for s in sized.steps] == ["engine_step decode", "engine_step prefill"]
+    assert all(s.workspace_bytes > 0 for s in sized.steps)
+    capped = plan_pool(dataclasses.replace(plan, budget=dataclasses.replace(budget, available_bytes=2**40)),
+                       page_size=8, max_seqs=4, token_budget=32, utilization=0.5)  # fmt: skip
+    assert capped.n_pages == 4 * 8  # no more than max_seqs full contexts can reference
+    with pytest.raises(ModelTooLarge, match="no KV page of 8 tokens fits"):
+        plan_pool(dataclasses.replace(plan, budget=dataclasses.replace(budget, available_bytes=fixed)),
+                  page_size=8, max_seqs=4, token_budget=32, utilization=1.0)  # fmt: skip

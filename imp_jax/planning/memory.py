@@ -381,9 +381,9 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
     decode = steps.decode_step.lower(
         params, config, cache, state, sampling, greedy=False, penalty=True, kernels=kernels
     ).compile()
-    step_memory = (
-        _step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
-        _step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
+    measured = (
+        step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
+        step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
     )
     return MemoryPlan(
         label=label,
@@ -395,7 +395,7 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         weights=weights,
         kv_cache_bytes=kv_bytes,
         state_bytes=state_bytes,
-        steps=step_memory,
+        steps=measured,
         load_transient_bytes=max((_load_transient(s, a) for s, a in abstract.items()), default=0),
         budget=budget,
         specs=planned,
@@ -413,7 +413,7 @@ def _apply_path(specs, path: str, dtype: str, kernels: KernelPolicy):
     return specs
 
 
-def _step_memory(name: str, compiled, persistent: int) -> StepMemory:
+def step_memory(name: str, compiled, persistent: int) -> StepMemory:
     stats = compiled.memory_analysis()
     if stats is None:  # a backend without statistics: the headroom has to cover the workspace
         return StepMemory(name + " (no XLA statistics)", 0, 0)

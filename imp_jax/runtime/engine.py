@@ -20,7 +20,6 @@ others ``submit`` requests and iterate their outputs (a per-request queue), as a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import queue
 import threading
@@ -32,24 +31,14 @@ import numpy as np
 
 from imp_jax.errors import ContextOverflow, ImpError, RequestTooLarge
 from imp_jax.models.config import ModelConfig
-from imp_jax.models.decoder import Decoder, forward
-from imp_jax.ops.policy import KernelPolicy
+from imp_jax.planning.pool import PoolPlan, plan_pool
 from imp_jax.runtime import sampling
-from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
+from imp_jax.runtime.cache import Rows, init_paged_cache
 from imp_jax.runtime.pages import PagePool, chain_hashes
+from imp_jax.runtime.steps import MAX_LOGPROBS, engine_step, pow2, table_width
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
-MIN_READ_TOKENS = 256  # the narrowest page-table bucket: below it a wider gather costs less than a recompile
-MAX_LOGPROBS = 20  # top-N logprobs computed when any row asks (static: one compiled variant)
-
-
-def pow2(n: int, least: int = 1) -> int:
-    """The bucket of n: the next power of two, at least ``least``."""
-    b = least
-    while b < n:
-        b *= 2
-    return b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,65 +75,17 @@ class _Request:
     out: queue.Queue | None = None  # StepOutputs for a submit() caller
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs", "kernels"),
-    donate_argnames=("cache",),
-)
-def engine_step(
-    params: Decoder,
-    cfg: ModelConfig,
-    cache: Cache,
-    tokens: jax.Array,
-    pos: jax.Array,
-    valid_len: jax.Array,
-    rows: Rows,
-    samp: dict[str, jax.Array],
-    recent: jax.Array,
-    seeds: jax.Array,
-    counts: jax.Array,
-    *,
-    decode: bool,
-    chunked: bool,
-    greedy: bool,
-    penalty: bool,
-    n_logprobs: int,
-    kernels: KernelPolicy,
-):
-    """Feed tokens [B, T] at positions pos [B, T] (valid_len [B] real tokens per row) into each row's pages and
-    slot, and sample one token per row after its last real token: row b draws with key fold_in(key(seeds[b]),
-    counts[b]), its own stream whatever shares the batch. Returns ({token, [logprob, top_ids, top_logprobs]},
-    cache)."""
-    logits, cache = forward(
-        params,
-        cfg,
-        tokens,
-        pos,
-        cache,
-        decode=decode,
-        valid_len=valid_len,
-        logits_at=jnp.maximum(valid_len - 1, 0),
-        rows=rows,
-        chunked=chunked,
-        kernels=kernels,
-    )
-    logits = logits[:, 0]
-    scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    token = sampling.sample(scored, keys, samp, greedy=greedy)
-    out = dict(token=token)
-    if n_logprobs:
-        out["logprob"], out["top_ids"], out["top_logprobs"] = sampling.logprobs(logits, token, n_logprobs)
-    return out, cache
-
-
 class Engine:
     """Continuous batching over a paged KV cache on one loaded model (see the module docstring).
 
-    ``page_size`` tokens per page; ``n_pages`` the pool (default: what the model was planned for, ``batch``
-    sequences of ``max_context``); ``max_seqs`` how many requests run at once (default max(batch, 8)); a step feeds
+    ``page_size`` tokens per page; ``max_seqs`` how many requests run at once (default max(batch, 8)); a step feeds
     at most ``token_budget`` tokens; ``prefix_caching`` shares full pages of equal prefixes between requests
     (models with recurrent layers never do: their state at a page boundary is not kept).
+
+    The pool comes from the model's memory plan (``planning.pool.plan_pool``, kept as ``pool_plan``): ``batch``
+    sequences of ``max_context`` as load() planned them, or with ``memory_utilization`` as many pages as fit that
+    fraction of the device budget beside the weights and engine_step's compiled workspace. ``n_pages`` sets the
+    pool directly instead (tests, experiments; no plan is made).
     """
 
     def __init__(
@@ -156,6 +97,7 @@ class Engine:
         max_seqs: int | None = None,
         token_budget: int = 256,
         prefix_caching: bool = True,
+        memory_utilization: float | None = None,
     ):
         if page_size < 1 or token_budget < 1:
             raise ImpError(f"page_size and token_budget must be >= 1, got {page_size} and {token_budget}")
@@ -164,10 +106,16 @@ class Engine:
         self.max_context = int(model.max_context)
         self.page_size = page_size
         self.pages_per_seq = -(-self.max_context // page_size)
-        self.min_pages = -(-MIN_READ_TOKENS // page_size)
-        self.n_pages = n_pages if n_pages is not None else max(model.batch, 1) * self.pages_per_seq
         self.max_seqs = max_seqs if max_seqs is not None else max(model.batch, 8)
         self.token_budget = token_budget
+        self.pool_plan: PoolPlan | None = None
+        if n_pages is None:
+            if model.plan is None:
+                raise ImpError("the model has no memory plan to size the engine's pool from: give n_pages")
+            self.pool_plan = plan_pool(model.plan, page_size=page_size, max_seqs=self.max_seqs,
+                                       token_budget=token_budget, utilization=memory_utilization)  # fmt: skip
+            n_pages = self.pool_plan.n_pages
+        self.n_pages = n_pages
         self.pool = PagePool(self.n_pages, prefix_caching=prefix_caching and self.cfg.n_recurrent_layers == 0)
         self.cache = init_paged_cache(self.cfg, self.n_pages, page_size, self.max_seqs, jnp.dtype(model.dtype))
         self.free_slots = list(range(self.max_seqs))
@@ -263,11 +211,14 @@ class Engine:
             stop = (stop,)
         sp = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         sp.validate()
-        needed = -(-min(len(ids) + 1, self.max_context) // self.page_size)
+        # Its whole length, prompt and output: a request that outgrows the pool alone could only preempt itself.
+        total = min(len(ids) + max(max_tokens, 1), self.max_context)
+        needed = -(-total // self.page_size)
         if needed > self.n_pages:
             raise RequestTooLarge(
-                f"a prompt of {len(ids)} tokens needs {needed} KV pages of {self.page_size} tokens but the engine's "
-                f"pool has {self.n_pages}; shorten the prompt or give the engine more pages (n_pages)",
+                f"a request of {len(ids)} prompt tokens and up to {total - len(ids)} more needs {needed} KV pages of "
+                f"{self.page_size} tokens but the engine's pool has {self.n_pages}; shorten the prompt or max_tokens, "
+                f"or give the engine more memory (memory_utilization, load(device_memory=...), n_pages)",
                 needed=needed,
                 available=self.n_pages,
             )
@@ -400,7 +351,7 @@ class Engine:
     def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
         b = pow2(len(batch))
         t = 1 if is_decode else pow2(max(n for _, n in batch), 16)
-        n_pg = min(pow2(max(len(r.pages) for r, _ in batch), self.min_pages), pow2(self.pages_per_seq))
+        n_pg = table_width(max(len(r.pages) for r, _ in batch), self.page_size, self.pages_per_seq)
         tokens = np.zeros((b, t), np.int32)
         pos = np.zeros((b, t), np.int32)
         valid = np.zeros((b,), np.int32)

@@ -1,4 +1,5 @@
-"""Jitted prefill and decode steps, and the generation loop around them.
+"""Jitted prefill and decode steps (the single-sequence loop's and the serving engine's ``engine_step``), and the
+generation loop around them.
 
 Shapes are fixed so nothing recompiles per prompt: prompts are padded to a power-of-two bucket, the cache has
 max_context slots, and the cache and sampling state are donated so XLA updates them in place. The only host
@@ -22,9 +23,27 @@ from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder, forward
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime import sampling
-from imp_jax.runtime.cache import Cache, init_cache
+from imp_jax.runtime.cache import Cache, Rows, init_cache
 
 MIN_BUCKET = 16
+
+
+MIN_READ_TOKENS = 256  # the narrowest page-table bucket: below it a wider gather costs less than a recompile
+MAX_LOGPROBS = 20  # top-N logprobs engine_step computes when any row asks (static: one compiled variant)
+
+
+def pow2(n: int, least: int = 1) -> int:
+    """The bucket of n: the next power of two, at least ``least``."""
+    b = least
+    while b < n:
+        b *= 2
+    return b
+
+
+def table_width(n_pages: int, page_size: int, pages_per_seq: int) -> int:
+    """The page-table bucket for rows holding up to n_pages pages: a power of two, at least MIN_READ_TOKENS of
+    pages, at most the bucket of a full context."""
+    return min(pow2(n_pages, -(-MIN_READ_TOKENS // page_size)), pow2(pages_per_seq))
 
 
 def bucket(n: int, limit: int) -> int:
@@ -126,6 +145,80 @@ def decode_step(
         kernels=kernels,
     )
     return _sample_into(logits[:, 0], state, p, greedy, penalty), cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs", "kernels"),
+    donate_argnames=("cache",),
+)
+def engine_step(
+    params: Decoder,
+    cfg: ModelConfig,
+    cache: Cache,
+    tokens: jax.Array,
+    pos: jax.Array,
+    valid_len: jax.Array,
+    rows: Rows,
+    samp: dict[str, jax.Array],
+    recent: jax.Array,
+    seeds: jax.Array,
+    counts: jax.Array,
+    *,
+    decode: bool,
+    chunked: bool,
+    greedy: bool,
+    penalty: bool,
+    n_logprobs: int,
+    kernels: KernelPolicy,
+):
+    """Feed tokens [B, T] at positions pos [B, T] (valid_len [B] real tokens per row) into each row's pages and
+    slot, and sample one token per row after its last real token: row b draws with key fold_in(key(seeds[b]),
+    counts[b]), its own stream whatever shares the batch. Returns ({token, [logprob, top_ids, top_logprobs]},
+    cache)."""
+    logits, cache = forward(
+        params,
+        cfg,
+        tokens,
+        pos,
+        cache,
+        decode=decode,
+        valid_len=valid_len,
+        logits_at=jnp.maximum(valid_len - 1, 0),
+        rows=rows,
+        chunked=chunked,
+        kernels=kernels,
+    )
+    logits = logits[:, 0]
+    scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    token = sampling.sample(scored, keys, samp, greedy=greedy)
+    out = dict(token=token)
+    if n_logprobs:
+        out["logprob"], out["top_ids"], out["top_logprobs"] = sampling.logprobs(logits, token, n_logprobs)
+    return out, cache
+
+
+def engine_step_args(cfg: ModelConfig, cache: Cache, rows: int, tokens: int, n_pg: int) -> dict:
+    """ShapeDtypeStructs of ``engine_step``'s per-step arguments for ``rows`` x ``tokens`` fed through page tables
+    of ``n_pg`` columns (what the planner compiles it with)."""
+    i32 = jnp.int32
+    vec = jax.ShapeDtypeStruct((rows,), i32)
+    grid = jax.ShapeDtypeStruct((rows, tokens), i32)
+    scalars = jax.eval_shape(sampling.SamplingParams().arrays)
+    samp = {k: jax.ShapeDtypeStruct((rows,), v.dtype) for k, v in scalars.items()}
+    return dict(
+        cfg=cfg,
+        cache=cache,
+        tokens=grid,
+        pos=grid,
+        valid_len=vec,
+        rows=Rows(jax.ShapeDtypeStruct((rows, n_pg), i32), vec),
+        samp=samp,
+        recent=jax.ShapeDtypeStruct((rows, sampling.RECENT), i32),
+        seeds=vec,
+        counts=vec,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

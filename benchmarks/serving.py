@@ -1,0 +1,131 @@
+"""Aggregate decode throughput of the serving engine at several concurrencies (issue 16's H200 table).
+
+For each synthetic model (random weights of a real shape, built on the device: imp_jax/weights/synthetic.py) and
+each concurrency C: C requests of ``--prompt`` random tokens and ``--output`` greedy output tokens are added to one
+``imp_jax.Engine`` at once. The engine prefills them in chunks, then decodes all C together; the timed window runs
+from the first step in which every request is decoding to the last request's end, and the rate is the tokens
+generated in that window over its wall time. A warm-up round of the same shapes compiles every step first.
+
+    PYTHONPATH=. python3 benchmarks/serving.py --models qwen3-8b:mxfp4,qwen3-30b-a3b:mxfp4 --concurrency 1,4,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from imp_jax import bench
+from imp_jax.ops.policy import KernelPolicy, resolve_dtype, resolve_kernels
+from imp_jax.runtime.engine import Engine
+
+
+class _SilentStream:
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
+
+
+class _NoTextTokenizer:
+    """What the engine asks of a tokenizer when it is fed ids: no EOS (every request runs to its length), no text."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def stream(self) -> _SilentStream:
+        return _SilentStream()
+
+
+@dataclasses.dataclass
+class SyntheticModel:
+    """The parts of an ``imp_jax.Model`` the engine reads, for random weights that have no file or vocabulary."""
+
+    config: Any
+    params: Any
+    dtype: str
+    max_context: int
+    kernels: KernelPolicy
+    batch: int = 1
+    plan: Any = None
+    tokenizer: Any = dataclasses.field(default_factory=_NoTextTokenizer)
+
+
+def run_round(model: SyntheticModel, concurrency: int, prompt: int, output: int, token_budget: int, seed: int):
+    """One round on a fresh engine sized for it; returns (decode tokens, decode seconds) of the timed window."""
+    pages = concurrency * -(-(prompt + output) // 16)
+    engine = Engine(model, page_size=16, n_pages=pages, max_seqs=concurrency, token_budget=token_budget,
+                    prefix_caching=False)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for _ in range(concurrency):
+        engine.add_request([int(t) for t in rng.integers(0, model.config.vocab_size, prompt)], max_tokens=output)
+    started: set[int] = set()
+    t0, counted = None, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        if t0 is not None:
+            counted += sum(len(o.token_ids) for o in outs)
+        started |= {o.request_id for o in outs if o.token_ids}
+        if t0 is None and len(started) == concurrency:
+            t0 = time.perf_counter()  # every request has its first token: from here on each step decodes them all
+    jax.effects_barrier()
+    return counted, time.perf_counter() - (t0 if t0 is not None else time.perf_counter())
+
+
+def measure(shape: str, quant: str, concurrency: list[int], prompt: int, output: int, token_budget: int) -> list[dict]:
+    dtype = resolve_dtype("auto")
+    kernels = resolve_kernels()
+    params, cfg, size, _ = bench.synthetic_model(shape, quant, dtype, kernels=kernels)
+    model = SyntheticModel(cfg, params, dtype, prompt + output, kernels)
+    rows = []
+    for c in concurrency:
+        run_round(model, c, prompt, min(output, 8), token_budget, seed=c)  # compile every bucket of this round
+        tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 1)
+        rows.append(dict(model=shape, quant=quant, concurrency=c, prompt=prompt, output=output,
+                         decode_tokens=tokens, decode_s=seconds, tok_s=tokens / seconds if seconds else 0.0,
+                         weights_gib=size / 2**30, device=jax.devices()[0].device_kind))  # fmt: skip
+    base = rows[0]["tok_s"] if rows and rows[0]["concurrency"] == 1 else None
+    for r in rows:
+        r["x_batch1"] = r["tok_s"] / base if base else None
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | quant | concurrent | prompt+output | decode tok/s | x batch 1 |\n|---|---|---|---|---|---|"
+    body = [
+        f"| {r['model']} | {r['quant']} | {r['concurrency']} | {r['prompt']}+{r['output']} | {r['tok_s']:.1f} | "
+        + (f"{r['x_batch1']:.1f}x |" if r["x_batch1"] else "- |")
+        for r in rows
+    ]
+    return "\n".join([head, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen3-8b:mxfp4,qwen3-30b-a3b:mxfp4", help="shape:quant, comma-separated")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--output", type=int, default=128)
+    ap.add_argument("--token-budget", type=int, default=2048, help="tokens one engine step may feed")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    for spec in args.models.split(","):
+        shape, quant = spec.split(":")
+        rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget)
+        print(table(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The serving engine's page pool, sized from a memory plan (like vLLM's gpu_memory_utilization).
+
+``plan_pool`` adds what the engine holds beside the pages, each measured: the weights (the load plan's), the
+recurrent-state slots of ``max_seqs`` sequences, and XLA's workspace of a step. What remains of the budget, less
+the plan's headroom, is pages.
+
+With ``utilization`` the pool fills that fraction of the budget (capped at what ``max_seqs`` full contexts can
+reference), so the workspace is measured on the step the engine actually runs, ``engine_step``, lowered and
+compiled at its largest buckets (a decode batch of every slot reading a full context's page table; a prefill
+chunk of the whole token budget in every row; the sampling variant that needs most). Without it the pool is the
+``batch`` x ``max_context`` that load() planned and checked, with that plan's workspace: no extra compile on the
+way to a first generate().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from imp_jax.errors import ImpError, ModelTooLarge
+from imp_jax.planning.memory import Budget, MemoryPlan, StepMemory, step_memory
+from imp_jax.runtime import steps
+from imp_jax.runtime.cache import Cache, paged_shapes
+from imp_jax.weights.loading import abstract_params
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    """The engine's memory on one device: weights, state slots, engine_step's workspace and ``n_pages`` pages."""
+
+    label: str
+    page_size: int
+    n_pages: int
+    max_seqs: int
+    token_budget: int
+    max_context: int
+    page_bytes: int  # K and V of one page over every attention layer
+    slot_bytes: int  # the recurrent state of max_seqs sequences (zero without recurrent layers)
+    weights_bytes: int
+    steps: tuple[StepMemory, ...]
+    budget: Budget
+    utilization: float | None
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_context // self.page_size)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return max((s.workspace_bytes for s in self.steps), default=0)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.n_pages * self.page_bytes
+
+    @property
+    def needed_bytes(self) -> int:
+        return (
+            self.weights_bytes + self.slot_bytes + self.workspace_bytes + self.pool_bytes + self.budget.headroom_bytes
+        )
+
+    def pages_for(self, length: int) -> int:
+        """Pages one sequence of ``length`` tokens holds."""
+        return -(-min(length, self.max_context) // self.page_size)
+
+    def sequences(self, length: int) -> int:
+        """How many sequences of ``length`` tokens (prompt + output) the pool holds at once, at most max_seqs."""
+        if length < 1:
+            raise ImpError(f"a sequence length must be >= 1, got {length}")
+        return min(self.n_pages // self.pages_for(length), self.max_seqs)
+
+    def report(self) -> str:
+        rows = [
+            ("weights", self.weights_bytes),
+            (f"state slots  ({self.max_seqs} sequences)", self.slot_bytes),
+            *((f"workspace  {s.name}", s.workspace_bytes) for s in self.steps),
+            (f"KV pages  ({self.n_pages} x {self.page_size} tokens, {_mib(self.page_bytes)} each)", self.pool_bytes),
+            ("runtime headroom", self.budget.headroom_bytes),
+            ("needed", self.needed_bytes),
+            (f"available  ({self.budget.source})", self.budget.available_bytes),
+        ]
+        width = max(len(label) for label, _ in rows) + 2
+        fit = ", ".join(f"{self.sequences(n)} x {n}" for n in (512, 2048, self.max_context) if n <= self.max_context)
+        return "\n".join(
+            [f"page pool: {self.label}", *(f"  {label:<{width}}{_mib(n):>14}" for label, n in rows),
+             f"  sequences that fit at once (tokens each): {fit}"]
+        )  # fmt: skip
+
+
+def plan_pool(
+    plan: MemoryPlan,
+    *,
+    page_size: int,
+    max_seqs: int,
+    token_budget: int,
+    utilization: float | None = None,
+) -> PoolPlan:
+    """Size the engine's page pool for the model ``plan`` describes (see the module docstring). Raises
+    ModelTooLarge when not one page fits beside the weights, the slots and engine_step's workspace."""
+    if utilization is not None and not 0 < utilization <= 1:
+        raise ImpError(f"utilization is the fraction of device memory the engine may use, in (0, 1]; got {utilization}")
+    cfg, dtype = plan.config, jnp.dtype(plan.dtype)
+    pages_per_seq = -(-plan.max_context // page_size)
+    one_page = paged_shapes(cfg, 1, page_size, 0, dtype)
+    page_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in one_page.items() if k in ("k", "v"))
+    slots = paged_shapes(cfg, 0, page_size, max_seqs, dtype)
+    slot_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in slots.items() if k in ("conv", "ssm"))
+    if utilization is None:
+        workspace = plan.steps
+    else:
+        workspace = _engine_workspace(plan, page_size, max_seqs, token_budget, pages_per_seq)
+    available = plan.available_bytes * (utilization or 1.0)
+    room = available - plan.budget.headroom_bytes - plan.weights_bytes - slot_bytes
+    room -= max((s.workspace_bytes for s in workspace), default=0)
+    fit = max(int(room // page_bytes), 0)
+    target = max_seqs * pages_per_seq if utilization is not None else max(plan.batch, 1) * pages_per_seq
+    pool = PoolPlan(plan.label, page_size, min(fit, target), max_seqs, token_budget, plan.max_context, page_bytes,
+                    slot_bytes, plan.weights_bytes, workspace, plan.budget, utilization)  # fmt: skip
+    if pool.n_pages < 1:
+        raise ModelTooLarge(
+            f"{plan.label}: no KV page of {page_size} tokens fits: weights {_mib(plan.weights_bytes)}, state slots "
+            f"{_mib(slot_bytes)}, engine_step workspace {_mib(pool.workspace_bytes)} and headroom "
+            f"{_mib(plan.budget.headroom_bytes)} leave {_mib(max(int(room), 0))} of {_mib(int(available))}; "
+            f"lower max_seqs or token_budget, or give the engine more memory",
+            needed=pool.needed_bytes + page_bytes,
+            available=int(available),
+        )
+    return pool
+
+
+def _engine_workspace(plan: MemoryPlan, page_size: int, max_seqs: int, token_budget: int, pages_per_seq: int):
+    """XLA's accounting of engine_step at its largest decode and prefill buckets (as Engine._run pads them)."""
+    cfg, dtype = plan.config, jnp.dtype(plan.dtype)
+    params = abstract_params(plan.specs, plan.kernels)
+    n_pg = steps.table_width(pages_per_seq, page_size, pages_per_seq)
+    probe = Cache(**paged_shapes(cfg, n_pg, page_size, max_seqs, dtype))  # the pool's size does not change temp
+    persistent = plan.weights_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(probe))
+    rows = steps.pow2(max_seqs)
+    chunk = steps.pow2(min(token_budget, plan.max_context), steps.MIN_BUCKET)
+    out = []
+    for name, t, decode in (("engine_step decode", 1, True), ("engine_step prefill", chunk, False)):
+        args = steps.engine_step_args(cfg, probe, rows, t, n_pg)
+        compiled = steps.engine_step.lower(
+            params, **args, decode=decode, chunked=True, greedy=False, penalty=True, n_logprobs=steps.MAX_LOGPROBS,
+            kernels=plan.kernels,
+        ).compile()  # fmt: skip
+        out.append(step_memory(f"{name} [{rows} x {t}]", compiled, persistent))
+    return tuple(out)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

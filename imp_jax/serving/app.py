@@ -65,6 +65,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
             state.driver.stop()
 
     app = FastAPI(title="imp-jax", lifespan=lifespan)
+    app.state.imp = state  # the engine and driver, for introspection (tests, a debugger)
     errors.install(app)
     auth = Depends(_authorizer(settings.api_key))
 
@@ -378,8 +379,8 @@ async def _completion_chunks(state, request, run, rid, created, include_usage) -
             lp = _completion_logprobs(state.model, out, offsets[index])
             offsets[index] += len(out.text)
             if out.text or lp or out.finished:
-                choice = schemas.CompletionChoice(index=index, text=out.text, logprobs=lp,
-                                                  finish_reason=out.finish_reason if out.finished else None)  # fmt: skip
+                reason = out.finish_reason if out.finished else None
+                choice = schemas.CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)
                 c = schemas.Completion(id=rid, created=created, model=name, choices=[choice])
                 yield event(c.model_dump(exclude_none=True))
         if include_usage:

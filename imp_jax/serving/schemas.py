@@ -6,6 +6,8 @@ neutral value; anything else answers 400, so a client never silently gets someth
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -60,14 +62,10 @@ class ChatMessage(BaseModel):
 
 
 def _call_for_template(call: Any) -> Any:
-    import json
-
     fn = call.get("function") if isinstance(call, dict) else None
     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-        try:
+        with contextlib.suppress(ValueError):
             fn = {**fn, "arguments": json.loads(fn["arguments"])}
-        except ValueError:
-            pass
         return {**call, "function": fn}
     return call
 

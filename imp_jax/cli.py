@@ -215,7 +215,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                          compile_cache=compile_cache_setting())  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
-                              max_queue=args.max_queue, max_seqs=args.parallel)  # fmt: skip
+                              max_queue=args.max_queue, max_seqs=args.parallel,
+                              token_budget=args.batch_tokens)  # fmt: skip
     serve(model, settings, host=args.host, port=args.port)
 
 
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the --model name)")
     p.add_argument("--max-context", type=int, default=4096, help="context per request (default 4096)")
     p.add_argument("--parallel", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="tokens one engine step feeds (default 2048)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default 256)")
     p.add_argument("--device-memory", default=None, help="device memory budget, e.g. 8GiB (default: what is free)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)

@@ -33,12 +33,14 @@ DISCONNECT_POLL_S = 0.5
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     """model_name: the id clients give as ``model``; api_key: None serves anyone; max_queue: requests that may
-    wait beyond the engine's running batch before new ones get 429; max_seqs: the engine's running batch."""
+    wait beyond the engine's running batch before new ones get 429; max_seqs: the engine's running batch;
+    token_budget: tokens one engine step may feed (prompt chunks beside the decode rows)."""
 
     model_name: str
     api_key: str | None = None
     max_queue: int = 256
     max_seqs: int | None = None
+    token_budget: int = 2048
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class _State:
 
 def create_app(model, settings: ServerSettings) -> FastAPI:
     """The app; its engine thread starts with the app (lifespan) and stops with it."""
-    engine = Engine(model, max_seqs=settings.max_seqs)
+    engine = Engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget)
     metrics = Metrics(engine.n_pages)
     state = _State(model, settings, engine, EngineDriver(engine, metrics), metrics)
 

@@ -182,6 +182,24 @@ def test_each_error_case_is_answered_with_its_code(client, smol):
     assert _idle(state)
 
 
+def test_a_failing_engine_step_fails_its_request_not_the_server(client, smol, monkeypatch):
+    engine = smol[2].engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky)
+    with pytest.raises(openai.InternalServerError, match="injected fault"):
+        client.completions.create(model=NAME, prompt="Hi", max_tokens=3, temperature=0)
+    assert client.completions.create(model=NAME, prompt="Hi", max_tokens=3, temperature=0).choices[0].text
+    assert _idle(smol[2])
+
+
 def test_the_api_key_is_enforced_on_every_route_but_health(smol):
     url = smol[1]
     with httpx.Client(base_url=url) as http:

@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any
 
-from imp_jax.errors import ImpError
 from imp_jax.runtime.engine import Engine, StepOutput
 from imp_jax.serving.metrics import Metrics
 
@@ -116,7 +115,7 @@ class EngineDriver:
         ticket: Ticket = arg
         try:
             rid = self.engine.add_request(ticket.prompt, **ticket.kwargs)
-        except ImpError as e:
+        except Exception as e:  # an ImpError is the client's (400); anything else a bug (500), never the thread's end
             self._add_in_flight(-1)
             ticket.loop.call_soon_threadsafe(self._settle, ticket.accepted, None, e)
             return

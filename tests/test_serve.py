@@ -104,6 +104,8 @@ def test_chat_streamed_joins_to_the_non_streamed_reply(client, smol):
     assert text == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # the second run found the first one's full prompt pages in the prefix cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (full.usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 def test_completions_streamed_and_not(client):

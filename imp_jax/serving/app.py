@@ -141,12 +141,15 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rids: dict[int, int] = {}  # choice index -> engine id
         self.open: set[int] = set()
+        self.n = 1
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: dict[int, int] = {}  # per prompt (its n rows share it; the first row's count)
 
     async def start(self, prompts: list[list[int]], body: schemas._Request, n_logprobs: int) -> None:
         s = self.state
         wanted = len(prompts) * body.n
+        self.n = body.n
         if s.driver.in_flight + wanted > s.engine.max_seqs + s.settings.max_queue:
             raise errors.APIError(429, f"the server is full ({s.driver.in_flight} requests in flight, "
                                   f"{s.settings.max_queue} may queue): retry shortly", type="rate_limit_error",
@@ -180,6 +183,7 @@ class _Run:
                 if isinstance(out, Failed):
                     raise errors.APIError(500, out.message, type="server_error")
                 self.completion_tokens += len(out.token_ids)
+                self.cached_tokens.setdefault(index // self.n, out.cached_tokens)
                 if out.finished:
                     self.open.discard(index)
                 yield index, out
@@ -192,8 +196,10 @@ class _Run:
         self.open.clear()
 
     def usage(self) -> schemas.Usage:
+        details = schemas.PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values()))
         return schemas.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                             total_tokens=self.prompt_tokens + self.completion_tokens)  # fmt: skip
+                             total_tokens=self.prompt_tokens + self.completion_tokens,
+                             prompt_tokens_details=details)  # fmt: skip
 
 
 def _token_text(model, token_id: int) -> str:

@@ -215,6 +215,21 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(bench.as_json(rows) if args.json else bench.table(rows))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import imp_jax
+    from imp_jax.serving.app import ServerSettings
+    from imp_jax.serving.server import serve
+
+    model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
+                         device_memory=args.device_memory, progress=True,
+                         compile_cache=compile_cache_setting())  # fmt: skip
+    name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
+    settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
+                              max_queue=args.max_queue, max_seqs=args.parallel,
+                              token_budget=args.batch_tokens)  # fmt: skip
+    serve(model, settings, host=args.host, port=args.port)
+
+
 def _output_path(value: str) -> Path:
     """Where quantize may write: a file name in an existing folder (checked before minutes of work)."""
     out = Path(value).expanduser()
@@ -330,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     from imp_jax.planning.command import add_plan_parser
 
     _add_threads(add_plan_parser(sub))
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set IMP_JAX_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the --model name)")
+    p.add_argument("--max-context", type=int, default=4096, help="context per request (default 4096)")
+    p.add_argument("--parallel", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="tokens one engine step feeds (default 2048)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default 256)")
+    p.add_argument("--device-memory", default=None, help="device memory budget, e.g. 8GiB (default: what is free)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)
+    _add_threads(p)
+    p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("quantize", help="rewrite a GGUF with its weight matrices in another quant type")
     p.add_argument("input", help="input .gguf or a registry name")

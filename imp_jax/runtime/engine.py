@@ -45,7 +45,8 @@ PAGE_SIZE = 16
 class StepOutput:
     """What one request produced in one step: its new token ids (an EOS id is not among them), whether it ended
     and why (None | "stop" | "length" | "abort"), its new text, and with logprobs=N per new token a pair
-    (chosen token's logprob, [(id, logprob)] * N of the top N)."""
+    (chosen token's logprob, [(id, logprob)] * N of the top N). ``cached_tokens``: how many of its prompt tokens
+    the prefix cache held when it was first scheduled (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
 
     request_id: int
     token_ids: list[int]
@@ -53,6 +54,7 @@ class StepOutput:
     finish_reason: str | None
     text: str = ""
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    cached_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class _Request:
     slot: int | None = None
     n_generated: int = 0
     finish_reason: str | None = None
+    cached_prompt: int | None = None  # prompt tokens found cached when first scheduled
     out: queue.Queue | None = None  # StepOutputs for a submit() caller
 
 
@@ -303,6 +306,8 @@ class Engine:
             req.pages.append(page)
             req.keys.append(key)
         req.n_cached = len(req.pages) * self.page_size
+        if req.cached_prompt is None:
+            req.cached_prompt = req.n_cached
 
     def _reserve(self, req: _Request, end: int, *, preempt: bool) -> bool:
         """Take the pages that hold positions < end; preempting younger running requests when allowed. False:
@@ -344,7 +349,8 @@ class Engine:
         if req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
-        return StepOutput(req.id, ids, True, reason, text + req.detok.flush(), lps if req.n_logprobs else None)
+        lps = lps if req.n_logprobs else None
+        return StepOutput(req.id, ids, True, reason, text + req.detok.flush(), lps, req.cached_prompt or 0)
 
     # ---- device calls
 
@@ -428,7 +434,7 @@ class Engine:
             return self._finish(req, "stop", ids, lps, piece)
         if req.n_generated >= req.max_new:
             return self._finish(req, "length", ids, lps, piece)
-        return StepOutput(req.id, ids, False, None, piece, lps)
+        return StepOutput(req.id, ids, False, None, piece, lps, req.cached_prompt or 0)
 
     # ---- introspection
 

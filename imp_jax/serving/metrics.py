@@ -1,0 +1,38 @@
+"""The server's Prometheus metrics, in a registry of the app's own (two apps in one process never share one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# TTFT spans a queue wait and a prefill; the inter-token gap is one decode step.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """Counters the handlers and the engine thread update (prometheus_client's metrics are thread-safe)."""
+
+    def __init__(self, n_pages: int):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("imp_jax_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.waiting = Gauge("imp_jax_requests_waiting", "requests queued for the engine", registry=r)
+        self.running = Gauge("imp_jax_requests_running", "requests in the engine's running batch", registry=r)
+        self.pages_used = Gauge("imp_jax_kv_pages_used", "KV cache pages held by requests", registry=r)
+        Gauge("imp_jax_kv_pages_total", "KV cache pages in the engine's pool", registry=r).set(n_pages)
+        self.ttft = Histogram(
+            "imp_jax_time_to_first_token_seconds", "arrival to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.inter_token = Histogram(
+            "imp_jax_inter_token_latency_seconds", "time between tokens of a request", buckets=ITL_BUCKETS, registry=r
+        )
+        self.tokens_in = Counter("imp_jax_prompt_tokens", "prompt tokens received", registry=r)
+        self.tokens_out = Counter("imp_jax_generation_tokens", "tokens generated", registry=r)
+
+    def engine_state(self, waiting: int, running: int, pages_used: int) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+        self.pages_used.set(pages_used)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

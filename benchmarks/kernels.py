@@ -2,7 +2,7 @@
 
 Run on the device machine from the repository root::
 
-    PYTHONPATH=. python3 benchmarks/kernels.py [--only tune,bf16,matmul,attention] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/kernels.py [--only tune,bf16,matmul,attention,paged] [--out DIR]
 
 The full matmul + attention run takes ~7 minutes on an H100 (compiles included); ``--models`` / ``--formats`` /
 ``--m`` narrow it. ``tune`` prints time and error of candidate matmul tilings (how ``pick_config`` was chosen).
@@ -35,6 +35,8 @@ from jax.experimental.mosaic.gpu import profiler
 
 import pallas
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.ops.attention import attention_paged_gather
+from pallas.attention_decode import paged_reference
 from pallas.attention_decode import reference as decode_reference
 from pallas.attention_prefill import reference as flash_reference
 
@@ -262,6 +264,49 @@ def bench_decode_attention(ceil: dict, models: set[str]) -> list[Row]:
     return rows
 
 
+def bench_paged_attention(ceil: dict, models: set[str], rows_ctx=((1, 4096), (16, 4096), (64, 4096)), page=16):
+    """Decode attention through page tables (the engine's layout: layer 1 of a 2-layer pool read in place, every
+    row's pages shuffled over the pool) against the jnp gather path and the contiguous kernel at the same shape."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for model, (h, kv, hd, window, sink) in ATTN_SHAPES.items():
+        if model not in models:
+            continue
+        for b, ctx in rows_ctx:
+            n_pg = ctx // page
+            q = jnp.asarray(rng.standard_normal((b, 1, h, hd)), jnp.bfloat16)
+            kp, vp = (jnp.asarray(rng.standard_normal((2, b * n_pg, page, kv, hd)), jnp.bfloat16) for _ in range(2))
+            table = jnp.asarray(rng.permutation(b * n_pg).reshape(b, n_pg), jnp.int32)
+            lengths = jnp.full((b,), ctx, jnp.int32)
+            sinks = jnp.asarray(rng.standard_normal((h,)), jnp.float32) if sink else None
+            kw = dict(window=window, sinks=sinks, scale=hd**-0.5)
+            layer = jnp.int32(1)
+            f = jax.jit(functools.partial(pallas.paged_decode_attention, layer=layer, **kw))
+            args = (q, kp, vp, table, lengths)
+            try:
+                out = f(*args)
+                ref = paged_reference(q, kp[1], vp[1], table, lengths, **kw)
+                err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+                t = median_time_us(f, *args)
+                t_kernel = kernel_only_us(f, *args)
+                kc, vc = (a[1][table].reshape(b, ctx, kv, hd) for a in (kp, vp))
+                t_contig = median_time_us(jax.jit(functools.partial(pallas.decode_attention, **kw)), q, kc, vc, lengths)
+            except Exception as e:
+                print(f"FAILED paged attention {model} B={b} ctx={ctx}: {type(e).__name__}: {str(e)[:2000]}")
+                continue
+            xla = jax.jit(functools.partial(attention_paged_gather, window=window or 0, sinks=sinks, scale=hd**-0.5))
+            t_xla = median_time_us(xla, q, kp, vp, lengths[:, None] - 1, layer, table)
+            keys = ctx if window is None else min(ctx, window)
+            gbps = 2 * b * keys * kv * hd * 2 / t / 1e3
+            tflops = 4 * b * h * keys * hd / t / 1e6
+            note = f"err {err:.1e}; kernel alone {t_kernel:.1f} us; contiguous kernel {t_contig:.1f} us"
+            shape = f"B={b} ctx={ctx} P={page} H={h}/{kv} w={window}"
+            pct = 100 * gbps / ceil["hbm_gbps"]
+            rows.append(Row(f"paged decode attention hd{hd}", model, shape, t, gbps, tflops, pct, 0, t_xla, note))
+            print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
 def tune(ceil: dict) -> list[Row]:
     """Correctness and time of matmul tilings (M, N, K, format, config), to choose ``pick_config``'s rules."""
     rng = np.random.default_rng(5)
@@ -340,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul": lambda: bench_matmul(ceil, ms, formats, models),
         "bf16": lambda: bench_bf16(ceil, ms, models),
         "attention": lambda: bench_decode_attention(ceil, models) + bench_flash(ceil, models),
+        "paged": lambda: bench_paged_attention(ceil, models),
     }
     for name, run in sections.items():
         if name in only:

@@ -8,10 +8,12 @@ cannot run, and has a jnp reference beside its kernel.
   ``dense_weight(w)`` for a bf16 matrix read in place (``can_view_dense``), then ``quantized_matmul(x, w)`` for
   ``x @ W.T`` (``supports(w, x)`` checks first).
 - ``flash_attention(q, k, v, *, causal, window, sinks, scale)`` for prefill,
-  ``decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale)`` over a KV cache.
+  ``decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale)`` over a contiguous KV cache,
+  ``paged_decode_attention(q, k_pages, v_pages, page_table, lengths, ...)`` over a paged one
+  (``supports_paged`` checks the page size first).
 """
 
-from pallas.attention_decode import decode_attention
+from pallas.attention_decode import decode_attention, paged_decode_attention, supports_paged
 from pallas.attention_prefill import flash_attention
 from pallas.qformats import Fmt, PackedWeight, can_repack, can_view_dense, dense_weight, repack
 from pallas.qmatmul import MatmulConfig, quantized_matmul, supports
@@ -25,7 +27,9 @@ __all__ = [
     "decode_attention",
     "dense_weight",
     "flash_attention",
+    "paged_decode_attention",
     "quantized_matmul",
     "repack",
     "supports",
+    "supports_paged",
 ]

@@ -52,12 +52,14 @@ def wgmma_from_regs(acc_ref, a: jax.Array, b, *, interpret: bool, staging=None) 
 
 
 def softmax_with_sinks_apply(s, v, sinks):
-    """softmax over the last axis of scores ``[B, H, T, S]`` (plus a sink logit per head) applied to v."""
+    """softmax over the last axis of scores ``[B, H, T, S]`` (plus a sink logit per head) applied to v; a row
+    that sees no key (all scores -inf, no sink) gives 0, as the kernels do."""
     m = s.max(axis=-1, keepdims=True)
     if sinks is not None:
         m = jnp.maximum(m, sinks.astype(jnp.float32)[None, :, None, None])
+    m = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(s - m)
     den = p.sum(axis=-1, keepdims=True)
     if sinks is not None:
         den = den + jnp.exp(sinks.astype(jnp.float32)[None, :, None, None] - m)
-    return jnp.einsum("bhts,bshd->bthd", p / den, v)
+    return jnp.einsum("bhts,bshd->bthd", p / jnp.where(den == 0, 1.0, den), v)

@@ -91,7 +91,7 @@ def attention_mixer(
     kv = ops.write_pages(kv, (k, v), layer, step.rows.pages, pos, valid)
     opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks, kernels=step.kernels)
     if step.chunked:
-        o = ops.attention_paged(q, *kv, pos, layer, step.rows.pages, contiguous=step.contiguous, **opts)
+        o = ops.attention_paged(q, *kv, pos, layer, step.rows.pages, **opts)
     else:
         o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:

@@ -95,15 +95,13 @@ class StepInfo:
     t >= valid_len are padding: they write nothing), where each row keeps its state (``rows``), and how the step
     attends (static): ``decode`` picks the one-step recurrence; ``chunked`` says a prefill chunk may continue
     earlier pages (attend through the page table) rather than start every row at position 0 (attend within the
-    chunk); ``contiguous`` that the cache has one page per row, row b owning page b; ``kernels`` the model's
-    load-time kernel policy."""
+    chunk); ``kernels`` the model's load-time kernel policy."""
 
     pos: jax.Array
     valid_len: jax.Array
     rows: Rows
     decode: bool
     chunked: bool
-    contiguous: bool
     kernels: KernelPolicy = REFERENCE
 
 
@@ -160,7 +158,6 @@ def forward(
         contiguous_rows(b) if rows is None else rows,
         decode,
         chunked or decode,
-        cache.contiguous,
         kernels,
     )
     x = ops.embed(params.embed, tokens, jnp.float32)

@@ -65,28 +65,40 @@ def attention_paged(
     layer,
     pages,
     *,
-    contiguous: bool,
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
     sinks=None,
     kernels: policy.KernelPolicy = policy.REFERENCE,
 ) -> jax.Array:
-    """New tokens q [B, T, H, D] at positions q_pos [B, T] (ascending per row) against layer ``layer`` of the
-    paged caches [L, n_pages, P, Hkv, D], which already hold them, read through the page tables [B, n_pg].
+    """New tokens q [B, T, H, D] at positions q_pos [B, T] against layer ``layer`` of the paged caches
+    [L, n_pages, P, Hkv, D], which already hold them, read through the page tables [B, n_pg].
 
-    A contiguous cache (one page per row, row b owning page b) runs the Pallas decode kernel on Hopper, reading the
-    layer in place. Otherwise the jnp reference gathers the row's pages (all n_pg of them, or with a window only
-    the ones the window can see) and attends over them: the read follows the sequence's length, not max_context.
+    Positions are consecutive per row (``q_pos[b, -1] - T + 1 .. q_pos[b, -1]``); the Pallas paged decode kernel
+    reads the layer's pages in place on Hopper (a contiguous cache is its one-page-per-row case), the jnp
+    reference (``attention_paged_gather``) otherwise: either way the read follows the sequence's length, not
+    max_context.
     """
     page = k_cache.shape[2]
-    if contiguous and _kernel_attention_ok(q, softcap, kernels) and page % 8 == 0:
+    if _kernel_attention_ok(q, softcap, kernels):
         import pallas
 
-        lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
-        return pallas.decode_attention(
-            q, k_cache, v_cache, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
-        )
+        if pallas.supports_paged(page, pages.shape[1], q.shape[-1]):
+            lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
+            return pallas.paged_decode_attention(
+                q, k_cache, v_cache, pages, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
+            )
+    return attention_paged_gather(
+        q, k_cache, v_cache, q_pos, layer, pages, scale=scale, window=window, softcap=softcap, sinks=sinks
+    )
+
+
+def attention_paged_gather(
+    q, k_cache, v_cache, q_pos, layer, pages, *, scale: float, window: int = 0, softcap: float = 0.0, sinks=None
+) -> jax.Array:
+    """``attention_paged``'s jnp reference: gathers each row's pages (all n_pg of them, or with a window only the
+    ones the window can see) and attends over them."""
+    page = k_cache.shape[2]
     b, t = q_pos.shape
     n_pg = pages.shape[1]
     n_read = n_pg if window <= 0 else min(n_pg, -(-(window + t - 1) // page) + 1)

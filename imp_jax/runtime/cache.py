@@ -4,8 +4,7 @@ One layout serves both the single-sequence steps and the serving engine. K/V liv
 ``[L_attn, n_pages, P, n_kv, head_dim]``; a row of a batch reads and writes them through its page table (``Rows``).
 The recurrent state lives in slots, ``[L_rec, n_slots, ...]``, one per running sequence. A contiguous cache (what
 ``init_cache`` builds for ``steps``, the bench and the planner) is the special case of one page of ``max_len``
-tokens per row, row b owning page b and slot b: ``contiguous=True`` says so statically, so decode attention may
-read that layout in place with the contiguous Pallas kernel.
+tokens per row, row b owning page b and slot b; the paged decode kernel reads it as such (a one-page table).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ class Cache:
     v: jax.Array
     conv: jax.Array
     ssm: jax.Array
-    contiguous: bool = False  # static: row b of every batch owns page b (one page per row) and slot b
 
     @property
     def dtype(self):
@@ -58,10 +56,10 @@ class Cache:
         return self.conv, self.ssm
 
     def replace(self, kv: tuple[jax.Array, jax.Array], rec: tuple[jax.Array, jax.Array]) -> Cache:
-        return Cache(kv[0], kv[1], rec[0], rec[1], self.contiguous)
+        return Cache(kv[0], kv[1], rec[0], rec[1])
 
 
-jax.tree_util.register_dataclass(Cache, data_fields=["k", "v", "conv", "ssm"], meta_fields=["contiguous"])
+jax.tree_util.register_dataclass(Cache, data_fields=["k", "v", "conv", "ssm"], meta_fields=[])
 
 
 @jax.tree_util.register_dataclass
@@ -113,8 +111,8 @@ def init_paged_cache(cfg: ModelConfig, n_pages: int, page_size: int, n_slots: in
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
     """A contiguous cache: batch rows of max_len tokens (``contiguous_rows`` addresses it)."""
     shapes = cache_shapes(cfg, batch, max_len, dtype)
-    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}, contiguous=True)
+    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()})
 
 
 def abstract_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
-    return Cache(**cache_shapes(cfg, batch, max_len, dtype), contiguous=True)
+    return Cache(**cache_shapes(cfg, batch, max_len, dtype))

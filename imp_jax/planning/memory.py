@@ -116,6 +116,7 @@ class MemoryPlan:
     budget: Budget
     specs: Any = dataclasses.field(repr=False, compare=False)  # the planned tree: what load_params gets
     source_specs: Any = dataclasses.field(repr=False, compare=False)  # the tree as stored, for replanning
+    abstract_params: Any = dataclasses.field(repr=False, compare=False)  # specs' ShapeDtypeStruct twins (compile ahead)
 
     @property
     def weights_bytes(self) -> int:
@@ -387,6 +388,7 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         budget=budget,
         specs=planned,
         source_specs=specs,
+        abstract_params=params,
     )
 
 

@@ -140,7 +140,7 @@ def table(rows: list[dict]) -> str:
         llama = f"{r['llama_load_s'] or float('nan'):.2f} / {r['llama_wall_s']:.2f}" if "llama_wall_s" in r else "-"
         lines.append(
             f"{r['model']:<34} {w['file_gb']:>6.2f} {c['load_s']:>6.2f}/{w['load_s']:<6.2f} "
-            f"{c['gb_s']:>5.2f}/{w['gb_s']:<5.2f} {c['compile_s']:>6.2f}/{w['compile_s']:<6.2f} "
+            f"{c['gb_s']:>5.3f}/{w['gb_s']:<5.3f} {c['compile_s']:>6.2f}/{w['compile_s']:<6.2f} "
             f"{c['ttft_s']:>6.2f}/{w['ttft_s']:<6.2f} {r['wall_cold_s']:>6.2f}/{r['wall_cached_s']:<6.2f} {llama:>22}"
         )
     lines.append("cold/cached: an empty compile cache / the same cache again; page cache warm in both")

@@ -23,11 +23,18 @@ Call = tuple[tuple, dict[str, Hashable]]  # (positional arguments, static keywor
 
 
 def signature(fn: Callable, args: tuple, statics: dict[str, Hashable]) -> tuple:
-    """What one executable serves: the function, its static values, the argument tree and each leaf's shape and
-    dtype. Arrays and ShapeDtypeStructs of the same shapes give the same signature."""
+    """What one executable serves: the function, its static values, the argument tree and each leaf's shape,
+    dtype and sharding across devices. Arrays on one device and ShapeDtypeStructs of the same shapes give the
+    same signature."""
     leaves, tree = jax.tree.flatten(args)
-    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
+    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)), _spread(x)) for x in leaves)
     return fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree, avals
+
+
+def _spread(x) -> Hashable:
+    """The leaf's sharding when it spans several devices (None on one device, or none given)."""
+    sharding = getattr(x, "sharding", None)
+    return None if sharding is None or len(sharding.device_set) == 1 else sharding
 
 
 class CompiledSteps:

@@ -21,6 +21,7 @@ from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_k
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
+from imp_jax.runtime.compiled_steps import CompiledSteps
 from imp_jax.text import harmony
 from imp_jax.text.chat import ChatTemplate
 from imp_jax.text.tokenizer import Tokenizer
@@ -65,6 +66,7 @@ class Model:
         self.batch = batch
         self.kernels = kernels  # resolved once at load; every step gets it as static configuration
         self.plan: memory.MemoryPlan | None = None  # the plan load() checked before any weight moved
+        self.programs = CompiledSteps()  # the engine's step executables, shared by every engine on this model
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
         self._engine = None  # the engine generate() runs on (engine_for), made on first use
 
@@ -160,13 +162,13 @@ def load(
         budget=memory.resolve_budget(device_memory), path=path, kernels=policy,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
-    params = load_params(mf, config, plan.specs, policy, on_bytes=_progress(mf, plan, show))
-    if debug or debug_nans_enabled():
-        check_prefill(
-            params, config, tokenizer.encode("The quick brown fox"), dtype=dtype, specs=plan.specs, kernels=policy
-        )
-    model = Model(mf, config, params, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)
+    model = Model(mf, config, None, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)
     model.plan = plan
+    engine_for(model).compile_ahead(plan.abstract_params)  # the first token's steps, while the weights stream
+    model.params = load_params(mf, config, plan.specs, policy, on_bytes=_progress(mf, plan, show))
+    if debug or debug_nans_enabled():
+        ids = tokenizer.encode("The quick brown fox")
+        check_prefill(model.params, config, ids, dtype=dtype, specs=plan.specs, kernels=policy)
     return model
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import imp_jax
 from imp_jax.runtime import compile_cache
+from imp_jax.runtime.compiled_steps import CompiledSteps
 from imp_jax.weights.specs import segment_plan
 from imp_jax.weights.synthetic import more_bits, synthetic_specs
 
@@ -140,17 +141,25 @@ def test_atomic_put_never_leaves_a_partial_entry(tmp_path, monkeypatch):
     assert cache.get("key") == b"y" * 10
 
 
-def test_two_generations_in_one_bucket_compile_once(real_model):
-    """Within a process, a second prompt of another length in the same bucket compiles nothing new."""
+def test_nothing_compiles_twice_and_the_first_generation_runs_what_load_compiled(real_model):
+    """load compiles the engine's first prefill bucket and decode step ahead (from the abstract params, while the
+    weights stream); the first generation runs those executables and two prompts of different lengths in that
+    bucket compile nothing more: no XLA compile at all once load's have finished."""
     compiles: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda n, s, **_: compiles.append(n) if n.endswith("backend_compile_duration") else None
+        lambda n, s, fun_name="", **_: compiles.append(fun_name) if n.endswith("backend_compile_duration") else None
     )
     model = imp_jax.load(real_model("tinycoder"), max_context=64, dtype="float32", compile_cache=False)
-    imp_jax.generate(model, [1, 2, 3], max_tokens=4)
-    before = len(compiles)
+    assert [dict(key[1])["decode"] for key in model.programs.compiled] == [False, True]  # prefill, decode
+    loaded = len(compiles)
+    first = imp_jax.generate(model, [1, 2, 3], max_tokens=4)
     imp_jax.generate(model, [1, 2, 3, 4, 5, 6, 7, 8, 9], max_tokens=6)
-    assert len(compiles) == before
+    assert len(model.programs.compiled) == 2
+    during = compiles[loaded:]
+    assert set(during) <= {"jit(engine_step)"} and compiles.count("jit(engine_step)") == 2, during
+    model.programs = CompiledSteps()  # nothing compiled ahead: each step compiles on its first call, the same way
+    assert imp_jax.generate(model, [1, 2, 3], max_tokens=4).token_ids == first.token_ids
+    assert len(model.programs.compiled) == 2
 
 
 def test_k_quant_medium_mixes_scan_in_few_segments():

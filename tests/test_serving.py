@@ -14,7 +14,7 @@ import pytest
 import imp_jax
 from imp_jax.errors import ModelTooLarge, RequestTooLarge
 from imp_jax.planning.pool import plan_pool
-from imp_jax.runtime.engine import Engine, engine_step
+from imp_jax.runtime.engine import Engine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ["llama", "gemma3", "qwen35", "qwen3moe", "gpt-oss"]  # dense, sliding window, GDN hybrid, MoE, sinks
@@ -168,10 +168,10 @@ def test_warm_engine_does_not_recompile():
     engine = Engine(model, **ENGINE)
     warm = _prompts(model.config.vocab_size, lengths=(5, 20, 9, 40), seed=1)
     _drive(engine, {0: [dict(prompt=p, max_tokens=14) for p in warm]})
-    before = engine_step._cache_size()
+    before = len(model.programs.compiled)
     other = _prompts(model.config.vocab_size, lengths=(6, 18, 12, 37), seed=2)
     _drive(engine, {0: [dict(prompt=p, max_tokens=13) for p in other]})
-    assert engine_step._cache_size() == before
+    assert len(model.programs.compiled) == before
 
 
 def test_thousand_requests_leave_no_pages_behind():

@@ -116,6 +116,7 @@ class MemoryPlan:
     budget: Budget
     specs: Any = dataclasses.field(repr=False, compare=False)  # the planned tree: what load_params gets
     source_specs: Any = dataclasses.field(repr=False, compare=False)  # the tree as stored, for replanning
+    abstract_params: Any = dataclasses.field(repr=False, compare=False)  # specs' ShapeDtypeStruct twins (compile ahead)
     kernels: KernelPolicy = REFERENCE  # the kernel policy the steps were planned (and will run) with
 
     @property
@@ -373,6 +374,7 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
     recurrent_bytes = _nbytes(cache.recurrent_arrays())
     state_bytes = recurrent_bytes + _nbytes(state)
     params = map_specs(abstract.__getitem__, planned)
+    scratch: dict = {}  # to_dense's scratch per stored shape: layers of one shape compile it once
     tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     prefill = steps.prefill_step.lower(params, config, tokens, lengths, cache, kernels=kernels).compile()
@@ -396,10 +398,11 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         kv_cache_bytes=kv_bytes,
         state_bytes=state_bytes,
         steps=measured,
-        load_transient_bytes=max((_load_transient(s, a) for s, a in abstract.items()), default=0),
+        load_transient_bytes=max((_load_transient(s, a, scratch) for s, a in abstract.items()), default=0),
         budget=budget,
         specs=planned,
         source_specs=specs,
+        abstract_params=params,
         kernels=kernels,
     )
 
@@ -478,12 +481,16 @@ _FLOAT_DTYPES = {
 }
 
 
-def _load_transient(spec: TensorSpec, leaf) -> int:
-    """Bytes beside the final weights while this leaf is put on the device (see params.materialize)."""
+def _load_transient(spec: TensorSpec, leaf, scratch: dict) -> int:
+    """Bytes beside the final weights while this leaf is put on the device (see params.materialize); ``scratch``
+    keeps to_dense's temp bytes per (stored structure and shapes, dtype) across the leaves of one plan."""
     if is_fallback(spec):  # the stored blocks, and to_dense's scratch
         stored = abstract_stored(packed_spec(spec))
-        stats = to_dense.lower(stored, dtype=spec.dtype).compile().memory_analysis()
-        return _nbytes(stored) + (int(stats.temp_size_in_bytes) if stats is not None else 0)
+        key = (jax.tree.structure(stored), tuple(x.shape for x in jax.tree.leaves(stored)), spec.dtype)
+        if key not in scratch:
+            stats = to_dense.lower(stored, dtype=spec.dtype).compile().memory_analysis()
+            scratch[key] = int(stats.temp_size_in_bytes) if stats is not None else 0
+        return _nbytes(stored) + scratch[key]
     if spec.dtype is None:  # repacked for a kernel (ops._repack): the stored blocks and one matrix's scratch
         stored = _nbytes(abstract_stored(spec))
         return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x

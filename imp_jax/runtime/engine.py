@@ -20,6 +20,7 @@ others ``submit`` requests and iterate their outputs (a per-request queue), as a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import queue
 import threading
@@ -33,12 +34,14 @@ from imp_jax.errors import ContextOverflow, ImpError, RequestTooLarge
 from imp_jax.models.config import ModelConfig
 from imp_jax.planning.pool import PoolPlan, plan_pool
 from imp_jax.runtime import sampling
-from imp_jax.runtime.cache import Rows, init_paged_cache
+from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
+from imp_jax.runtime.compiled_steps import Call
 from imp_jax.runtime.pages import PagePool, chain_hashes
 from imp_jax.runtime.steps import MAX_LOGPROBS, engine_step, pow2, table_width
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,53 +357,75 @@ class Engine:
 
     # ---- device calls
 
-    def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
-        b = pow2(len(batch))
-        t = 1 if is_decode else pow2(max(n for _, n in batch), 16)
-        n_pg = table_width(max(len(r.pages) for r, _ in batch), self.page_size, self.pages_per_seq)
-        tokens = np.zeros((b, t), np.int32)
-        pos = np.zeros((b, t), np.int32)
-        valid = np.zeros((b,), np.int32)
-        pages = np.zeros((b, n_pg), np.int32)
-        slot = np.full((b,), self.max_seqs, np.int32)
-        recent = np.full((b, sampling.RECENT), -1, np.int32)
-        seeds = np.zeros((b,), np.int32)
-        counts = np.zeros((b,), np.int32)
-        fields = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
-        samp = {f: np.zeros((b,), np.int32 if f == "top_k" else np.float32) for f in fields}
+    def _bucket(self, rows: int, n_tokens: int, n_pages: int, is_decode: bool) -> tuple[int, int, int]:
+        """The bucketed (rows, tokens, page-table width) of a step: the shape one compiled program serves."""
+        t = 1 if is_decode else pow2(n_tokens, 16)
+        return pow2(rows), t, table_width(n_pages, self.page_size, self.pages_per_seq)
+
+    def _blank(self, b: int, t: int, n_pg: int) -> dict:
+        """A step's host inputs for b rows of t tokens with n_pg page columns, every row padding."""
+        samp = {f: np.zeros((b,), np.int32 if f == "top_k" else np.float32) for f in SAMPLING_FIELDS}
         samp["top_p"][:] = samp["repeat_penalty"][:] = 1.0
+        return dict(
+            tokens=np.zeros((b, t), np.int32),
+            pos=np.zeros((b, t), np.int32),
+            valid=np.zeros((b,), np.int32),
+            pages=np.zeros((b, n_pg), np.int32),
+            slot=np.full((b,), self.max_seqs, np.int32),
+            recent=np.full((b, sampling.RECENT), -1, np.int32),
+            seeds=np.zeros((b,), np.int32),
+            counts=np.zeros((b,), np.int32),
+            samp=samp,
+        )
+
+    def _step_call(self, params, cache: Cache, x: dict, **flags) -> Call:
+        """engine_step's (arguments, static arguments) for params, cache and inputs ``x`` (arrays or shapes)."""
+        rows = Rows(x["pages"], x["slot"])
+        args = (params, cache, x["tokens"], x["pos"], x["valid"], rows, x["samp"], x["recent"], x["seeds"],
+                x["counts"])  # fmt: skip
+        return args, dict(cfg=self.cfg, **flags)
+
+    def compile_ahead(self, params, prompt_tokens: int = 16) -> None:
+        """Start compiling, on a worker thread, the two steps the first greedy generation of a prompt of up to
+        ``prompt_tokens`` tokens runs: its prefill chunk and its decode step. ``params`` may be the abstract
+        params the planner has, so this runs while the weights are still streaming."""
+        n = min(prompt_tokens, self.token_budget, self.max_context)
+        shape = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+        calls = []
+        for is_decode, pages in ((False, -(-n // self.page_size)), (True, -(-(n + 1) // self.page_size))):
+            x = shape(self._blank(*self._bucket(1, n, pages, is_decode)))
+            flags = dict(decode=is_decode, chunked=is_decode, greedy=True, penalty=False, n_logprobs=0)
+            flags["kernels"] = self.model.kernels
+            calls.append(self._step_call(params, shape(self.cache), x, **flags))
+        self.model.programs.ahead(engine_step, calls)
+
+    def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
+        b, t, n_pg = self._bucket(len(batch), max(n for _, n in batch), max(len(r.pages) for r, _ in batch), is_decode)
+        x = self._blank(b, t, n_pg)
         for i, (req, n) in enumerate(batch):
             start = req.n_cached
-            tokens[i, :n] = req.tokens[start : start + n]
-            pos[i] = start + np.arange(t)
-            valid[i] = n
-            pages[i, : len(req.pages)] = req.pages
-            slot[i] = req.slot
+            x["tokens"][i, :n] = req.tokens[start : start + n]
+            x["pos"][i] = start + np.arange(t)
+            x["valid"][i] = n
+            x["pages"][i, : len(req.pages)] = req.pages
+            x["slot"][i] = req.slot
             tail = req.tokens[-sampling.RECENT :]
-            recent[i, sampling.RECENT - len(tail) :] = tail
-            seeds[i], counts[i] = req.seed, req.n_generated
-            for f in fields:
-                samp[f][i] = getattr(req.params, f)
-        chunked = is_decode or any(req.n_cached > 0 for req, _ in batch)
-        out, self.cache = engine_step(
+            x["recent"][i, sampling.RECENT - len(tail) :] = tail
+            x["seeds"][i], x["counts"][i] = req.seed, req.n_generated
+            for f in SAMPLING_FIELDS:
+                x["samp"][f][i] = getattr(req.params, f)
+        args, statics = self._step_call(
             self.model.params,
-            self.cfg,
             self.cache,
-            jnp.asarray(tokens),
-            jnp.asarray(pos),
-            jnp.asarray(valid),
-            Rows(jnp.asarray(pages), jnp.asarray(slot)),
-            {k: jnp.asarray(v) for k, v in samp.items()},
-            jnp.asarray(recent),
-            jnp.asarray(seeds),
-            jnp.asarray(counts),
+            jax.device_put(x),  # jnp.asarray would compile a program per input shape
             decode=is_decode,
-            chunked=chunked,
+            chunked=is_decode or any(req.n_cached > 0 for req, _ in batch),
             greedy=all(req.params.greedy for req, _ in batch),
             penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
             n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
             kernels=self.model.kernels,
         )
+        out, self.cache = self.model.programs.call(engine_step, args, statics)
         out = jax.device_get(out)
         results = []
         for i, (req, n) in enumerate(batch):

@@ -154,7 +154,6 @@ def decode_step(
 )
 def engine_step(
     params: Decoder,
-    cfg: ModelConfig,
     cache: Cache,
     tokens: jax.Array,
     pos: jax.Array,
@@ -165,6 +164,7 @@ def engine_step(
     seeds: jax.Array,
     counts: jax.Array,
     *,
+    cfg: ModelConfig,
     decode: bool,
     chunked: bool,
     greedy: bool,

@@ -1,0 +1,82 @@
+"""A model's step executables, compiled once per argument signature: ahead of time on a worker thread, or on the
+first call of a new shape.
+
+The first token of a new process waits for the programs of its prefill chunk and its decode step. They depend only
+on shapes, which the planner knows before any weight is read, so ``ahead`` lowers and compiles them (AOT
+``jit(...).lower(abstract args).compile()``) while the loader streams the weights. A plain ``jax.jit`` call does
+not reuse an executable made this way (it keeps its own cache), so every step call goes through ``call``, which
+runs the ``Compiled`` object kept for the call's signature, waiting for it when the worker is still compiling, and
+compiling a new signature the same way when one comes. ``compiled`` lists every signature compiled, in order: a
+test counts it to prove nothing compiles twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+
+Call = tuple[tuple, dict[str, Hashable]]  # (positional arguments, static keyword arguments)
+
+
+def signature(fn: Callable, args: tuple, statics: dict[str, Hashable]) -> tuple:
+    """What one executable serves: the function, its static values, the argument tree and each leaf's shape,
+    dtype and sharding across devices. Arrays on one device and ShapeDtypeStructs of the same shapes give the
+    same signature."""
+    leaves, tree = jax.tree.flatten(args)
+    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)), _spread(x)) for x in leaves)
+    return fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree, avals
+
+
+def _spread(x) -> Hashable:
+    """The leaf's sharding when it spans several devices (None on one device, or none given)."""
+    sharding = getattr(x, "sharding", None)
+    return None if sharding is None or len(sharding.device_set) == 1 else sharding
+
+
+class CompiledSteps:
+    """The executables of one model's jitted steps (functions whose static arguments are keyword-only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._programs: dict[tuple, concurrent.futures.Future] = {}
+        self.compiled: list[tuple] = []
+
+    def ahead(self, fn: Callable, calls: Sequence[Call]) -> None:
+        """Compile ``fn`` for each call (arguments may be ShapeDtypeStructs) on a worker thread, in order."""
+        todo = []
+        for args, statics in calls:
+            future, new = self._claim(signature(fn, args, statics))
+            if new:
+                todo.append((future, args, statics))
+        if todo:
+            threading.Thread(target=self._compile_all, args=(fn, todo), name="imp-jax-compile-ahead").start()
+
+    def call(self, fn: Callable, args: tuple, statics: dict[str, Hashable]) -> Any:
+        """``fn(*args, **statics)`` through the executable of its signature (compiled now if it is new)."""
+        future, new = self._claim(signature(fn, args, statics))
+        if new:
+            self._compile(future, fn, args, statics)
+        return future.result()(*args)
+
+    def _claim(self, key: tuple) -> tuple[concurrent.futures.Future, bool]:
+        with self._lock:
+            if key in self._programs:
+                return self._programs[key], False
+            future = self._programs[key] = concurrent.futures.Future()
+            self.compiled.append(key)
+            return future, True
+
+    def _compile_all(self, fn: Callable, todo: list) -> None:
+        for future, args, statics in todo:
+            self._compile(future, fn, args, statics)
+
+    @staticmethod
+    def _compile(future: concurrent.futures.Future, fn: Callable, args: tuple, statics: dict) -> None:
+        try:
+            future.set_result(fn.lower(*args, **statics).compile())
+        except BaseException as e:  # the caller of the step gets the compile error
+            future.set_exception(e)

@@ -17,7 +17,7 @@ from imp_jax.debug import check_prefill, debug_nans_enabled
 from imp_jax.errors import ContextOverflow, ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
-from imp_jax.ops.policy import resolve_dtype, scan_layers
+from imp_jax.ops.policy import resolve_dtype
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
 from imp_jax.runtime import steps
@@ -147,7 +147,7 @@ def load(
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
     config = config_from_gguf(mf.metadata, mf.tensors)
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
-    specs = param_specs(mf, config, dtype, scan_layers=scan_layers())
+    specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
         budget=memory.resolve_budget(device_memory), path=path,

@@ -14,7 +14,6 @@ from gguf import GGMLQuantizationType, quants
 
 from imp_jax.errors import ImpError, ModelTooLarge
 from imp_jax.gguf.qtensor import QTensor
-from imp_jax.ops.policy import scan_layers
 from imp_jax.planning.command import add_plan_parser
 from imp_jax.planning.memory import (
     Budget,
@@ -32,7 +31,6 @@ from imp_jax.runtime.cache import init_cache
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import abstract_params, load_params
 from imp_jax.weights.synthetic import SHAPES, _random_blocks, synthetic_params, synthetic_specs
-from imp_jax.weights.tensor_spec import is_spec
 from tests.tiny_gguf import write_tiny_llama
 
 CTX = 256
@@ -86,16 +84,6 @@ def test_plan_parts_match_what_is_loaded(tinycoder):
     tokens = jnp.zeros((1, CTX), jnp.int32)
     logits, _ = steps.prefill_step(params, plan.config, tokens, jnp.asarray([3], jnp.int32), cache)
     assert bool(jnp.isfinite(logits).all())
-
-
-def test_cpu_runs_the_layers_one_by_one(tinycoder):
-    """On XLA:CPU every layer is its own segment (a scan would copy each layer's weights out of the stack every
-    step); test_plan_parts_match_what_is_loaded loads that tree."""
-    _, plan = tinycoder
-    assert scan_layers() is (jax.default_backend() != "cpu")
-    expected = 1 if scan_layers() else plan.config.n_layers
-    stacks = [jax.tree.leaves(unit, is_leaf=is_spec)[0].names for unit in plan.specs.segments]
-    assert len(stacks) == expected and sum(len(names) for names in stacks) == plan.config.n_layers
 
 
 def test_refusal_before_any_allocation(tinycoder):

@@ -25,14 +25,6 @@ def kernel_mode() -> str:
     return "all" if env == "all" else "auto"
 
 
-def scan_layers() -> bool:
-    """Whether a stack of alike layers runs as one ``lax.scan`` over stacked weights (one compiled layer body) or
-    layer by layer. XLA:CPU copies each layer's slice of a stacked weight out before its dot, every step: on the
-    2-core CPU those copies cost more than the dots (smollm2 decode 52 -> 37 ms a step without them,
-    docs/BENCHMARKS.md, CPU). GPUs keep the scan: short compiles, and the path every GPU figure was measured on."""
-    return jax.default_backend() != "cpu"
-
-
 def kernels_enabled() -> bool:
     """Pallas kernels run (Hopper GPU, not IMP_JAX_KERNELS=0)."""
     return kernel_mode() != "off"

@@ -38,7 +38,7 @@ from imp_jax import ops
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
-from imp_jax.ops.policy import resolve_dtype, scan_layers
+from imp_jax.ops.policy import resolve_dtype
 from imp_jax.planning.options import DTYPES, PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
@@ -286,7 +286,7 @@ def plan_memory(
     dtype = _check_dtype(dtype)
     mf = open_model_file(path_or_name)
     config = config_from_gguf(mf.metadata, mf.tensors)
-    specs = param_specs(mf, config, dtype, scan_layers=scan_layers())
+    specs = param_specs(mf, config, dtype)
     return plan_specs(
         specs,
         config,

@@ -231,19 +231,15 @@ def _stack(mf: ModelFile, trees: list, cls, compute_dtype: str):
     return cls(**fuse(fields))
 
 
-def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str, *, scan_layers: bool = True) -> Decoder:
-    """The params tree with TensorSpec leaves, validating that every needed tensor is there with a sane shape.
-
-    ``scan_layers`` False makes every unit its own segment (``ops.policy.scan_layers`` says when): its leaves
-    are whole arrays the step reads in place, not slices of a stack."""
+def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
+    """The params tree with TensorSpec leaves, validating that every needed tensor is there with a sane shape."""
     layers = [_layer_tensors(mf, cfg, i) for i in range(cfg.n_layers)]
     _check_shapes(mf, cfg)
     p = unit_length(cfg)
     units = [layers[u : u + p] for u in range(0, cfg.n_layers, p)]
     signatures = [tuple(_signature(mf, layer) for layer in unit) for unit in units]
     segments = []
-    plan = segment_plan(signatures) if scan_layers else [(u, u + 1, 1) for u in range(len(units))]
-    for start, stop, period in plan:
+    for start, stop, period in segment_plan(signatures):
         members = [list(itertools.chain.from_iterable(units[u : u + period])) for u in range(start, stop, period)]
         width = len(members[0])
         segments.append(tuple(_stack(mf, [m[i] for m in members], Layer, compute_dtype) for i in range(width)))

@@ -112,23 +112,35 @@ def test_generate_announces_and_reports(tiny: str, tmp_path: Path) -> None:
     assert re.fullmatch(r"imp-jax: the context of 16 tokens holds the \d+-token prompt and \d+ more: .*\n", run.stderr)
 
 
-def _read_until(fd: int, pattern: str, seen: list[str], timeout: float = 120) -> str:
-    """Read the terminal until ``pattern`` appears in what came since the last match; returns that text."""
-    buf = ""
-    end = time.monotonic() + timeout
-    while not re.search(pattern, buf):
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{pattern!r} never came; got {buf!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
+class _Terminal:
+    """The parent side of a pseudo-terminal, read until a pattern shows up: the test waits on output, never on a
+    clock, so a loaded machine only makes it slower. The deadlines are there to end a hung run, not to pace it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = ""  # read but not yet matched: text that came with a match's chunk is kept for the next
+        self.seen: list[str] = []
+
+    def expect(self, pattern: str, timeout: float = 600) -> str:
+        """Wait until ``pattern`` matches the text since the last match; return that text up to the match's end."""
+        end = time.monotonic() + timeout
+        while (m := re.search(pattern, self.pending)) is None:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{pattern!r} never came within {timeout} s; got {self.pending!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                continue
             try:
-                chunk = os.read(fd, 4096).decode(errors="replace")
-            except OSError:
-                break
-            buf += chunk
-    seen.append(buf)
-    return buf
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the terminal closed before {pattern!r}; got {self.pending!r}")
+            self.pending += chunk.decode(errors="replace")
+        text, self.pending = self.pending[: m.end()], self.pending[m.end() :]
+        self.seen.append(text)
+        return text
 
 
 # The child execs at once, so the forked copy of JAX's threads never runs: the fork warnings do not apply.
@@ -142,21 +154,21 @@ def test_chat_in_a_terminal(tiny: str) -> None:
             [sys.executable, "-m", "imp_jax.cli", "chat", "-m", tiny, "-n", "1900", "--no-history", "-q"],
             _env(TERM="dumb"),
         )
-    seen: list[str] = []
+    term = _Terminal(fd)
     try:
-        out = _read_until(fd, r"> $", seen)
+        out = term.expect(r"> $")
         assert "has no chat template: using ChatML" in out
         os.write(fd, b"/cler\x1b[Da\r")  # type, Left arrow, insert: readline makes it /clear
-        _read_until(fd, r"conversation cleared[\s\S]*> $", seen)
+        term.expect(r"conversation cleared[\s\S]*> $")
         os.write(fd, b"\x1b[A\r")  # Up arrow: the last line again
-        _read_until(fd, r"conversation cleared[\s\S]*> $", seen)
+        term.expect(r"conversation cleared[\s\S]*> $")
         os.write(fd, b"hello\r")
-        _read_until(fd, r"hello\r?\n.{8,}", seen)  # the reply has started streaming
+        term.expect(r"hello\r?\n.{8}")  # the reply has started streaming (1900 tokens: seconds more of it)
         os.write(fd, b"\x03")  # Ctrl-C mid-reply
-        _read_until(fd, r"\[stopped\][\s\S]*> $", seen)
+        term.expect(r"\[stopped\][\s\S]*> $")  # the reply ends there and the prompt is back
         os.write(fd, b"/exit\r")
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, seen
+        assert os.waitstatus_to_exitcode(status) == 0, term.seen
     finally:
         os.close(fd)
         try:

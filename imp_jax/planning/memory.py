@@ -19,6 +19,7 @@ an explicit headroom for what XLA cannot see (allocator fragmentation, small arr
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -377,12 +378,12 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
     scratch: dict = {}  # to_dense's scratch per stored shape: layers of one shape compile it once
     tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    prefill = steps.prefill_step.lower(params, config, tokens, lengths, cache, kernels=kernels).compile()
     sampling = jax.eval_shape(SamplingParams().arrays)
-    # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
-    decode = steps.decode_step.lower(
-        params, config, cache, state, sampling, greedy=False, penalty=True, kernels=kernels
-    ).compile()
+    prefill, decode = _compile_all(
+        steps.prefill_step.lower(params, config, tokens, lengths, cache, kernels=kernels),
+        # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
+        steps.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True, kernels=kernels),
+    )
     measured = (
         step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
         step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
@@ -414,6 +415,17 @@ def _apply_path(specs, path: str, dtype: str, kernels: KernelPolicy):
     if path == "fallback":
         return fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s, kernels))
     return specs
+
+
+# The plan compiles only to read XLA's buffer assignment, which comes before code generation: the backend's
+# optimisation passes change no buffer and cost most of a CPU compile (the programs are never run).
+_STATISTICS_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile_all(*lowered):
+    """Compile the programs side by side: XLA compiles outside the GIL, so the steps' compiles overlap."""
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+        return list(pool.map(lambda program: program.compile(_STATISTICS_ONLY), lowered))
 
 
 def step_memory(name: str, compiled, persistent: int) -> StepMemory:
@@ -483,14 +495,13 @@ _FLOAT_DTYPES = {
 
 def _load_transient(spec: TensorSpec, leaf, scratch: dict) -> int:
     """Bytes beside the final weights while this leaf is put on the device (see params.materialize); ``scratch``
-    keeps to_dense's temp bytes per (stored structure and shapes, dtype) across the leaves of one plan."""
-    if is_fallback(spec):  # the stored blocks, and to_dense's scratch
-        stored = abstract_stored(packed_spec(spec))
-        key = (jax.tree.structure(stored), tuple(x.shape for x in jax.tree.leaves(stored)), spec.dtype)
+    keeps to_dense's temp bytes per distinct matrix across the leaves of one plan (a model has a handful)."""
+    if is_fallback(spec):  # the stored blocks, and to_dense's scratch (one stacked slice at a time)
+        one = abstract_stored(packed_spec(_unstacked(spec)))
+        key = (one.data.shape, one.data.dtype, None if one.scale is None else one.scale.shape, one.qtype, spec.dtype)
         if key not in scratch:
-            stats = to_dense.lower(stored, dtype=spec.dtype).compile().memory_analysis()
-            scratch[key] = int(stats.temp_size_in_bytes) if stats is not None else 0
-        return _nbytes(stored) + scratch[key]
+            scratch[key] = _dense_scratch(one, spec.dtype)
+        return _nbytes(abstract_stored(packed_spec(spec))) + scratch[key]
     if spec.dtype is None:  # repacked for a kernel (ops._repack): the stored blocks and one matrix's scratch
         stored = _nbytes(abstract_stored(spec))
         return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
@@ -498,6 +509,13 @@ def _load_transient(spec: TensorSpec, leaf, scratch: dict) -> int:
     if spec.dtype == "float32" or stored is None or stored == spec.dtype:
         return 0  # transferred as is, or converted on the host
     return len(spec.names) * math.prod(spec.shape) * jnp.dtype(stored).itemsize
+
+
+def _dense_scratch(one: QTensor, dtype: str) -> int:
+    """to_dense's scratch for one matrix (every stacked leaf converts one slice at a time, so its scratch is its
+    slice's)."""
+    stats = to_dense.lower(one, dtype=dtype).compile(_STATISTICS_ONLY).memory_analysis()
+    return int(stats.temp_size_in_bytes) if stats is not None else 0
 
 
 # --- fitting ------------------------------------------------------------------------------------------------

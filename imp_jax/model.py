@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from imp_jax import feedback
 from imp_jax.debug import check_prefill, debug_nans_enabled
@@ -26,6 +27,7 @@ from imp_jax.text.chat import ChatTemplate
 from imp_jax.text.tokenizer import Tokenizer
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
+from imp_jax.weights.sharding import make_mesh, on_mesh
 from imp_jax.weights.specs import param_specs
 
 DTYPES = ("bfloat16", "float32")
@@ -125,6 +127,8 @@ def load(
     debug: bool = False,
     progress: bool | None = None,
     compile_cache: bool | str | os.PathLike[str] = True,
+    devices: int = 1,
+    mesh: Mesh | None = None,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -138,6 +142,8 @@ def load(
     ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
     imp-jax cache folder, a folder of your own, or False.
     ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
+    ``devices`` > 1 (or a ``mesh`` with a ``tp`` axis) splits the model over that many devices by tensor
+    parallelism (``weights.sharding``): each tensor streams straight to its shards, and the plan is per device.
     """
     dtype = _parse_dtype(resolve_dtype(dtype))
     compile_cache_mod.configure(compile_cache)
@@ -145,7 +151,7 @@ def load(
     mf = open_model_file(path_or_name, progress=show)
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
-    config = config_from_gguf(mf.metadata, mf.tensors)
+    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), make_mesh(devices, mesh))
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(

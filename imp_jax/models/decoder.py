@@ -59,8 +59,8 @@ class Decoder:
 
 def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     if p.moe is not None:
-        return moe_ffn(p.moe, cfg.moe, h)
-    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up)
+        return moe_ffn(p.moe, cfg.moe, h, tp=cfg.tp)
+    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up, cfg.tp)
 
 
 def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], step: StepInfo):

@@ -156,7 +156,7 @@ def load(
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
-        budget=memory.resolve_budget(device_memory), path=path,
+        budget=memory.resolve_budget(device_memory, mesh=config.mesh), path=path,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
     params = load_params(mf, config, plan.specs, on_bytes=_progress(mf, plan, show))

@@ -123,6 +123,11 @@ def make_mesh(devices: int | Mesh | None = None, mesh: Mesh | None = None) -> Me
     if n > len(available):
         raise ImpError(
             f"devices={n} asks for more devices than the {len(available)} {available[0].platform} device(s) here"
+            + (
+                " (XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N on CPU)"
+                if available[0].platform == "cpu"
+                else ""
+            )
         )
     return Mesh(available[:n], (TP,))
 

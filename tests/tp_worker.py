@@ -13,21 +13,21 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import gguf  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import imp_jax  # noqa: E402
-from imp_jax.errors import ModelTooLarge  # noqa: E402
-from imp_jax.planning import devices as per_device  # noqa: E402
-from imp_jax.planning.memory import check_fits, plan_memory  # noqa: E402
-from imp_jax.runtime import steps  # noqa: E402
-from imp_jax.weights import sharding  # noqa: E402
-from imp_jax.weights.loading import abstract_leaf  # noqa: E402
-from imp_jax.weights.synthetic import synthetic_params, synthetic_specs  # noqa: E402
-from imp_jax.weights.tensor_spec import TensorSpec, is_spec  # noqa: E402
-from tests.tiny_gguf import write_tiny_llama  # noqa: E402
+import imp_jax
+from imp_jax.errors import ModelTooLarge
+from imp_jax.planning import devices as per_device
+from imp_jax.planning.memory import check_fits, plan_memory
+from imp_jax.runtime import steps
+from imp_jax.weights import sharding
+from imp_jax.weights.loading import abstract_leaf
+from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
+from imp_jax.weights.tensor_spec import TensorSpec, is_spec
+from tests.tiny_gguf import write_tiny_llama
 
 TPS = (1, 2, 4)
 IDS = [1, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10]

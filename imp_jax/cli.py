@@ -95,6 +95,7 @@ def _load(args: argparse.Namespace):
         progress=not args.quiet,
         compile_cache=compile_cache_setting(),
         kernels=args.kernels,
+        devices=args.tp,
     )
     args.load_s = time.perf_counter() - t0
     if model.max_context < args.context:
@@ -288,6 +289,7 @@ def _add_generation(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--context", type=int, default=4096, help="max context, prompt + generated (default 4096)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)
+    p.add_argument("--tp", type=int, default=1, help="devices to split the model over (tensor parallel, default 1)")
     _add_output(p)
     _add_threads(p)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from imp_jax import feedback
 from imp_jax.debug import check_prefill, debug_nans_enabled
@@ -27,6 +28,7 @@ from imp_jax.text.chat import ChatTemplate
 from imp_jax.text.tokenizer import Tokenizer
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
+from imp_jax.weights.sharding import make_mesh, on_mesh
 from imp_jax.weights.specs import param_specs
 
 DTYPES = ("bfloat16", "float32")
@@ -131,6 +133,8 @@ def load(
     progress: bool | None = None,
     compile_cache: bool | str | os.PathLike[str] = True,
     kernels: str | KernelPolicy = "auto",
+    devices: int = 1,
+    mesh: Mesh | None = None,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -146,6 +150,8 @@ def load(
     ``kernels`` picks the Pallas kernels ("auto": those that beat XLA on this GPU, "off": the XLA reference path,
     "all": every kernel, or a KernelPolicy); it is resolved here once and passed to every step as static config.
     ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
+    ``devices`` > 1 (or a ``mesh`` with a ``tp`` axis) splits the model over that many devices by tensor
+    parallelism (``weights.sharding``): each tensor streams straight to its shards, and the plan is per device.
     """
     dtype = _parse_dtype(resolve_dtype(dtype))
     policy = resolve_kernels(kernels)
@@ -154,12 +160,12 @@ def load(
     mf = open_model_file(path_or_name, progress=show)
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
-    config = config_from_gguf(mf.metadata, mf.tensors)
+    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), make_mesh(devices, mesh), policy)
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
-        budget=memory.resolve_budget(device_memory), path=path, kernels=policy,
+        budget=memory.resolve_budget(device_memory, mesh=config.mesh), path=path, kernels=policy,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
     model = Model(mf, config, None, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)

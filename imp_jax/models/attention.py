@@ -72,7 +72,7 @@ def attention_mixer(
     hd = cfg.head_dim
     pos = step.pos
     q_out, kv_out = cfg.n_head * hd * (2 if cfg.attn_gate else 1), cfg.n_head_kv * hd
-    q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out), kernels=step.kernels)
+    q, k, v = projections(x, p.wqkv, (p.wq, p.wk, p.wv), (q_out, kv_out, kv_out), kernels=step.kernels, tp=cfg.tp)
     q, k, v = _add(q, p.bq), _add(k, p.bk), _add(v, p.bv)
     gate = None
     if cfg.attn_gate:

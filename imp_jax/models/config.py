@@ -137,6 +137,13 @@ class ModelConfig:
     attn_gate: bool = False  # Qwen3.5/Next: q_proj interleaves [q | gate] per head, output *= sigmoid(gate)
     gdn: GDNConfig | None = None
     moe: MoEConfig | None = None
+    # The devices one model spans (weights.sharding): its ``tp`` axis splits heads, ffn, experts and vocab; fused
+    # matrices are laid out per shard. None: one device, no mesh.
+    mesh: Any = None
+
+    @property
+    def tp(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.shape["tp"])
 
     @property
     def kinds(self) -> tuple[str, ...]:

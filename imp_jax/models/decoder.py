@@ -60,8 +60,8 @@ class Decoder:
 
 def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array, kernels: KernelPolicy) -> jax.Array:
     if p.moe is not None:
-        return moe_ffn(p.moe, cfg.moe, h, kernels=kernels)
-    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up, kernels=kernels)
+        return moe_ffn(p.moe, cfg.moe, h, kernels=kernels, tp=cfg.tp)
+    return gated_mlp(h, p.w_gate, p.w_up, p.w_down, cfg.activation, p.w_gate_up, tp=cfg.tp, kernels=kernels)
 
 
 def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], step: StepInfo):

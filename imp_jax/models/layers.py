@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -70,6 +71,23 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: jax.Array, neox: bool) ->
     return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
 
 
+def fused_shards(sizes: Sequence[int], tp: int) -> int:
+    """How many per-shard groups a fused matrix of parts ``sizes`` (rows) is laid out in under ``tp``-way tensor
+    parallelism: tp when every part splits evenly (group s holds rows s of every part, so each device computes
+    its own heads' q, k and v), else 1 (the parts one after the other)."""
+    return tp if tp > 1 and all(n % tp == 0 for n in sizes) else 1
+
+
+def split_fused(y: jax.Array, sizes: Sequence[int], tp: int = 1) -> tuple[jax.Array, ...]:
+    """The parts of a fused matrix's output y [..., sum(sizes)], undoing the per-shard layout (``fused_shards``):
+    the split happens within each shard's group, so under a tp-sharded N it needs no communication."""
+    shards = fused_shards(sizes, tp)
+    local = [n // shards for n in sizes]
+    groups = y.reshape(*y.shape[:-1], shards, sum(local))
+    parts = jnp.split(groups, np.cumsum(local)[:-1].tolist(), axis=-1)
+    return tuple(p.reshape(*y.shape[:-1], n) for p, n in zip(parts, sizes, strict=True))
+
+
 def projections(
     x: jax.Array,
     fused,
@@ -78,21 +96,30 @@ def projections(
     out_dtype=None,
     *,
     kernels: ops.KernelPolicy = REFERENCE,
+    tp: int = 1,
 ):
     """``x @ W.T`` for several matrices that read the same x (q/k/v, gate/up): one matmul over their
-    concatenation where the loader fused them (``fused``, split at ``sizes``, or in equal parts without), else one
-    per matrix of ``parts``."""
+    concatenation where the loader fused them (``fused``, split at ``sizes``, or in equal parts without; laid out
+    per shard under ``tp``), else one per matrix of ``parts``."""
     if fused is None:
         return tuple(ops.matmul(x, w, out_dtype, kernels=kernels) for w in parts)
-    sections = len(parts) if sizes is None else np.cumsum(sizes)[:-1].tolist()
-    return tuple(jnp.split(ops.matmul(x, fused, out_dtype, kernels=kernels), sections, axis=-1))
+    y = ops.matmul(x, fused, out_dtype, kernels=kernels)
+    return split_fused(y, sizes or (y.shape[-1] // len(parts),) * len(parts), tp)
 
 
 def gated_mlp(
-    x: jax.Array, w_gate, w_up, w_down, activation: str, w_gate_up=None, *, kernels: ops.KernelPolicy = REFERENCE
+    x: jax.Array,
+    w_gate,
+    w_up,
+    w_down,
+    activation: str,
+    w_gate_up=None,
+    *,
+    kernels: ops.KernelPolicy = REFERENCE,
+    tp: int = 1,
 ) -> jax.Array:
     """SwiGLU (silu) or GeGLU (tanh-approximated gelu) feed-forward; ``w_gate_up`` is gate and up fused."""
-    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up), kernels=kernels))
+    g, u = (a.astype(jnp.float32) for a in projections(x, w_gate_up, (w_gate, w_up), kernels=kernels, tp=tp))
     act = jax.nn.silu(g) if activation == "silu" else jax.nn.gelu(g, approximate=True)
     return ops.matmul((act * u).astype(x.dtype), w_down, kernels=kernels)
 

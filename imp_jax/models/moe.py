@@ -39,7 +39,7 @@ from imp_jax import ops
 from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import MoEConfig
-from imp_jax.models.layers import gated_mlp
+from imp_jax.models.layers import gated_mlp, split_fused
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
 
 Weight = QTensor | jax.Array
@@ -204,13 +204,13 @@ def _add_bias(y: jax.Array, bias: jax.Array | None, ids: jax.Array) -> jax.Array
 
 
 def _experts(
-    p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: jax.Array | None, kernels: KernelPolicy
+    p: MoE, cfg: MoEConfig, x: jax.Array, ids: jax.Array, group_sizes: jax.Array | None, kernels: KernelPolicy, tp: int
 ) -> jax.Array:
     """Down-projected expert outputs [M, D] (f32, biases added) for rows x [M, D] routed to experts ids [M]."""
     run = dict(out_dtype=jnp.float32, kernels=kernels)
     if p.gate_up_exps is not None:
         gate_up = expert_matmul(x, p.gate_up_exps, ids, group_sizes, **run)
-        gate, up = gate_up[:, : cfg.n_ff_exp], gate_up[:, cfg.n_ff_exp :]
+        gate, up = split_fused(gate_up, (cfg.n_ff_exp, cfg.n_ff_exp), tp)
     else:
         gate = expert_matmul(x, p.gate_exps, ids, group_sizes, **run)
         up = expert_matmul(x, p.up_exps, ids, group_sizes, **run)
@@ -219,9 +219,9 @@ def _experts(
     return _add_bias(expert_matmul(h, p.down_exps, ids, group_sizes, **run), p.down_bias, ids)
 
 
-def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array, kernels: KernelPolicy = REFERENCE) -> jax.Array:
+def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array, kernels: KernelPolicy, tp: int) -> jax.Array:
     """The always-on expert (f32), scaled per token by ``sigmoid(x . w)`` when the file has that gate."""
-    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu", p.shared_gate_up, kernels=kernels)
+    y = gated_mlp(x, p.shared_gate, p.shared_up, p.shared_down, "silu", p.shared_gate_up, tp=tp, kernels=kernels)
     y = y.astype(jnp.float32)
     if cfg.shared_gate:
         w = _dense(p.shared_router, jnp.float32).reshape(-1)
@@ -231,7 +231,7 @@ def _shared_expert(p: MoE, cfg: MoEConfig, x: jax.Array, kernels: KernelPolicy =
 
 
 def moe_ffn(
-    p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None, kernels: KernelPolicy = REFERENCE
+    p: MoE, cfg: MoEConfig, x: jax.Array, *, path: str | None = None, kernels: KernelPolicy = REFERENCE, tp: int = 1
 ) -> jax.Array:
     """The MoE feed-forward of x [B, T, D] -> [B, T, D], reading only the routed experts' weights. ``path`` pins
     the expert path (tests, debugging); the default is ``expert_path`` of the static shapes."""
@@ -242,21 +242,21 @@ def moe_ffn(
     token = jnp.arange(rows.size) // cfg.top_k
     path = path or expert_path(rows.size, cfg.n_experts)
     if path == GATHER:
-        y = _experts(p, cfg, xf[token], rows, None, kernels)
+        y = _experts(p, cfg, xf[token], rows, None, kernels, tp)
     elif path == GROUPED:
         order = jnp.argsort(rows, stable=True)
         group_sizes = jnp.bincount(rows, length=cfg.n_experts).astype(jnp.int32)
-        y_sorted = _experts(p, cfg, xf[token[order]], rows[order], group_sizes, kernels)
+        y_sorted = _experts(p, cfg, xf[token[order]], rows[order], group_sizes, kernels, tp)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     else:
         raise KernelError(f"moe_ffn: unknown expert path '{path}' (use '{GATHER}' or '{GROUPED}')")
     out = jnp.sum(y.reshape(b * t, cfg.top_k, d) * weights[..., None], axis=1)
     if cfg.has_shared:
-        out = out + _shared_expert(p, cfg, xf, kernels)
+        out = out + _shared_expert(p, cfg, xf, kernels, tp)
     return out.astype(x.dtype).reshape(b, t, d)
 
 
-def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
+def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array, tp: int = 1) -> jax.Array:
     """Reference: every expert on every token, weighted by the routing weights scattered over all E experts
     (zero for the experts not chosen). Reads every weight; for tests only."""
     b, t, d = x.shape
@@ -273,7 +273,7 @@ def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
 
     if p.gate_up_exps is not None:
         gate_up = project(p.gate_up_exps, xf)
-        gate, up = gate_up[..., : cfg.n_ff_exp], gate_up[..., cfg.n_ff_exp :]
+        gate, up = split_fused(gate_up, (cfg.n_ff_exp, cfg.n_ff_exp), tp)
     else:
         gate, up = project(p.gate_exps, xf), project(p.up_exps, xf)
     h = activate(per_expert(gate, p.gate_bias), per_expert(up, p.up_bias), cfg).astype(x.dtype)
@@ -281,5 +281,5 @@ def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array) -> jax.Array:
     y = per_expert(jnp.einsum("nef,edf->ned", h, down, preferred_element_type=jnp.float32), p.down_bias)
     out = jnp.einsum("ne,ned->nd", mix, y)
     if cfg.has_shared:
-        out = out + _shared_expert(p, cfg, xf)
+        out = out + _shared_expert(p, cfg, xf, tp)
     return out.astype(x.dtype).reshape(b, t, d)

@@ -39,7 +39,7 @@ class Recurrent:
     w_alpha_beta: Weight | None = None  # w_alpha and w_beta fused likewise: [2Hv, D]
 
 
-def _projections(p: Recurrent, g: GDNConfig, x: jax.Array, kernels: ops.KernelPolicy):
+def _projections(p: Recurrent, g: GDNConfig, x: jax.Array, kernels: ops.KernelPolicy, tp: int):
     """mixed_qkv [B, T, C] (conv channel order), z [B, T, Hv, dv], a and b [B, T, Hv]."""
     b, t, _ = x.shape
     hk, hv, dk, dv = g.n_k_heads, g.n_v_heads, g.head_k_dim, g.head_v_dim
@@ -51,14 +51,14 @@ def _projections(p: Recurrent, g: GDNConfig, x: jax.Array, kernels: ops.KernelPo
         mixed = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], axis=-1)
         z = z.reshape(b, t, hv, dv)
     else:
-        mixed, z = projections(x, p.w_qkvz, (p.w_qkv, p.w_z), (g.conv_channels, hv * dv), kernels=kernels)
+        mixed, z = projections(x, p.w_qkvz, (p.w_qkv, p.w_z), (g.conv_channels, hv * dv), kernels=kernels, tp=tp)
         z = z.reshape(b, t, hv, dv)
     if p.w_ba is not None:
         ba = ops.matmul(x, p.w_ba, jnp.float32, kernels=kernels).reshape(b, t, hk, 2 * rf)
         beta_in, alpha_in = ba[..., :rf].reshape(b, t, hv), ba[..., rf:].reshape(b, t, hv)
     else:
         alpha_in, beta_in = projections(
-            x, p.w_alpha_beta, (p.w_alpha, p.w_beta), out_dtype=jnp.float32, kernels=kernels
+            x, p.w_alpha_beta, (p.w_alpha, p.w_beta), out_dtype=jnp.float32, kernels=kernels, tp=tp
         )
     return mixed, z, alpha_in, beta_in
 
@@ -77,7 +77,7 @@ def recurrent_mixer(
     g = cfg.gdn
     b, t, _ = x.shape
     hk, hv, dk, dv = g.n_k_heads, g.n_v_heads, g.head_k_dim, g.head_v_dim
-    mixed, z, alpha_in, beta_in = _projections(p, g, x, kernels)
+    mixed, z, alpha_in, beta_in = _projections(p, g, x, kernels, cfg.tp)
     conv_state, rec_state = state
     y, conv_state = gdn.causal_conv1d(mixed, p.conv, conv_state, valid_len)
     q = y[..., : hk * dk].reshape(b, t, hk, dk)

@@ -24,5 +24,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device-memory", default=None, help="budget instead of the device's free memory, e.g. 8GiB")
     p.add_argument("--headroom", default=None, help="runtime headroom (default 1GiB on GPU, 256MiB on CPU)")
     p.add_argument("--path", default="auto", choices=PATHS, help="weight execution path")
+    p.add_argument(
+        "--tp", type=int, default=1, help="devices to split the model over (tensor parallel), planned per device"
+    )
     p.set_defaults(run=_run, kernels="auto")  # the CLI sets it from IMP_JAX_KERNELS
     return p

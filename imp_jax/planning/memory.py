@@ -38,10 +38,12 @@ from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
+from imp_jax.planning import devices as per_device
 from imp_jax.planning.options import DTYPES, PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
 from imp_jax.runtime.sampling import SamplingParams
+from imp_jax.weights import sharding
 from imp_jax.weights.fallback import fallback_specs, is_fallback, packed_spec, to_dense
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import abstract_leaf, abstract_stored
@@ -119,6 +121,15 @@ class MemoryPlan:
     source_specs: Any = dataclasses.field(repr=False, compare=False)  # the tree as stored, for replanning
     abstract_params: Any = dataclasses.field(repr=False, compare=False)  # specs' ShapeDtypeStruct twins (compile ahead)
     kernels: KernelPolicy = REFERENCE  # the kernel policy the steps were planned (and will run) with
+    device_weights: tuple[int, ...] = ()  # over a mesh (config.mesh): the weight bytes on each of its devices
+
+    @property
+    def device_peaks(self) -> tuple[tuple[str, int], ...]:
+        """Over a mesh: each device's name and peak (its weights, the cache shard and the sharded programs'
+        workspace, which XLA reports per device); every number of the plan itself is the first device's."""
+        run = max(self.kv_cache_bytes + self.state_bytes + self.workspace_bytes, self.load_transient_bytes)
+        names = per_device.device_names(self.config)
+        return tuple((name, w + run) for name, w in zip(names, self.device_weights, strict=True))
 
     @property
     def weights_bytes(self) -> int:
@@ -147,7 +158,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.needed_bytes <= self.available_bytes
+        peaks = [p for _, p in self.device_peaks] or [self.peak_bytes]
+        return max(peaks) + self.headroom_bytes <= self.available_bytes
 
     @property
     def path_label(self) -> str:
@@ -190,6 +202,11 @@ class MemoryPlan:
             f"batch {self.batch}, on {self.budget.device}, {self.path_label}",
         ]
         body = [f"  {label:<{width}}{value:>12}" for label, value in rows]
+        if self.device_peaks:
+            body.append(f"  per device (tp {self.config.tp}: weights, peak, needed of {_size(self.available_bytes)})")
+            for (name, peak), w in zip(self.device_peaks, self.device_weights, strict=True):
+                needed = _size(peak + self.headroom_bytes)
+                body.append(f"    {name:<{width - 2}}{_size(w):>12}{_size(peak):>12}{needed:>12}")
         spare = self.available_bytes - self.needed_bytes
         verdict = (
             f"  verdict: fits, {_size(spare)} to spare"
@@ -246,12 +263,18 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_budget(device_memory: int | str | None = None, headroom: int | str | None = None, device=None) -> Budget:
-    """Free bytes on ``device`` (default: the first JAX device), or the user's ``device_memory``.
+def resolve_budget(
+    device_memory: int | str | None = None, headroom: int | str | None = None, device=None, mesh=None
+) -> Budget:
+    """Free bytes on ``device`` (default: the first JAX device; over a ``mesh``, its device with the least), or
+    the user's ``device_memory`` (per device).
 
     A GPU reports its allocator's ``bytes_limit - bytes_in_use``; the CPU backend reports nothing, so the host's
     available memory stands in.
     """
+    if mesh is not None:  # the tightest of the mesh's devices, named
+        budgets = [resolve_budget(device_memory, headroom, d) for d in mesh.devices.flat]
+        return min(budgets, key=lambda b: b.available_bytes)
     device = device or jax.devices()[0]
     kind = "gpu" if device.platform in ("gpu", "cuda", "rocm") else "cpu"
     room = DEFAULT_HEADROOM[kind] if headroom is None else parse_bytes(headroom)
@@ -278,16 +301,20 @@ def plan_memory(
     path: str = "auto",
     headroom: int | str | None = None,
     kernels: str | KernelPolicy = "auto",
+    devices: int = 1,
+    mesh=None,
 ) -> MemoryPlan:
     """Plan a GGUF model (path or registry name) without moving any weight to the device.
 
     ``max_context`` is capped at the model's own context; ``"auto"`` picks the largest that fits (a power of two
     or a multiple of 256). ``path``: "packed", "fallback", or "auto" (packed where a kernel exists, the
-    dequantized fallback for the rest only when it fits).
+    dequantized fallback for the rest only when it fits). ``devices`` / ``mesh`` plan the model split over that
+    many devices (tensor parallelism, as ``load``): per device, from the compiled sharded programs.
     """
     dtype = _check_dtype(dtype)
     mf = open_model_file(path_or_name)
-    config = config_from_gguf(mf.metadata, mf.tensors)
+    policy = resolve_kernels(kernels)
+    config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), sharding.make_mesh(devices, mesh), policy)
     specs = param_specs(mf, config, dtype)
     return plan_specs(
         specs,
@@ -296,9 +323,9 @@ def plan_memory(
         max_context=max_context,
         batch=batch,
         dtype=dtype,
-        budget=resolve_budget(device_memory, headroom),
+        budget=resolve_budget(device_memory, headroom, mesh=config.mesh),
         path=path,
-        kernels=resolve_kernels(kernels),
+        kernels=policy,
     )
 
 
@@ -366,7 +393,8 @@ def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
 
 def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget, kernels) -> MemoryPlan:
     planned = _apply_path(specs, path, dtype, kernels)
-    abstract = {s: abstract_leaf(s, kernels) for s in _leaves(planned)}  # repacking traced once per leaf
+    # repacking traced once per leaf
+    abstract = {s: _placed(s, abstract_leaf(s, kernels), config) for s in _leaves(planned)}
     weights = _weight_lines(abstract, kernels)
     weights_bytes = sum(w.nbytes for w in weights)
     cache = abstract_cache(config, batch, max_context, dtype)
@@ -405,7 +433,13 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         source_specs=specs,
         abstract_params=params,
         kernels=kernels,
+        device_weights=per_device.device_weights(abstract, config),
     )
+
+
+def _placed(spec: TensorSpec, leaf, config: ModelConfig):
+    """The abstract leaf with the shardings it will have over ``config.mesh`` (as is on one device)."""
+    return leaf if config.mesh is None else sharding.abstract_sharded(spec, config.mesh, leaf)
 
 
 def _apply_path(specs, path: str, dtype: str, kernels: KernelPolicy):
@@ -437,12 +471,14 @@ def step_memory(name: str, compiled, persistent: int) -> StepMemory:
 
 
 def _nbytes(tree) -> int:
-    """Bytes of a tree of arrays or ShapeDtypeStructs (PRNG keys counted as their raw key data)."""
+    """Bytes of a tree of arrays or ShapeDtypeStructs (PRNG keys counted as their raw key data); of a sharded
+    one, its shard on one device."""
     total = 0
     for x in jax.tree.leaves(tree):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.eval_shape(jax.random.key_data, x)
-        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        shape = x.shape if getattr(x, "sharding", None) is None else x.sharding.shard_shape(tuple(x.shape))
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
     return total
 
 
@@ -604,6 +640,9 @@ def refusal_message(plan: MemoryPlan, *, path_label: str | None = None) -> str:
     if any(w.path == "fallback" for w in plan.weights):
         packed = replan(plan, path="packed")
         tries.append(f"the {packed.path_label} (needs {_gib(packed.needed_bytes)})")
+    more = per_device.devices_needed(plan)
+    if more is not None:
+        tries.append(f"devices={more[0]} (about {_gib(more[1])} per device)")
     quant = _four_bit_weights(plan)
     if quant is not None:
         tries.append(f"a 4-bit quant (weights about {_gib(quant)})")
@@ -611,7 +650,7 @@ def refusal_message(plan: MemoryPlan, *, path_label: str | None = None) -> str:
     why = f" (the weights alone need {_gib(plan.weights_bytes)})" if alone else ""
     return (
         f"{plan.label} needs {_gib(plan.peak_bytes)} + {_gib(plan.headroom_bytes)} runtime headroom, "
-        f"{_gib(plan.available_bytes)} available ({plan.budget.source}): too large for this device on the "
+        f"{_gib(plan.available_bytes)} available ({plan.budget.source}): too large for {_device_words(plan)} on the "
         f"{label}{why}. Try {', '.join(tries[:-1])}{' or ' if len(tries) > 1 else ''}{tries[-1]}."
     )
 
@@ -633,6 +672,12 @@ def _check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ImpError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return dtype
+
+
+def _device_words(plan: MemoryPlan) -> str:
+    if plan.config.mesh is None:
+        return f"this device ({plan.budget.device})"
+    return f"device {plan.budget.device} (the tightest of {plan.config.tp}, tensor parallel)"
 
 
 def _short_dtype(dtype: str) -> str:
@@ -676,6 +721,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         path=args.path,
         headroom=args.headroom,
         kernels=args.kernels,
+        devices=args.tp,
     )
     print(plan.report())
     if context != "auto" and plan.max_context < context:

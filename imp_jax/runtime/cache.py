@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from imp_jax.models.config import ModelConfig
+from imp_jax.weights.sharding import cache_sharding, cache_zeros
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +105,22 @@ def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict[str,
 
 
 def init_paged_cache(cfg: ModelConfig, n_pages: int, page_size: int, n_slots: int, dtype) -> Cache:
+    """Zero pages and slots, split over ``cfg.mesh`` by kv head and value head (weights.sharding)."""
     shapes = paged_shapes(cfg, n_pages, page_size, n_slots, dtype)
-    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()})
+    return Cache(**{k: cache_zeros(cfg, k, s.shape, s.dtype) for k, s in shapes.items()})
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
     """A contiguous cache: batch rows of max_len tokens (``contiguous_rows`` addresses it)."""
     shapes = cache_shapes(cfg, batch, max_len, dtype)
-    return Cache(**{k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()})
+    return Cache(**{k: cache_zeros(cfg, k, s.shape, s.dtype) for k, s in shapes.items()})
 
 
 def abstract_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
-    return Cache(**cache_shapes(cfg, batch, max_len, dtype))
+    shapes = cache_shapes(cfg, batch, max_len, dtype)
+    return Cache(
+        **{
+            k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cache_sharding(cfg, k, s.shape))
+            for k, s in shapes.items()
+        }
+    )

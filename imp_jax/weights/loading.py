@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import itertools
 from collections.abc import Callable
 
 import jax
@@ -25,8 +24,9 @@ from imp_jax.gguf.quant import is_quantized
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder
-from imp_jax.models.layers import rope_inv_freq
+from imp_jax.models.layers import fused_shards, rope_inv_freq
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
+from imp_jax.weights import sharding
 from imp_jax.weights.fallback import to_dense
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, map_specs, tensor_name
 
@@ -80,14 +80,6 @@ def _host_piece(mf: ModelFile, spec: TensorSpec, name: str) -> np.ndarray:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _place_rows(unit: jax.Array, part: jax.Array, row: jax.Array) -> jax.Array:
-    """Write a fused part into its unit's matrix at row ``row`` along N (axis -2), in place."""
-    start = [jnp.int32(0)] * unit.ndim
-    start[-2] = row
-    return jax.lax.dynamic_update_slice(unit, part.astype(unit.dtype), start)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
 def _place_unit(stack, value, u: jax.Array):
     """Write one unit's leaf (any pytree: a PackedWeight, a QTensor, an array) at index ``u`` of the stacked
     leaf, in place."""
@@ -119,6 +111,7 @@ class _Loader:
 
     def __init__(self, mf: ModelFile, cfg: ModelConfig, kernels: KernelPolicy, on_bytes: Callable[[int], None] | None):
         self.mf, self.cfg, self.kernels, self.on_bytes = mf, cfg, kernels, on_bytes
+        self.mesh = cfg.mesh  # under tensor parallelism every tensor goes straight to its shards
         self.pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="imp-jax-load")
         self.in_flight = 0
         self.bounds: list[tuple[tuple[int, ...], jax.Array]] = []  # MXFP4 scale bounds, checked once at the end
@@ -148,12 +141,18 @@ class _Loader:
         return map_specs(lambda s: done[id(s)], specs)
 
     def _transfer(self, spec: TensorSpec, name: str) -> jax.Array:
-        arr = jax.device_put(_host_piece(self.mf, spec, name))
+        arr = jax.device_put(_host_piece(self.mf, spec, name), sharding.part_sharding(spec, self.mesh))
         if self.on_bytes is not None:
             self.on_bytes(self.mf.tensors[name].nbytes)
         return arr
 
     def _leaf(self, spec: TensorSpec, futures: collections.deque, submit: Callable[[], None]):
+        value = self._stacked(spec, futures, submit)
+        if self.mesh is None:
+            return value
+        return jax.device_put(value, sharding.leaf_sharding(spec, self.mesh, value))
+
+    def _stacked(self, spec: TensorSpec, futures: collections.deque, submit: Callable[[], None]):
         if spec.names == (ROPE,):
             return jnp.asarray(_rope_table(self.mf, self.cfg))
         out = None
@@ -166,19 +165,14 @@ class _Loader:
                 return value
             if out is None:
                 n = len(spec.names)
-                out = jax.tree.map(lambda a, n=n: jnp.zeros((n, *a.shape), a.dtype), value)
+                out = sharding.stacked_zeros(value, n)
             out = _place_unit(out, value, np.int32(u))
         return out
 
     def _unit(self, spec: TensorSpec, parts: list[jax.Array], u: int):
         """One unit's leaf from its parts on the device, in the form the model reads."""
-        if len(parts) == 1:
-            data = parts[0]
-        else:
-            shape = (*parts[0].shape[:-2], sum(p.shape[-2] for p in parts), parts[0].shape[-1])
-            data = jnp.zeros(shape, parts[0].dtype)
-            for part, row in zip(parts, [0, *itertools.accumulate(p.shape[-2] for p in parts)], strict=False):
-                data = _place_rows(data, part, np.int32(row))
+        # fused parts are joined in per-shard groups under tensor parallelism
+        data = parts[0] if len(parts) == 1 else sharding.join_fused(parts, fused_shards(spec.rows, self.cfg.tp))
         if not is_quantized(spec.qtype):
             return _cast(data, spec.dtype)
         scale = None

@@ -26,6 +26,7 @@ from imp_jax.models.decoder import Decoder, Layer
 from imp_jax.models.moe import MoE
 from imp_jax.models.recurrent import Recurrent
 from imp_jax.weights.fusion import fuse
+from imp_jax.weights.sharding import with_axes
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, tensor_name
 
 _M = MODEL_TENSOR
@@ -256,7 +257,7 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
             tensor=embed_name,
         )
     out_name = tensor_name(_M.OUTPUT, "weight")
-    return Decoder(
+    tree = Decoder(
         embed=embed,
         segments=tuple(segments),
         output_norm=_spec(mf, [norm_name], compute_dtype, stacked=False),
@@ -265,6 +266,7 @@ def param_specs(mf: ModelFile, cfg: ModelConfig, compute_dtype: str) -> Decoder:
             (ROPE,), int(GGMLQuantizationType.F32), (cfg.n_layers, max(cfg.rope.dim, 2) // 2), "float32", False
         ),
     )
+    return with_axes(tree)
 
 
 def _check_shapes(mf: ModelFile, cfg: ModelConfig) -> None:

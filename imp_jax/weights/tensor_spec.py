@@ -30,6 +30,7 @@ class TensorSpec:
     gathered: bool = False  # read by row (the embedding table), so never repacked for a matmul kernel
     fused: tuple[tuple[str, ...], ...] = ()  # tensors concatenated after ``names`` along N, each its names per unit
     rows: tuple[int, ...] = ()  # with ``fused``: N of every part, this spec's own first (``shape`` has their sum)
+    axes: tuple[str | None, ...] = ()  # logical axis of each dim of ``shape`` (weights.sharding.RULES maps them)
 
     @property
     def parts(self) -> tuple[tuple[str, ...], ...]:

@@ -32,7 +32,7 @@ def _anon_rss() -> int:
     raise AssertionError("no RssAnon in /proc/self/status")
 
 
-def test_load_holds_one_tensor_and_a_bounded_chunk_beyond_the_weights(real_model):
+def test_load_holds_one_tensor_and_a_bounded_chunk_beyond_the_weights(real_model, tmp_path):
     """Anonymous memory (the memmap's file pages excluded) peaks at the weights plus the largest tensor plus the
     loader's bytes in flight, not at twice the model as a host-side stack of every layer would."""
     from imp_jax.weights.files import open_model_file
@@ -40,7 +40,9 @@ def test_load_holds_one_tensor_and_a_bounded_chunk_beyond_the_weights(real_model
 
     path = real_model("qwen2.5-0.5b")
     largest = max(t.nbytes for t in open_model_file(path).tensors.values())
-    imp_jax.load(path, max_context=64, compile_cache=False)  # compile everything once: programs are not the point
+    # Compile everything once into a fresh cache: programs are not the point (the second load's compile-ahead
+    # worker then reads them back instead of compiling beside the transfers).
+    imp_jax.load(path, max_context=64, compile_cache=str(tmp_path))
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -51,7 +53,7 @@ def test_load_holds_one_tensor_and_a_bounded_chunk_beyond_the_weights(real_model
     base = _anon_rss()
     sampler = threading.Thread(target=sample)
     sampler.start()
-    model = imp_jax.load(path, max_context=64, compile_cache=False)
+    model = imp_jax.load(path, max_context=64, compile_cache=str(tmp_path))
     jax.block_until_ready(model.params)
     stop.set()
     sampler.join()

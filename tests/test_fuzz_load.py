@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import resource
 
 import gguf
@@ -102,5 +101,6 @@ def test_a_tensor_offset_rewritten_onto_another_tensor_is_a_gguf_error(tmp_path)
     offset = base.header[other.offset.start : other.offset.start + 8]
     header = base.header[: victim.offset.start] + offset + base.header[victim.offset.start + 8 :]
     path = Mutant(base, 0, "tensor_offset", "onto another tensor", header).write(tmp_path / "overlap.gguf")
-    with pytest.raises(GGUFError, match=rf"tensor '{re.escape(victim.name)}'.*overlaps tensor"):
+    with pytest.raises(GGUFError, match="overlaps tensor") as e:
         open_gguf(path)
+    assert victim.name in str(e.value) and other.name in str(e.value)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from imp_jax import feedback
+from imp_jax import feedback, user_input
 from imp_jax.debug import check_prefill, debug_nans_enabled
-from imp_jax.errors import ContextOverflow, ImpError, gib
+from imp_jax.errors import ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
@@ -30,8 +30,6 @@ from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
 from imp_jax.weights.sharding import make_mesh, on_mesh
 from imp_jax.weights.specs import param_specs
-
-DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +87,7 @@ class Model:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """[len(token_ids), vocab] f32: one causal forward of the whole sequence from an empty cache."""
-        ids = [int(t) for t in token_ids]
-        self._check_ids(ids)
+        ids = user_input.token_ids(token_ids, vocab_size=self.config.vocab_size, max_context=self.max_context)
         logits, _ = steps.run_prefill(
             self.params,
             self.config,
@@ -101,23 +98,6 @@ class Model:
             kernels=self.kernels,
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
-
-    def _check_ids(self, ids: Sequence[int]) -> None:
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ImpError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if len(ids) > self.max_context:
-            raise ContextOverflow(
-                f"{len(ids)} tokens do not fit the context of {self.max_context}; "
-                f"load with a larger max_context (the model allows {self.config.context_length})"
-            )
-
-
-def _parse_dtype(dtype: str) -> str:
-    name = str(jnp.dtype(dtype)) if dtype not in DTYPES else dtype
-    if name not in DTYPES:
-        raise ImpError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
-    return name
 
 
 def load(
@@ -153,7 +133,8 @@ def load(
     ``devices`` > 1 (or a ``mesh`` with a ``tp`` axis) splits the model over that many devices by tensor
     parallelism (``weights.sharding``): each tensor streams straight to its shards, and the plan is per device.
     """
-    dtype = _parse_dtype(resolve_dtype(dtype))
+    dtype = user_input.dtype(resolve_dtype(dtype))
+    user_input.load_options(max_context=max_context, batch=batch)
     policy = resolve_kernels(kernels)
     compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
@@ -234,11 +215,18 @@ def generate(
     batching) and returns one Generation per prompt, each equal to that prompt generated alone (greedy).
     """
     kw = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-              repeat_penalty=repeat_penalty, seed=seed, stop=tuple(s for s in stop if s))  # fmt: skip
+              repeat_penalty=repeat_penalty, seed=seed, stop=stop)  # fmt: skip
     if _is_batch(prompt):
         if stream:
             raise ImpError("stream=True takes one prompt; use imp_jax.Engine to stream several")
-        runs = [_Run(model, p, kw) for p in prompt]
+        runs: list[_Run] = []
+        try:
+            for p in prompt:
+                runs.append(_Run(model, p, kw))
+        except ImpError:  # one prompt refused: the ones already queued are withdrawn with it
+            for r in runs:
+                r.engine.abort(r.request_id)
+            raise
         engine = runs[0].engine if runs else None
         while engine is not None and any(not r.done for r in runs):
             engine_step_into(engine, runs)

@@ -1,94 +1,63 @@
 """Robustness of the whole load path: broken files give an ImpError naming the defect, never anything else.
 
-Mutated and truncated copies of a tiny but complete llama GGUF go through ``open_gguf``, ``imp_jax.load``
-(config, tokenizer, params validation, device transfer) and ``plan_memory``. Only ImpError subclasses may
-escape, no case may take long (nothing hangs on a flipped count), and memory stays bounded. Hundreds of cases
-run in CI; ``IMP_JAX_FUZZ_CASES`` raises the count for a longer, slow run.
+``test_mutants_only_raise_imp_errors`` runs 1,000 mutants from tests/mutants.py (header, metadata type tags,
+lengths and values, tokenizer arrays, chat template, tensor table, byte flips, truncations) over two tiny
+fixtures and the three registry models, each through what a user does with a file (tests/fuzz_cases.py): only
+success or an ImpError subclass may come out, no case may run long (a hang is stopped by an alarm), no leaf may be
+loaded that the plan did not give, and memory stays bounded. ``IMP_JAX_FUZZ_SCALE`` multiplies the counts for a
+longer run; benchmarks/fuzz.py runs the same generator at scale in a worker pool.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
-import time
 
 import gguf
-import numpy as np
 import pytest
 
 import imp_jax
-from imp_jax.errors import GGUFError, ImpError, UnsupportedModel
+from imp_jax.errors import GGUFError, UnsupportedModel
 from imp_jax.gguf import open_gguf
 from imp_jax.planning.memory import plan_memory
+from tests.fuzz_cases import CI_COUNTS, open_bases, run_case
+from tests.mutants import Base, Mutant, mutant
 from tests.tiny_gguf import write_tiny_llama
 
-CASES = int(os.environ.get("IMP_JAX_FUZZ_CASES", "300"))
-SLOWEST_CASE_S = 5.0  # opening and loading one mutant (planning compiles, so it is not timed)
-RSS_GROWTH = 400 * 2**20
-PLANNED = 6  # mutants that also go through plan_memory (each new config compiles two steps)
+SCALE = float(os.environ.get("IMP_JAX_FUZZ_SCALE", "1"))
+LIMIT_S = 30.0  # a case past it is a hang
+SLOWEST_CASE_S = 15.0
+RSS_GROWTH = 1536 * 2**20
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = write_tiny_llama(tmp_path_factory.mktemp("fuzz") / "tiny.gguf")
-    imp_jax.load(path, max_context=32)  # compile what every load of this config shares, before timing cases
-    plan_memory(path, max_context=32)
-    return path.read_bytes(), open_gguf(path).data_offset
+def bases(tmp_path_factory):
+    out = open_bases(tmp_path_factory.mktemp("fuzz"))
+    for base in out:  # the unmutated files load: what every case compiles once is compiled before timing
+        assert not run_case(base.path, small=base.small, limit_s=120).bad
+    return out
 
 
-def _mutants(data: bytes, header: int, n: int, seed: int):
-    """(description, bytes): truncations, header byte writes, and writes anywhere (data too), interleaved."""
-    rng = np.random.default_rng(seed)
-    special = np.array([0x00, 0x01, 0x7F, 0x80, 0xFF], np.uint8)
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            end = int(rng.integers(0, header if i % 2 else len(data)))
-            yield f"truncated to {end} bytes", data[:end]
-            continue
-        buf = np.frombuffer(data, np.uint8).copy()
-        limit = header if kind == 1 else len(data)
-        at = rng.integers(0, limit, size=int(rng.integers(1, 5)))
-        values = np.where(rng.random(len(at)) < 0.5, rng.choice(special, len(at)), rng.integers(0, 256, len(at)))
-        buf[at] = values
-        yield f"bytes {at.tolist()} set to {values.tolist()}", buf.tobytes()
-
-
-def _exercise(path, plan: bool) -> tuple[list[str], bool, float]:
-    """What escaped as something other than ImpError, per call; whether it loaded; seconds to open and load."""
-    calls = [("open_gguf", lambda: open_gguf(path)), ("load", lambda: imp_jax.load(path, max_context=32))]
-    bad, loaded, t0 = [], False, time.perf_counter()
-    for name, call in calls:
-        try:
-            call()
-            loaded = name == "load"
-        except ImpError:
-            pass
-        except Exception as e:
-            bad.append(f"{name}: {type(e).__name__}: {e}"[:300])
-        if loaded and plan:  # planning compiles the steps: only for the first few files that load
-            calls.append(("plan_memory", lambda: plan_memory(path, max_context=32)))
-            plan = False
-        if name == "load":
-            elapsed = time.perf_counter() - t0
-    return bad, loaded, elapsed
-
-
-def test_mutated_and_truncated_files_only_raise_imp_errors(base, tmp_path):
-    data, header = base
+def test_mutants_only_raise_imp_errors(bases, tmp_path):
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    failures, slowest, planned = [], (0.0, ""), 0
-    path = tmp_path / "mutant.gguf"
-    for what, blob in _mutants(data, header, CASES, seed=1):
-        path.write_bytes(blob)
-        problems, loaded, elapsed = _exercise(path, plan=planned < PLANNED)
-        planned += loaded
-        slowest = max(slowest, (elapsed, what))
-        failures += [f"{what}: {p}" for p in problems]
+    bad, slowest, kinds = [], (0.0, ""), collections.Counter()
+    for base in bases:
+        path = tmp_path / f"{base.label}.gguf"
+        for i in range(int(CI_COUNTS[base.label] * SCALE)):
+            case = mutant(base, i, seed=20)
+            outcome = run_case(case.write(path), small=base.small, limit_s=LIMIT_S)
+            kinds[outcome.kind] += 1
+            slowest = max(slowest, (outcome.seconds, case.label))
+            if outcome.bad:
+                bad.append(f"{case.label}: {outcome.kind}: {outcome.detail}")
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    assert not failures, f"{len(failures)} of {CASES} cases escaped as non-ImpError:\n" + "\n".join(failures[:10])
+    total = sum(kinds.values())
+    assert total >= 1000 * SCALE
+    assert not bad, f"{len(bad)} of {total} cases escaped ({dict(kinds)}):\n" + "\n".join(bad[:10])
     assert slowest[0] < SLOWEST_CASE_S, f"slowest case took {slowest[0]:.1f} s: {slowest[1]}"
     assert grown < RSS_GROWTH, f"max RSS grew by {grown / 2**20:.0f} MiB over the fuzz"
+    assert kinds["ok"] and kinds["GGUFError"] and kinds["ChatTemplateError"], dict(kinds)  # the generator reaches
 
 
 @pytest.mark.parametrize(
@@ -123,3 +92,15 @@ def test_missing_metadata_key_is_named(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModel, match=r"llama\.embedding_length"):
         imp_jax.load(path)
+
+
+def test_a_tensor_offset_rewritten_onto_another_tensor_is_a_gguf_error(tmp_path):
+    """Found by the corruption run: an offset moved onto a neighbour's bytes still parsed and loaded."""
+    base = Base.open(write_tiny_llama(tmp_path / "tiny.gguf"))
+    victim, other = base.tensors[3], base.tensors[5]
+    offset = base.header[other.offset.start : other.offset.start + 8]
+    header = base.header[: victim.offset.start] + offset + base.header[victim.offset.start + 8 :]
+    path = Mutant(base, 0, "tensor_offset", "onto another tensor", header).write(tmp_path / "overlap.gguf")
+    with pytest.raises(GGUFError, match="overlaps tensor") as e:
+        open_gguf(path)
+    assert victim.name in str(e.value) and other.name in str(e.value)

@@ -1,8 +1,8 @@
 """A complete, tiny llama GGUF written with gguf-py, for tests that need a file they can break on purpose.
 
-Two layers, n_embd 64, 4 query / 2 key-value heads, a 64-token SentencePiece vocabulary; matrices in Q8_0 (or
-F16), norms in F32. ``drop`` leaves tensors out, ``reshape`` gives tensors other shapes, ``kv`` overrides
-metadata, so each test states the one defect it is about.
+Two layers, n_embd 64, 4 query / 2 key-value heads, a 64-token SentencePiece (or byte-level BPE) vocabulary;
+matrices in Q8_0 (or F16), norms in F32. ``drop`` leaves tensors out, ``reshape`` gives tensors other shapes,
+``kv`` overrides metadata, so each test states the one defect it is about.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def write_tiny_llama(
     reshape: dict[str, tuple[int, ...]] | None = None,
     kv: dict[str, int | float | str] | None = None,
     seed: int = 0,
+    vocab: str = "spm",
 ) -> Path:
+    """vocab: "spm" (SentencePiece, no chat template) or "bpe" (a byte-level BPE with merges, ChatML specials and
+    a ChatML chat template)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     meta: dict[str, int | float | str] = {
@@ -66,10 +69,13 @@ def write_tiny_llama(
             w.add_float32(key, value)
         else:
             w.add_uint32(key, value)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>", *(f"▁t{i}" for i in range(VOCAB - 3))])
-    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(VOCAB - 3)])
-    w.add_token_types([2, 3, 3] + [1] * (VOCAB - 3))
+    if vocab == "bpe":
+        _add_bpe_vocab(w)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", *(f"▁t{i}" for i in range(VOCAB - 3))])
+        w.add_token_scores([0.0] * 3 + [-float(i) for i in range(VOCAB - 3)])
+        w.add_token_types([2, 3, 3] + [1] * (VOCAB - 3))
     for name, shape in tensor_shapes().items():
         if name in drop:
             continue
@@ -87,3 +93,25 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _add_bpe_vocab(w: gguf.GGUFWriter) -> None:
+    """64 tokens: three ChatML specials, space, newline, a-z, then 33 merges (space+letter and a few bigrams)."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    bigrams = [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("r", "e")]
+    merges = [("\u0120", c) for c in letters[: VOCAB - 5 - 26 - len(bigrams)]] + bigrams
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\u0120", "\u010a", *letters, *(a + b for a, b in merges)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
+    w.add_token_merges([f"{a} {b}" for a, b in merges])
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)

@@ -3,13 +3,14 @@
 Built on ``gguf.GGUFReader``. The base reader trusts the file: a flipped count can make it loop for hours, a short
 file makes it read empty slices, and its errors are bare ValueErrors. ``_CheckedReader`` bounds every read by the
 file size and every count by the bytes left, and ``open_gguf`` validates the tensor table (byte ranges, alignment,
-qtypes, block sizes, duplicates) before anything uses it, so every failure is a ``GGUFError`` naming the file and
-the tensor. Nothing here reads tensor data: that stays in the memmap until a loader asks for it.
+qtypes, block sizes, duplicates, overlaps) before anything uses it, so every failure is a ``GGUFError`` naming the
+file and the tensor. Nothing here reads tensor data: that stays in the memmap until a loader asks for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import struct
 from collections.abc import Mapping
@@ -242,4 +243,19 @@ def _tensor_table(path: Path, reader: _CheckedReader) -> dict[str, TensorInfo]:
                 tensor=name,
             )
         tensors[name] = TensorInfo(name, int(qtype), tuple(reversed(ne)), start, nbytes)
+    _check_disjoint(path, tensors)
     return tensors
+
+
+def _check_disjoint(path: Path, tensors: Mapping[str, TensorInfo]) -> None:
+    """No two tensors' bytes overlap: a writer lays them out one after another, so an overlap is a rewritten
+    offset (the tensor would silently read its neighbour's bytes)."""
+    ordered = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.offset)
+    for before, after in itertools.pairwise(ordered):
+        if after.offset < before.offset + before.nbytes:
+            raise GGUFError(
+                path,
+                f"data [{after.offset}, {after.offset + after.nbytes}) overlaps tensor '{before.name}' "
+                f"[{before.offset}, {before.offset + before.nbytes}): the file is corrupt",
+                tensor=after.name,
+            )

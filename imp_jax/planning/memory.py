@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
-from imp_jax import ops
+from imp_jax import ops, user_input
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
 from imp_jax.planning import devices as per_device
-from imp_jax.planning.options import DTYPES, PATHS
+from imp_jax.planning.options import PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
 from imp_jax.runtime.sampling import SamplingParams
@@ -346,14 +346,11 @@ def plan_specs(
     dtype = _check_dtype(dtype)
     if path not in PATHS:
         raise ImpError(f"unknown weight path {path!r}; use one of {', '.join(PATHS)}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ImpError(f"batch must be a positive integer, got {batch!r}")
+    user_input.load_options(max_context=max_context, batch=batch)
     if max_context == "auto":
         return auto_context(
             specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels
         )
-    if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 1:
-        raise ImpError(f"max_context must be a positive integer or 'auto', got {max_context!r}")
     if config.context_length < 1:
         raise ImpError(f"{label}: the model's context_length is {config.context_length}")
     max_context = min(max_context, config.context_length)
@@ -668,10 +665,7 @@ def _four_bit_weights(plan: MemoryPlan) -> int | None:
 
 
 def _check_dtype(dtype: str) -> str:
-    dtype = resolve_dtype(dtype)
-    if dtype not in DTYPES:
-        raise ImpError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return dtype
+    return user_input.dtype(resolve_dtype(dtype))
 
 
 def _device_words(plan: MemoryPlan) -> str:

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imp_jax.errors import ContextOverflow, ImpError, RequestTooLarge
+from imp_jax import user_input
+from imp_jax.errors import ImpError, RequestTooLarge
 from imp_jax.models.config import ModelConfig
 from imp_jax.planning.pool import PoolPlan, plan_pool
 from imp_jax.runtime import sampling
@@ -150,8 +151,9 @@ class Engine:
         stop: Sequence[str] = (),
         logprobs: int = 0,
     ) -> int:
-        """Queue a request; returns its id. Raises ContextOverflow when the prompt exceeds max_context and
-        RequestTooLarge when it could never fit the page pool."""
+        """Queue a request; returns its id. Raises InvalidRequest for a value out of range
+        (``imp_jax.user_input``), ContextOverflow when the prompt exceeds max_context and RequestTooLarge when it
+        could never fit the page pool."""
         with self._lock:
             return self._add(self._request(prompt, max_tokens, temperature, top_k, top_p, min_p,
                                            repeat_penalty, seed, stop, logprobs))  # fmt: skip
@@ -198,25 +200,12 @@ class Engine:
 
     def _request(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, n_lp):
         tok = self.model.tokenizer
-        ids = tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ImpError("the prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ImpError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        if len(ids) > self.max_context:
-            raise ContextOverflow(
-                f"{len(ids)} tokens do not fit the context of {self.max_context}; "
-                f"load with a larger max_context (the model allows {self.cfg.context_length})"
-            )
-        if max_tokens < 0:
-            raise ImpError(f"max_tokens must be >= 0, got {max_tokens}")
-        if not 0 <= n_lp <= MAX_LOGPROBS:
-            raise ImpError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {n_lp}")
-        if isinstance(stop, str):
-            stop = (stop,)
-        sp = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        sp.validate()
+        checked = user_input.request(
+            prompt, tok, vocab_size=self.cfg.vocab_size, max_context=self.max_context, max_tokens=max_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+            seed=seed, stop=stop, logprobs=n_lp, max_logprobs=MAX_LOGPROBS,
+        )  # fmt: skip
+        ids, max_tokens, sp, seed = checked.token_ids, checked.max_tokens, checked.params, checked.params.seed
         # Its whole length, prompt and output: a request that outgrows the pool alone could only preempt itself.
         total = min(len(ids) + max(max_tokens, 1), self.max_context)
         needed = -(-total // self.page_size)
@@ -236,8 +225,8 @@ class Engine:
             max_new=min(max_tokens, self.max_context - len(ids)),
             params=sp,
             seed=int(seed) & 0x7FFFFFFF,
-            n_logprobs=int(n_lp),
-            detok=StopDetokenizer(tok, stop),
+            n_logprobs=checked.n_logprobs,
+            detok=StopDetokenizer(tok, checked.stop),
             order=0,
         )
 

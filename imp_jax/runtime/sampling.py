@@ -29,20 +29,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def validate(self) -> None:
-        from imp_jax.errors import ImpError
-
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ImpError(f"invalid sampling parameter: {message}")
-
     def arrays(self) -> dict[str, jax.Array]:
         return dict(
             temperature=jnp.float32(self.temperature),

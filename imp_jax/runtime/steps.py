@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imp_jax import user_input
 from imp_jax.errors import ContextOverflow, ImpError
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder, forward
@@ -279,7 +280,7 @@ def token_stream(
 
     Records prefill and decode wall times into ``timings``.
     """
-    sp.validate()
+    user_input.check_sampling(sp)
     p = sp.arrays()
     greedy, penalty = sp.greedy, sp.repeat_penalty != 1.0
     t0 = time.perf_counter()

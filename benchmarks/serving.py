@@ -23,6 +23,7 @@ import numpy as np
 
 from imp_jax import bench
 from imp_jax.ops.policy import KernelPolicy, resolve_dtype, resolve_kernels
+from imp_jax.runtime.compiled_steps import CompiledSteps
 from imp_jax.runtime.engine import Engine
 
 
@@ -55,6 +56,7 @@ class SyntheticModel:
     batch: int = 1
     plan: Any = None
     tokenizer: Any = dataclasses.field(default_factory=_NoTextTokenizer)
+    programs: CompiledSteps = dataclasses.field(default_factory=CompiledSteps)
 
 
 def run_round(model: SyntheticModel, concurrency: int, prompt: int, output: int, token_budget: int, seed: int):

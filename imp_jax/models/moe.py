@@ -281,5 +281,5 @@ def moe_ffn_dense(p: MoE, cfg: MoEConfig, x: jax.Array, tp: int = 1) -> jax.Arra
     y = per_expert(jnp.einsum("nef,edf->ned", h, down, preferred_element_type=jnp.float32), p.down_bias)
     out = jnp.einsum("ne,ned->nd", mix, y)
     if cfg.has_shared:
-        out = out + _shared_expert(p, cfg, xf, tp)
+        out = out + _shared_expert(p, cfg, xf, REFERENCE, tp)
     return out.astype(x.dtype).reshape(b, t, d)

@@ -222,7 +222,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from imp_jax.serving.server import serve
 
     model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
-                         device_memory=args.device_memory, progress=True,
+                         device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
                          compile_cache=compile_cache_setting())  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
@@ -268,6 +268,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="devices to split the model over (tensor parallel, default 1)")
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quiet", "-q", action="store_true", help="no loading line, progress or timings")
@@ -289,7 +293,7 @@ def _add_generation(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--context", type=int, default=4096, help="max context, prompt + generated (default 4096)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)
-    p.add_argument("--tp", type=int, default=1, help="devices to split the model over (tensor parallel, default 1)")
+    _add_tp(p)
     _add_output(p)
     _add_threads(p)
 
@@ -360,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default 256)")
     p.add_argument("--device-memory", default=None, help="device memory budget, e.g. 8GiB (default: what is free)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)
+    _add_tp(p)
     _add_threads(p)
     p.set_defaults(run=_cmd_serve)
 

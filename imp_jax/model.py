@@ -28,7 +28,7 @@ from imp_jax.text.chat import ChatTemplate
 from imp_jax.text.tokenizer import Tokenizer
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import load_params
-from imp_jax.weights.sharding import make_mesh, on_mesh
+from imp_jax.weights.sharding import make_mesh, on_mesh, tp_size
 from imp_jax.weights.specs import param_specs
 
 
@@ -135,13 +135,14 @@ def load(
     """
     dtype = user_input.dtype(resolve_dtype(dtype))
     user_input.load_options(max_context=max_context, batch=batch)
-    policy = resolve_kernels(kernels)
+    on = make_mesh(devices, mesh)
+    policy = resolve_kernels(kernels, devices=tp_size(on))
     compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
     mf = open_model_file(path_or_name, progress=show)
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
-    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), make_mesh(devices, mesh), policy)
+    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), on, policy)
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(

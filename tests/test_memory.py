@@ -4,6 +4,7 @@ fitting contexts, synthetic models and the ``plan`` command."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -110,6 +111,32 @@ def test_refusal_suggests_the_largest_context_that_fits(tinycoder):
     assert suggested is not None and suggested.max_context == CTX and suggested.fits
     with pytest.raises(ModelTooLarge, match=rf"Try max_context={CTX} \(needs {suggested.needed_bytes / MiB:.1f} MiB"):
         check_fits(refused)
+
+
+def test_fitted_context_is_the_largest_that_fits_in_few_plans(tinycoder, monkeypatch):
+    """Against every candidate planned one by one, for budgets across the range: the same context, from at most
+    three re-plans, and fewer still when the plan at the smallest context is at hand (as auto_context has it)."""
+    from imp_jax.planning import memory
+
+    _, small = tinycoder
+    top = replan(small, max_context=1024)
+    floor = replan(top, max_context=16)
+    exact = {c: replan(top, max_context=c) for c in context_candidates(1024)}
+    calls = []
+    real = memory.replan
+    monkeypatch.setattr(memory, "replan", lambda plan, **kw: calls.append(kw) or real(plan, **kw))
+    counts = {False: 0, True: 0}
+    for frac in (0.05, 0.3, 0.6, 0.9):
+        budget = _budget(int(floor.needed_bytes + frac * (top.needed_bytes - floor.needed_bytes)), top.headroom_bytes)
+        fitting = [c for c, p in exact.items() if p.needed_bytes <= budget.available_bytes]
+        for known in (False, True):
+            calls.clear()
+            smallest = dataclasses.replace(floor, budget=budget) if known else None
+            got = fit_context(dataclasses.replace(top, budget=budget), smallest=smallest)  # the plans, re-budgeted
+            assert got is not None and got.max_context == max(fitting), (frac, known)
+            assert len(calls) <= 3, (frac, known, calls)
+            counts[known] += len(calls)
+    assert counts[True] < counts[False]
 
 
 def test_context_candidates():

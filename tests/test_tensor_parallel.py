@@ -1,7 +1,8 @@
 """Tensor parallelism on four simulated CPU devices (tests/tp_worker.py, in a child process: the device count is
 fixed when JAX starts, and this process keeps one device). tp 1, 2 and 4 give the same f32 logits for a dense
 model, the GDN hybrid, an MoE and gpt-oss, with quantized and dense leaves, synthetic and loaded from a file; no
-device holds whole a matrix the rules split; the per-device plan adds up; batched serving works at tp 2."""
+device holds whole a matrix the rules split; the per-device plan adds up; batched serving works at tp 2; the CLI's --tp
+gives what tp 1 gives."""
 
 from __future__ import annotations
 
@@ -71,3 +72,10 @@ def test_batched_serving_at_tp_2(results):
     r = _ok(results, "batched")
     assert r["2"] == r["1"]
     assert all(len(ids) == 6 for ids in r["2"])
+
+
+def test_command_line_takes_tp(results):
+    r = _ok(results, "cli")
+    assert r["texts"]["2"] == r["texts"]["1"]
+    assert r["texts"]["1"][0] == 0 and r["texts"]["1"][1].strip()
+    assert r["serve_tp"] == 2

@@ -4,6 +4,8 @@ object: check name -> its measurements, or the error it raised."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -128,6 +130,20 @@ def batched(path: Path) -> dict:
     return out
 
 
+def command_line(path: Path) -> dict:
+    """``imp-jax generate --tp N`` as a user runs it (stdout: the continuation), and ``serve`` taking ``--tp``."""
+    from imp_jax import cli
+
+    texts = {}
+    for tp in (1, 2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["generate", "--model", str(path), "--tp", str(tp), "-n", "6", "--quiet", "hello"])
+        texts[tp] = (code, out.getvalue())
+    serve_tp = cli.build_parser().parse_args(["serve", "--model", str(path), "--tp", "2"]).tp
+    return {"texts": texts, "serve_tp": serve_tp}
+
+
 def main(folder: str) -> None:
     folder_path = Path(folder)
     q8 = write_tiny_llama(folder_path / "tiny-q8.gguf")
@@ -143,6 +159,7 @@ def main(folder: str) -> None:
         "plan": lambda: planned(q8),
         "too-large": lambda: too_large(q8),
         "batched": lambda: batched(q8),
+        "cli": lambda: command_line(q8),
     }
     only = sys.argv[2:] or list(checks)
     results = {}

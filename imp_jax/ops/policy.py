@@ -48,9 +48,13 @@ class KernelPolicy:
 REFERENCE = KernelPolicy()
 
 
-def resolve_kernels(setting: str | KernelPolicy = "auto", device: jax.Device | None = None) -> KernelPolicy:
+def resolve_kernels(
+    setting: str | KernelPolicy = "auto", device: jax.Device | None = None, *, devices: int = 1
+) -> KernelPolicy:
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
-    (compute capability 9.x); anywhere else every setting resolves to the reference path."""
+    (compute capability 9.x); anywhere else every setting resolves to the reference path. "auto" over ``devices``
+    > 1 (tensor parallelism) is the reference path too: the kernels' repacked weights have no sharded layout yet
+    (an explicit "all" there is refused by ``weights.sharding.on_mesh``)."""
     if isinstance(setting, KernelPolicy):
         return setting
     mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
@@ -58,7 +62,7 @@ def resolve_kernels(setting: str | KernelPolicy = "auto", device: jax.Device | N
         raise ImpError(f"kernels={setting!r} is not a kernel setting; use one of {', '.join(KERNEL_SETTINGS)}")
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-    if mode == "off" or not hopper:
+    if mode == "off" or not hopper or (mode == "auto" and devices > 1):
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=mode == "all" or BF16_KERNEL, attention=True)
 

@@ -313,8 +313,9 @@ def plan_memory(
     """
     dtype = _check_dtype(dtype)
     mf = open_model_file(path_or_name)
-    policy = resolve_kernels(kernels)
-    config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), sharding.make_mesh(devices, mesh), policy)
+    on = sharding.make_mesh(devices, mesh)
+    policy = resolve_kernels(kernels, devices=sharding.tp_size(on))
+    config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on, policy)
     specs = param_specs(mf, config, dtype)
     return plan_specs(
         specs,
@@ -559,37 +560,68 @@ def context_candidates(limit: int) -> list[int]:
     return [c for c in (16, 32, 64, 128) if c <= limit] + list(range(256, limit + 1, 256))
 
 
-def fit_context(plan: MemoryPlan, limit: int | None = None) -> MemoryPlan | None:
+def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan | None = None) -> MemoryPlan | None:
     """The plan at the largest candidate context up to ``limit`` (default: the plan's) that fits, or None.
 
-    The KV cache is linear in the context, so two bounds come free: the weights plus the KV cache alone rule
-    out contexts from above, and (for contexts below the plan's, the workspace never growing as the context
-    shrinks) the plan with only its KV part rescaled proves contexts fit from below. Only the candidates
-    between are re-planned, by bisection.
+    Each re-plan compiles two steps, so the search is narrowed first. The KV cache is linear in the context,
+    and no step's workspace grows as the context shrinks, so the plan's own workspace proves the smaller
+    contexts that fit with it. With the plan at the smallest candidate too (``smallest``: ``auto_context``
+    has made it), the bounds tighten: its workspace rules out every context whose KV cache alone breaks the
+    budget beside it, and between the two measured points a step's workspace grows like the prefill's
+    activations (linearly) and attention scores (quadratically), a convex curve below the chord through them,
+    so the chords prove more. The candidates left between are bisected. The answer is always a real plan; if
+    a chord was wrong the search bisects everything below it.
     """
     limit = min(limit or plan.max_context, plan.config.context_length)
     per_token = plan.kv_cache_bytes / plan.max_context
     room = plan.available_bytes - plan.headroom_bytes
+    top = plan.max_context
 
-    def floor(c: int) -> float:
-        return plan.weights_bytes + max(per_token * c + plan.state_bytes, plan.load_transient_bytes)
+    def need(c: int, workspace: float) -> float:
+        return plan.weights_bytes + max(per_token * c + plan.state_bytes + workspace, plan.load_transient_bytes)
 
-    def ceiling(c: int) -> float:
-        return plan.peak_bytes - plan.kv_cache_bytes + per_token * c if c <= plan.max_context else math.inf
+    cands = [c for c in context_candidates(limit) if need(c, 0) <= room]
+    plans: dict[int, MemoryPlan] = {top: plan}
+    if smallest is not None:
+        plans[smallest.max_context] = smallest
 
-    cands = [c for c in context_candidates(limit) if floor(c) <= room]
-    lo = max((i for i, c in enumerate(cands) if ceiling(c) <= room), default=-1)
-    hi, best = len(cands), None
+    def planned(i: int) -> MemoryPlan:
+        if cands[i] not in plans:
+            plans[cands[i]] = replan(plan, max_context=cands[i])
+        return plans[cands[i]]
+
+    if not cands:
+        return None
+    if cands[0] in plans:
+        if not plans[cands[0]].fits:
+            return None
+        c0, floor = cands[0], plans[cands[0]].workspace_bytes
+        ends = [(a.workspace_bytes, b.workspace_bytes) for a, b in zip(plans[c0].steps, plan.steps, strict=True)]
+
+        def bound(c: int) -> float:
+            return max(w0 + (w1 - w0) * (c - c0) / max(top - c0, 1) for w0, w1 in ends) if c <= top else math.inf
+    else:
+        floor = 0
+
+        def bound(c: int) -> float:
+            return plan.workspace_bytes if c <= top else math.inf
+
+    lo = max((i for i, c in enumerate(cands) if need(c, bound(c)) <= room), default=-1)
+    hi = next((i for i, c in enumerate(cands) if i > lo and need(c, floor) > room), len(cands))
+    fitted = _bisect(planned, lo, hi)
+    return fitted if fitted is not None or lo < 0 else _bisect(planned, -1, lo)
+
+
+def _bisect(planned, lo: int, hi: int) -> MemoryPlan | None:
+    """The real plan at the largest index in [lo, hi) that fits, taking index lo (-1: none) to fit; lo itself
+    is checked at the end."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        trial = replan(plan, max_context=cands[mid])
-        if trial.fits:
-            lo, best = mid, trial
+        if planned(mid).fits:
+            lo = mid
         else:
             hi = mid
-    if lo < 0:
-        return None
-    return best if best is not None and best.max_context == cands[lo] else replan(plan, max_context=cands[lo])
+    return planned(lo) if lo >= 0 and planned(lo).fits else None
 
 
 def auto_context(
@@ -605,7 +637,7 @@ def auto_context(
     full = plan_specs(specs, config, max_context=config.context_length, **args)
     if full.fits:
         return full
-    return fit_context(full) or smallest
+    return fit_context(full, smallest=smallest if smallest.path == full.path else None) or smallest
 
 
 def check_fits(plan: MemoryPlan, *, path_label: str | None = None, force: bool = False) -> None:

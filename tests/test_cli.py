@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,9 @@ def test_chat_in_a_terminal(tiny: str) -> None:
     """Line editing and history through readline, the ChatML warning, Ctrl-C stopping one reply, /exit."""
     pid, fd = pty.fork()
     if pid == 0:
+        # A runner started in the background (nohup, `&`) hands its children SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the chat the terminal's usual Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(
             sys.executable,
             [sys.executable, "-m", "imp_jax.cli", "chat", "-m", tiny, "-n", "1900", "--no-history", "-q"],

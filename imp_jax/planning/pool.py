@@ -135,7 +135,7 @@ def plan_pool(
     pages_per_seq = -(-plan.max_context // page_size)
     page_bytes = _bytes(paged_shapes(cfg, 1, page_size, 0, dtype, 0), ("k", "v"))
     window_page_bytes = _bytes(paged_shapes(cfg, 0, page_size, 0, dtype, 1), ("wk", "wv"))
-    window = cfg.kv_window if cfg.n_window_layers else 0
+    window = cfg.kv_window
     slots = paged_shapes(cfg, 0, page_size, max_seqs, dtype)
     slot_bytes = _bytes(slots, ("conv", "ssm"))
     if utilization is None:

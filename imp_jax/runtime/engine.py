@@ -133,11 +133,12 @@ class Engine:
             self.pool_plan = plan_pool(model.plan, page_size=page_size, max_seqs=self.max_seqs,
                                        token_budget=token_budget, utilization=memory_utilization)  # fmt: skip
             n_pages = self.pool_plan.n_pages
+        self.n_pages = n_pages
+        self.window = self.cfg.kv_window  # 0: no window layers, no window group
+        if self.pool_plan is not None:
             n_window = self.pool_plan.n_window_pages
         else:
-            n_window = min(n_pages, window_pool_pages(self.cfg.kv_window, page_size, self.max_seqs, token_budget))
-        self.n_pages = n_pages
-        self.window = self.cfg.kv_window if self.cfg.n_window_layers else 0
+            n_window = min(n_pages, window_pool_pages(self.window, page_size, self.max_seqs, token_budget))
         reuse = prefix_caching and self.cfg.n_recurrent_layers == 0
         self.pool = PagePool(self.n_pages, prefix_caching=reuse)
         self.window_pool = PagePool(n_window, prefix_caching=reuse) if self.window else None
@@ -225,7 +226,7 @@ class Engine:
         )  # fmt: skip
         ids, max_tokens, sp, seed = checked.token_ids, checked.max_tokens, checked.params, checked.params.seed
         # Its whole length, prompt and output: a request that outgrows the pool alone could only preempt itself.
-        # (The window pool, at least window_pool_pages or n_pages, always holds one row's window and chunk.)
+        # The window pool needs no check: it is window_pool_pages(...) or n_pages, and either holds one row.
         total = min(len(ids) + max(max_tokens, 1), self.max_context)
         needed = -(-total // self.page_size)
         if needed > self.n_pages:

@@ -62,8 +62,9 @@ def attention_mixer(
     layer: jax.Array,
     step,
 ):
-    """x [B, T, D] at positions step.pos [B, T]; kv = (k, v) paged caches [L_attn, n_pages, P, Hkv, hd] written at
-    ``layer`` through each row's page table (``step``: decoder.StepInfo).
+    """x [B, T, D] at positions step.pos [B, T]; kv = (k, v) paged caches [L, n_pages, P, Hkv, hd] of the layer's
+    KV group (the window group when ``window`` > 0) written at ``layer`` through each row's page table of that
+    group (``step``: decoder.StepInfo).
 
     A prefill chunk from position 0 attends within itself; a decode token or a continuing chunk (step.chunked)
     attends over its row's pages, which already hold it.
@@ -88,10 +89,11 @@ def attention_mixer(
     q = apply_rope(q, pos, inv_freq, cfg.rope.neox)
     k = apply_rope(k, pos, inv_freq, cfg.rope.neox)
     valid = jnp.arange(t)[None, :] < step.valid_len[:, None]
-    kv = ops.write_pages(kv, (k, v), layer, step.rows.pages, pos, valid)
+    table = step.rows.table(window > 0)
+    kv = ops.write_pages(kv, (k, v), layer, table, pos, valid)
     opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks, kernels=step.kernels)
     if step.chunked:
-        o = ops.attention_paged(q, *kv, pos, layer, step.rows.pages, **opts)
+        o = ops.attention_paged(q, *kv, pos, layer, table, **opts)
     else:
         o = ops.attention_prefill(q, k, v, **opts)
     if gate is not None:

@@ -154,6 +154,16 @@ class ModelConfig:
         return self.kinds.count(ATTENTION)
 
     @property
+    def n_window_layers(self) -> int:
+        """Attention layers with a sliding window: their K/V live in the cache's window group (runtime.cache)."""
+        return sum(1 for k, w in zip(self.kinds, self.layer_window, strict=True) if k == ATTENTION and w > 0)
+
+    @property
+    def kv_window(self) -> int:
+        """The widest window of the window group (0 without one): how far back any of its layers reads."""
+        return max((w for k, w in zip(self.kinds, self.layer_window, strict=True) if k == ATTENTION), default=0)
+
+    @property
     def n_recurrent_layers(self) -> int:
         return self.kinds.count(RECURRENT)
 

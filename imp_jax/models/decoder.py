@@ -65,18 +65,21 @@ def _ffn(p: Layer, cfg: ModelConfig, h: jax.Array, kernels: KernelPolicy) -> jax
 
 
 def _unit_body(cfg: ModelConfig, kinds: tuple[str, ...], windows: tuple[int, ...], step: StepInfo):
-    """Scan body over units: carry (x, cache arrays); xs = (unit params, cache indices, rope). Kinds and attention
-    windows are static per position in the unit (the unit is the period of their pattern)."""
+    """Scan body over units: carry (x, KV groups, recurrent state); xs = (unit params, cache indices, rope). Kinds
+    and attention windows are static per position in the unit (the unit is the period of their pattern), and so
+    is the KV group a window picks."""
 
     def body(carry, xs):
         x, kv, rec = carry
-        unit, attn_ids, rec_ids, inv_freq = xs
+        unit, ids, inv_freq = xs
         for i, (p, kind) in enumerate(zip(unit, kinds, strict=True)):
             h = rms_norm(x, p.attn_norm, cfg.rms_eps)
             if kind == ATTENTION:
-                a, kv = attention_mixer(p.mixer, cfg, h, inv_freq[i], windows[i], kv, attn_ids[i], step)
+                g = int(windows[i] > 0)  # the KV group: full attention or sliding window
+                a, group = attention_mixer(p.mixer, cfg, h, inv_freq[i], windows[i], kv[g], ids[i], step)
+                kv = (kv[0], group) if g else (group, kv[1])
             else:
-                a, rec = _recurrent(p, cfg, h, rec, rec_ids[i], step)
+                a, rec = _recurrent(p, cfg, h, rec, ids[i], step)
             if p.post_mixer_norm is not None:
                 a = rms_norm(a, p.post_mixer_norm, cfg.rms_eps)
             x = x + a
@@ -118,12 +121,12 @@ def _recurrent(p: Layer, cfg: ModelConfig, h: jax.Array, rec, layer: jax.Array, 
 
 
 def _layer_indices(kinds: tuple[str, ...], start: int, n_units: int, cfg: ModelConfig):
-    """Per unit and position: the global layer id, and the index into the attention / recurrent caches."""
-    all_kinds = cfg.kinds
-    attn_before = [all_kinds[:i].count(ATTENTION) for i in range(cfg.n_layers)]
+    """Per unit and position: the global layer id, and the index into its cache (the full or window KV group of
+    an attention layer, the recurrent slots of a recurrent one): how many layers of its cache come before it."""
+    cache_of = [(k, k == ATTENTION and w > 0) for k, w in zip(cfg.kinds, cfg.layer_window, strict=True)]
+    before = [cache_of[:i].count(c) for i, c in enumerate(cache_of)]
     layer = start + jnp.arange(n_units)[:, None] * len(kinds) + jnp.arange(len(kinds))[None, :]
-    attn = jnp.asarray(attn_before, jnp.int32)[layer]
-    return layer, attn, layer - attn
+    return layer, jnp.asarray(before, jnp.int32)[layer]
 
 
 def forward(
@@ -167,8 +170,8 @@ def forward(
     for unit in params.segments:
         kinds = tuple(ATTENTION if isinstance(p.mixer, Attention) else "recurrent" for p in unit)
         n_units = jax.tree.leaves(unit)[0].shape[0]
-        layer, attn_ids, rec_ids = _layer_indices(kinds, start, n_units, cfg)
-        xs = (unit, attn_ids, rec_ids, params.inv_freq[layer])
+        layer, ids = _layer_indices(kinds, start, n_units, cfg)
+        xs = (unit, ids, params.inv_freq[layer])
         windows = cfg.layer_window[start : start + len(kinds)]
         body = _unit_body(cfg, kinds, windows, step)
         (x, kv, rec), _ = jax.lax.scan(body, (x, kv, rec), xs)

@@ -2,7 +2,10 @@
 
 ``plan_pool`` adds what the engine holds beside the pages, each measured: the weights (the load plan's), the
 recurrent-state slots of ``max_seqs`` sequences, and XLA's workspace of a step. What remains of the budget, less
-the plan's headroom, is pages.
+the plan's headroom, is pages. A model with sliding-window layers has two KV groups (runtime.cache), each with its
+pool: the full layers' pages, as many as a context needs, and the window layers', as many as ``max_seqs`` rows
+can hold at once (``pages.window_pool_pages``: about ceil(window / P) + 2 per row, whatever the context), so a
+page of the full group costs only the full layers' bytes and the budget holds more sequences.
 
 With ``utilization`` the pool fills that fraction of the budget (capped at what ``max_seqs`` full contexts can
 reference), so the workspace is measured on the step the engine actually runs, ``engine_step``, lowered and
@@ -24,12 +27,14 @@ from imp_jax.errors import ImpError, ModelTooLarge
 from imp_jax.planning.memory import Budget, MemoryPlan, StepMemory, step_memory
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import Cache, paged_shapes
+from imp_jax.runtime.pages import window_pages, window_pool_pages
 from imp_jax.weights.loading import abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolPlan:
-    """The engine's memory on one device: weights, state slots, engine_step's workspace and ``n_pages`` pages."""
+    """The engine's memory on one device: weights, state slots, engine_step's workspace, ``n_pages`` pages of the
+    full-attention layers and ``n_window_pages`` of the sliding-window layers (none without them)."""
 
     label: str
     page_size: int
@@ -37,7 +42,10 @@ class PoolPlan:
     max_seqs: int
     token_budget: int
     max_context: int
-    page_bytes: int  # K and V of one page over every attention layer
+    page_bytes: int  # K and V of one page over the full-attention layers
+    window: int  # the window group's window (0: no window layers)
+    n_window_pages: int
+    window_page_bytes: int  # K and V of one page over the sliding-window layers
     slot_bytes: int  # the recurrent state of max_seqs sequences (zero without recurrent layers)
     weights_bytes: int
     steps: tuple[StepMemory, ...]
@@ -54,7 +62,8 @@ class PoolPlan:
 
     @property
     def pool_bytes(self) -> int:
-        return self.n_pages * self.page_bytes
+        """Both groups' pages: what init_paged_cache allocates for this plan."""
+        return self.n_pages * self.page_bytes + self.n_window_pages * self.window_page_bytes
 
     @property
     def needed_bytes(self) -> int:
@@ -66,18 +75,38 @@ class PoolPlan:
         """Pages one sequence of ``length`` tokens holds."""
         return -(-min(length, self.max_context) // self.page_size)
 
+    def window_pages_for(self, length: int) -> int:
+        """Window-group pages one decoding sequence of ``length`` tokens holds (0 without window layers)."""
+        return min(self.pages_for(length), window_pages(self.window, self.page_size, 1)) if self.window else 0
+
     def sequences(self, length: int) -> int:
-        """How many sequences of ``length`` tokens (prompt + output) the pool holds at once, at most max_seqs."""
+        """How many sequences of ``length`` tokens (prompt + output) the pools hold at once, at most max_seqs."""
         if length < 1:
             raise ImpError(f"a sequence length must be >= 1, got {length}")
-        return min(self.n_pages // self.pages_for(length), self.max_seqs)
+        n = min(self.n_pages // self.pages_for(length), self.max_seqs)
+        return min(n, self.n_window_pages // self.window_pages_for(length)) if self.window else n
 
     def report(self) -> str:
+        kv = [(f"KV pages  ({self.n_pages} x {self.page_size} tokens, {_mib(self.page_bytes)} each)",
+               self.n_pages * self.page_bytes)]  # fmt: skip
+        notes = []
+        if self.window:
+            kv.append(
+                (
+                    f"KV window pages  ({self.n_window_pages} x {self.page_size} tokens, "
+                    f"{_mib(self.window_page_bytes)} each)",
+                    self.n_window_pages * self.window_page_bytes,
+                )
+            )
+            notes.append(
+                f"  the window layers (window {self.window}) hold {self.window_pages_for(self.max_context)} "
+                f"pages of a {self.max_context}-token sequence, the full layers {self.pages_per_seq}"
+            )
         rows = [
             ("weights", self.weights_bytes),
             (f"state slots  ({self.max_seqs} sequences)", self.slot_bytes),
             *((f"workspace  {s.name}", s.workspace_bytes) for s in self.steps),
-            (f"KV pages  ({self.n_pages} x {self.page_size} tokens, {_mib(self.page_bytes)} each)", self.pool_bytes),
+            *kv,
             ("runtime headroom", self.budget.headroom_bytes),
             ("needed", self.needed_bytes),
             (f"available  ({self.budget.source})", self.budget.available_bytes),
@@ -85,7 +114,7 @@ class PoolPlan:
         width = max(len(label) for label, _ in rows) + 2
         fit = ", ".join(f"{self.sequences(n)} x {n}" for n in (512, 2048, self.max_context) if n <= self.max_context)
         return "\n".join(
-            [f"page pool: {self.label}", *(f"  {label:<{width}}{_mib(n):>14}" for label, n in rows),
+            [f"page pool: {self.label}", *(f"  {label:<{width}}{_mib(n):>14}" for label, n in rows), *notes,
              f"  sequences that fit at once (tokens each): {fit}"]
         )  # fmt: skip
 
@@ -104,10 +133,11 @@ def plan_pool(
         raise ImpError(f"utilization is the fraction of device memory the engine may use, in (0, 1]; got {utilization}")
     cfg, dtype = plan.config, jnp.dtype(plan.dtype)
     pages_per_seq = -(-plan.max_context // page_size)
-    one_page = paged_shapes(cfg, 1, page_size, 0, dtype)
-    page_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in one_page.items() if k in ("k", "v"))
+    page_bytes = _bytes(paged_shapes(cfg, 1, page_size, 0, dtype, 0), ("k", "v"))
+    window_page_bytes = _bytes(paged_shapes(cfg, 0, page_size, 0, dtype, 1), ("wk", "wv"))
+    window = cfg.kv_window
     slots = paged_shapes(cfg, 0, page_size, max_seqs, dtype)
-    slot_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for k, s in slots.items() if k in ("conv", "ssm"))
+    slot_bytes = _bytes(slots, ("conv", "ssm"))
     if utilization is None:
         workspace = plan.steps
     else:
@@ -115,17 +145,19 @@ def plan_pool(
     available = plan.available_bytes * (utilization or 1.0)
     room = available - plan.budget.headroom_bytes - plan.weights_bytes - slot_bytes
     room -= max((s.workspace_bytes for s in workspace), default=0)
-    fit = max(int(room // page_bytes), 0)
     target = max_seqs * pages_per_seq if utilization is not None else max(plan.batch, 1) * pages_per_seq
-    pool = PoolPlan(plan.label, page_size, min(fit, target), max_seqs, token_budget, plan.max_context, page_bytes,
-                    slot_bytes, plan.weights_bytes, workspace, plan.budget, utilization)  # fmt: skip
+    cap = min(window_pool_pages(window, page_size, max_seqs, token_budget), target) if window else 0
+    n_pages, n_window = _split(room, page_bytes, window_page_bytes, cap, target)
+    pool = PoolPlan(plan.label, page_size, n_pages, max_seqs, token_budget, plan.max_context, page_bytes, window,
+                    n_window, window_page_bytes, slot_bytes, plan.weights_bytes, workspace, plan.budget,
+                    utilization)  # fmt: skip
     if pool.n_pages < 1:
         raise ModelTooLarge(
             f"{plan.label}: no KV page of {page_size} tokens fits: weights {_mib(plan.weights_bytes)}, state slots "
             f"{_mib(slot_bytes)}, engine_step workspace {_mib(pool.workspace_bytes)} and headroom "
             f"{_mib(plan.budget.headroom_bytes)} leave {_mib(max(int(room), 0))} of {_mib(int(available))}; "
             f"lower max_seqs or token_budget, or give the engine more memory",
-            needed=pool.needed_bytes + page_bytes,
+            needed=pool.needed_bytes + page_bytes + (window_page_bytes if window else 0),
             available=int(available),
         )
     return pool
@@ -149,6 +181,21 @@ def _engine_workspace(plan: MemoryPlan, page_size: int, max_seqs: int, token_bud
         ).compile()  # fmt: skip
         out.append(step_memory(f"{name} [{rows} x {t}]", compiled, persistent))
     return tuple(out)
+
+
+def _split(room: float, page_bytes: int, window_page_bytes: int, cap: int, target: int) -> tuple[int, int]:
+    """(full pages n, window pages min(n, cap)): the largest n <= target whose pages fit ``room`` bytes. The
+    window group never needs more pages than the full one (a row's window pages are some of its columns), nor
+    more than ``cap``."""
+    n = int(room // (page_bytes + window_page_bytes))
+    if n > cap:  # the window pool is full at cap: the rest of the room is full pages
+        n = cap + int((room - cap * (page_bytes + window_page_bytes)) // page_bytes) if page_bytes else target
+    n = max(min(n, target), 0)
+    return n, min(n, cap)
+
+
+def _bytes(shapes: dict[str, jax.ShapeDtypeStruct], names: tuple[str, ...]) -> int:
+    return sum(math.prod(s.shape) * s.dtype.itemsize for k, s in shapes.items() if k in names)
 
 
 def _mib(n: int) -> str:

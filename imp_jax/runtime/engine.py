@@ -8,6 +8,12 @@ prefill). A request joins and leaves the running batch between steps without sta
 run as one jitted call and the prefill chunks as another; row counts, chunk lengths and page-table widths are
 bucketed to powers of two, so a warmed-up engine does not recompile.
 
+Sliding-window layers (Gemma-3, gpt-oss) keep their K/V in a second KV group with its own pool and page tables
+(vLLM's hybrid KV allocator): a row holds only the window pages its next query can see, the pages wholly before
+``position - window + 1`` go back to that pool as the sequence advances (a prefill chunk keeps every page it
+spans until it has run), and the full-attention layers keep every page. The window pool is sized so that it
+never runs out while the full pool has room (``pages.window_pool_pages``).
+
 Memory: the pool never runs out mid-step. Before a step feeds a row it takes the pages that row needs; when none
 are free the youngest running request is preempted (its pages are released and it is recomputed later from its
 prompt and the tokens it already generated, which greedy decoding reproduces exactly). A request whose prompt can
@@ -37,7 +43,7 @@ from imp_jax.planning.pool import PoolPlan, plan_pool
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
 from imp_jax.runtime.compiled_steps import Call
-from imp_jax.runtime.pages import PagePool, chain_hashes
+from imp_jax.runtime.pages import PagePool, chain_hashes, window_pool_pages
 from imp_jax.runtime.steps import MAX_LOGPROBS, engine_step, pow2, table_width
 from imp_jax.text.detok import StopDetokenizer
 
@@ -73,7 +79,9 @@ class _Request:
     detok: StopDetokenizer
     order: int  # arrival order: the youngest is preempted first
     n_cached: int = 0  # tokens whose K/V (and recurrent state) the cache holds
-    pages: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)  # full group: column c holds positions c*P ..
+    window: list[int] = dataclasses.field(default_factory=list)  # window group: columns window_first ..
+    window_first: int = 0  # columns before it fell behind the window and were given back
     keys: list[int] = dataclasses.field(default_factory=list)  # prefix keys of its registered full pages
     slot: int | None = None
     n_generated: int = 0
@@ -87,12 +95,15 @@ class Engine:
 
     ``page_size`` tokens per page; ``max_seqs`` how many requests run at once (default max(batch, 8)); a step feeds
     at most ``token_budget`` tokens; ``prefix_caching`` shares full pages of equal prefixes between requests
-    (models with recurrent layers never do: their state at a page boundary is not kept).
+    (models with recurrent layers never do: their state at a page boundary is not kept). With sliding-window
+    layers a prefix is reused when both groups still hold it: every page of it in the full group and, in the
+    window group, the pages of its last ``window`` positions (the only ones its next query can see).
 
     The pool comes from the model's memory plan (``planning.pool.plan_pool``, kept as ``pool_plan``): ``batch``
     sequences of ``max_context`` as load() planned them, or with ``memory_utilization`` as many pages as fit that
     fraction of the device budget beside the weights and engine_step's compiled workspace. ``n_pages`` sets the
-    pool directly instead (tests, experiments; no plan is made).
+    pool directly instead (tests, experiments; no plan is made), and the window group's pool follows from it:
+    ``pages.window_pool_pages``, at most n_pages.
     """
 
     def __init__(
@@ -123,8 +134,16 @@ class Engine:
                                        token_budget=token_budget, utilization=memory_utilization)  # fmt: skip
             n_pages = self.pool_plan.n_pages
         self.n_pages = n_pages
-        self.pool = PagePool(self.n_pages, prefix_caching=prefix_caching and self.cfg.n_recurrent_layers == 0)
-        self.cache = init_paged_cache(self.cfg, self.n_pages, page_size, self.max_seqs, jnp.dtype(model.dtype))
+        self.window = self.cfg.kv_window  # 0: no window layers, no window group
+        if self.pool_plan is not None:
+            n_window = self.pool_plan.n_window_pages
+        else:
+            n_window = min(n_pages, window_pool_pages(self.window, page_size, self.max_seqs, token_budget))
+        reuse = prefix_caching and self.cfg.n_recurrent_layers == 0
+        self.pool = PagePool(self.n_pages, prefix_caching=reuse)
+        self.window_pool = PagePool(n_window, prefix_caching=reuse) if self.window else None
+        self.cache = init_paged_cache(self.cfg, self.n_pages, page_size, self.max_seqs, jnp.dtype(model.dtype),
+                                      n_window if self.window else 0)  # fmt: skip
         self.free_slots = list(range(self.max_seqs))
         self.waiting: list[_Request] = []  # in arrival order (preempted requests go back in theirs)
         self.running: list[_Request] = []
@@ -207,6 +226,7 @@ class Engine:
         )  # fmt: skip
         ids, max_tokens, sp, seed = checked.token_ids, checked.max_tokens, checked.params, checked.params.seed
         # Its whole length, prompt and output: a request that outgrows the pool alone could only preempt itself.
+        # The window pool needs no check: it is window_pool_pages(...) or n_pages, and either holds one row.
         total = min(len(ids) + max(max_tokens, 1), self.max_context)
         needed = -(-total // self.page_size)
         if needed > self.n_pages:
@@ -289,27 +309,47 @@ class Engine:
 
     def _match_prefix(self, req: _Request) -> None:
         """Pin the cached pages of the longest cached prefix of its tokens (all but the last token: one must be
-        fed to get logits)."""
-        full = (len(req.tokens) - 1) // self.page_size
-        for key in chain_hashes(req.tokens, self.page_size, full):
-            page = self.pool.lookup(key)
-            if page is None:
+        fed to get logits) that both KV groups hold: the window group only needs the pages its window sees."""
+        keys = []
+        for key in chain_hashes(req.tokens, self.page_size, (len(req.tokens) - 1) // self.page_size):
+            if not self.pool.cached(key):
                 break
-            req.pages.append(page)
-            req.keys.append(key)
-        req.n_cached = len(req.pages) * self.page_size
+            keys.append(key)
+        n = len(keys)
+        while (
+            self.window_pool is not None
+            and n
+            and not all(self.window_pool.cached(k) for k in keys[self._window_first(n * self.page_size) : n])
+        ):
+            n -= 1
+        req.keys = keys[:n]
+        req.pages = [self.pool.lookup(k) for k in req.keys]
+        req.n_cached = n * self.page_size
+        if self.window_pool is not None:
+            req.window_first = self._window_first(req.n_cached)
+            req.window = [self.window_pool.lookup(k) for k in req.keys[req.window_first :]]
         if req.cached_prompt is None:
             req.cached_prompt = req.n_cached
 
+    def _window_first(self, position: int) -> int:
+        """The first page column the window of a query at ``position`` sees."""
+        return max((position - self.window + 1) // self.page_size, 0)
+
+    def _trim_window(self, req: _Request) -> None:
+        """Give back the window group's pages wholly before the window of the row's next query (at n_cached)."""
+        if self.window_pool is None:
+            return
+        first = max(self._window_first(req.n_cached), req.window_first)
+        drop = first - req.window_first
+        self.window_pool.release(req.window[:drop])
+        req.window, req.window_first = req.window[drop:], first
+
     def _reserve(self, req: _Request, end: int, *, preempt: bool) -> bool:
-        """Take the pages that hold positions < end; preempting younger running requests when allowed. False:
-        it cannot run this step (preempted itself, or a waiting request the pool cannot take yet)."""
-        need = -(-end // self.page_size) - len(req.pages)
-        while need > 0:
-            got = self.pool.allocate(need)
-            if got is not None:
-                req.pages += got
-                return True
+        """Take the pages of both groups that hold positions < end (the window group's from its first visible
+        column); preempting younger running requests when allowed. False: it cannot run this step (preempted
+        itself, or a waiting request the pool cannot take yet)."""
+        cols = -(-end // self.page_size)
+        while not (_grow(self.pool, req.pages, cols) and _grow(self.window_pool, req.window, cols - req.window_first)):
             if not preempt:
                 return False
             victim = max(self.running, key=lambda r: r.order)
@@ -328,7 +368,9 @@ class Engine:
     def _release(self, req: _Request) -> None:
         """Give back its pages and slot; it keeps its tokens (to be recomputed)."""
         self.pool.release(req.pages)
-        req.pages, req.keys, req.n_cached = [], [], 0
+        if self.window_pool is not None:
+            self.window_pool.release(req.window)
+        req.pages, req.keys, req.n_cached, req.window, req.window_first = [], [], 0, [], 0
         if req.slot is not None:
             self.free_slots.append(req.slot)
             req.slot = None
@@ -360,6 +402,7 @@ class Engine:
             pos=np.zeros((b, t), np.int32),
             valid=np.zeros((b,), np.int32),
             pages=np.zeros((b, n_pg), np.int32),
+            window_pages=np.zeros((b, n_pg), np.int32),
             slot=np.full((b,), self.max_seqs, np.int32),
             recent=np.full((b, sampling.RECENT), -1, np.int32),
             seeds=np.zeros((b,), np.int32),
@@ -369,7 +412,7 @@ class Engine:
 
     def _step_call(self, params, cache: Cache, x: dict, **flags) -> Call:
         """engine_step's (arguments, static arguments) for params, cache and inputs ``x`` (arrays or shapes)."""
-        rows = Rows(x["pages"], x["slot"])
+        rows = Rows(x["pages"], x["slot"], x["window_pages"])
         args = (params, cache, x["tokens"], x["pos"], x["valid"], rows, x["samp"], x["recent"], x["seeds"],
                 x["counts"])  # fmt: skip
         return args, dict(cfg=self.cfg, **flags)
@@ -397,6 +440,7 @@ class Engine:
             x["pos"][i] = start + np.arange(t)
             x["valid"][i] = n
             x["pages"][i, : len(req.pages)] = req.pages
+            x["window_pages"][i, req.window_first : req.window_first + len(req.window)] = req.window
             x["slot"][i] = req.slot
             tail = req.tokens[-sampling.RECENT :]
             x["recent"][i, sampling.RECENT - len(tail) :] = tail
@@ -420,6 +464,7 @@ class Engine:
         for i, (req, n) in enumerate(batch):
             req.n_cached += n
             self._register_pages(req)
+            self._trim_window(req)
             if req.n_cached < len(req.tokens):
                 continue  # a prompt chunk that does not reach its end samples nothing
             results.append(self._accept(req, int(out["token"][i]), out, i))
@@ -430,8 +475,10 @@ class Engine:
         if self.pool.prefix_caching and full > len(req.keys):
             parent = req.keys[-1] if req.keys else None
             new = chain_hashes(req.tokens, self.page_size, full, len(req.keys), parent)
-            for page, key in zip(req.pages[len(req.keys) : full], new, strict=True):
-                self.pool.register(page, key)
+            for col, key in enumerate(new, start=len(req.keys)):
+                self.pool.register(req.pages[col], key)
+                if self.window_pool is not None:  # not trimmed yet: the step's columns are all held
+                    self.window_pool.register(req.window[col - req.window_first], key)
             req.keys += new
 
     def _accept(self, req: _Request, token: int, out: dict, i: int) -> StepOutput:
@@ -453,6 +500,19 @@ class Engine:
     # ---- introspection
 
     def pages_in_use(self) -> int:
-        """Pages referenced by running requests (cached free pages not counted)."""
+        """Full-group pages referenced by running requests (cached free pages not counted; the window group's
+        are ``window_pool.n_used``)."""
         with self._lock:
             return self.pool.n_used
+
+
+def _grow(pool: PagePool | None, pages: list[int], n: int) -> bool:
+    """Extend ``pages`` to n pages from ``pool`` (None: a group the model lacks); False, nothing taken, when the
+    pool has too few free."""
+    if pool is None or len(pages) >= n:
+        return True
+    got = pool.allocate(n - len(pages))
+    if got is None:
+        return False
+    pages += got
+    return True

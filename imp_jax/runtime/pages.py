@@ -4,6 +4,10 @@ A full page is keyed by a hash chain of its tokens (the hash of the previous pag
 so equal keys mean equal prefixes and hence equal K/V. Requests sharing a prefix share its pages (refcounted);
 a page whose last user finished stays cached, in LRU order, until an allocation needs it. Pages that hold no
 cached prefix are handed out first.
+
+Each KV group of the cache (runtime.cache: full-attention layers, sliding-window layers) has its own pool. A row
+of the window group holds only the pages its window can still see (``window_pages``), so that pool is sized by
+``window_pool_pages`` rather than by the context.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ def chain_hashes(tokens: Sequence[int], page_size: int, n_pages: int, start: int
         parent = hash((parent, tuple(tokens[i * page_size : (i + 1) * page_size])))
         keys.append(parent)
     return keys
+
+
+def window_pages(window: int, page_size: int, tokens: int) -> int:
+    """The most window-group pages one row holds while it feeds ``tokens`` tokens at once: the pages from the one
+    holding the oldest key its first query sees (window - 1 positions back) to the one its last token goes in.
+    A decoding row (one token) holds ceil(window / P) + 1."""
+    return -(-(window - 1 + tokens) // page_size) + 1
+
+
+def window_pool_pages(window: int, page_size: int, max_seqs: int, token_budget: int) -> int:
+    """Window-group pages that never run out while at most ``max_seqs`` rows run and a step feeds at most
+    ``token_budget`` tokens: a row fed n tokens holds at most ceil(w/P) + 2 + floor((n - 1) / P) pages
+    (``window_pages``), and the n of one step add up to the budget."""
+    return max_seqs * (window_pages(window, page_size, 1) + 1) + token_budget // page_size
 
 
 class PagePool:
@@ -65,6 +83,10 @@ class PagePool:
                 self.free[page] = None
                 if page not in self.key_of:
                     self.free.move_to_end(page, last=False)
+
+    def cached(self, key: int) -> bool:
+        """Whether a page holds the prefix of ``key`` (nothing pinned)."""
+        return self.prefix_caching and key in self.page_of
 
     def lookup(self, key: int) -> int | None:
         """The cached page for a prefix key, pinned (refcount + 1), or None."""

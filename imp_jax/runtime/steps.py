@@ -214,7 +214,7 @@ def engine_step_args(cfg: ModelConfig, cache: Cache, rows: int, tokens: int, n_p
         tokens=grid,
         pos=grid,
         valid_len=vec,
-        rows=Rows(jax.ShapeDtypeStruct((rows, n_pg), i32), vec),
+        rows=Rows(jax.ShapeDtypeStruct((rows, n_pg), i32), vec, jax.ShapeDtypeStruct((rows, n_pg), i32)),
         samp=samp,
         recent=jax.ShapeDtypeStruct((rows, sampling.RECENT), i32),
         seeds=vec,

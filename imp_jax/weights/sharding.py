@@ -256,7 +256,7 @@ def _zeros(shape: Sequence[int], dtype, sharding: NamedSharding | None) -> jax.A
 # --- caches -------------------------------------------------------------------------------------------------
 
 # cache array -> the dim that splits (kv head for the pages, conv channel and value head for the recurrent state)
-_CACHE_DIM = {"k": 3, "v": 3, "conv": 3, "ssm": 2}
+_CACHE_DIM = {"k": 3, "v": 3, "wk": 3, "wv": 3, "conv": 3, "ssm": 2}
 
 
 def cache_sharding(cfg: ModelConfig, name: str, shape: Sequence[int]) -> NamedSharding | None:

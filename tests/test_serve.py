@@ -225,6 +225,7 @@ def test_metrics_parse(client, smol):
     assert samples["imp_jax_time_to_first_token_seconds_count"] >= 1
     assert samples["imp_jax_inter_token_latency_seconds_count"] >= 1
     assert samples["imp_jax_kv_pages_total"] == smol[2].engine.n_pages
+    assert samples["imp_jax_kv_window_pages_total"] == smol[2].engine.n_window_pages == 0  # llama: no window layers
     for name in ("imp_jax_requests_waiting", "imp_jax_requests_running", "imp_jax_kv_pages_used"):
         assert name in samples
     families = {f.name for f in text_string_to_metric_families(r.text)}

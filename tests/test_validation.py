@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import time
@@ -95,3 +96,24 @@ def test_template_syntax_errors_name_the_line_and_raise_exception_its_message():
         ChatTemplate("ok\n{% for m in %}{% endfor %}")
     with pytest.raises(ChatTemplateError, match="only user and assistant"):
         ChatTemplate("{{ raise_exception('only user and assistant') }}").render([])
+
+
+def test_rope_frequencies_that_overflow_float32_fail_before_any_transfer(tmp_path, recwarn):
+    """A base of 1e-45 passes the metadata check (finite, positive) but its inverse frequencies reach 1e45, past
+    float32: one GGUFError naming the file and the rope metadata, no numpy overflow warning, and the load stops
+    before any weight is on the device."""
+    import jax
+
+    import imp_jax
+    from tests.tiny_gguf import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "rope.gguf", kv={"llama.rope.freq_base": 1e-45})
+    before = len(jax.live_arrays())
+    with pytest.raises(
+        GGUFError, match=r"rope\.gguf: the rope frequencies .*base [0-9.]+e-45.* not finite in float32"
+    ) as e:
+        imp_jax.load(path, max_context=32, progress=False, compile_cache=False)
+    del e  # its traceback holds the half-made model (the engine's empty KV pages)
+    gc.collect()
+    assert len(jax.live_arrays()) == before
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

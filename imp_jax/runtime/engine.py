@@ -501,9 +501,19 @@ class Engine:
 
     def pages_in_use(self) -> int:
         """Full-group pages referenced by running requests (cached free pages not counted; the window group's
-        are ``window_pool.n_used``)."""
+        are ``window_pages_in_use``)."""
         with self._lock:
             return self.pool.n_used
+
+    @property
+    def n_window_pages(self) -> int:
+        """Pages of the sliding-window KV group's pool (0 for a model without windowed layers)."""
+        return 0 if self.window_pool is None else self.window_pool.n_pages
+
+    def window_pages_in_use(self) -> int:
+        """Sliding-window pages referenced by running requests (0 without that group)."""
+        with self._lock:
+            return 0 if self.window_pool is None else self.window_pool.n_used
 
 
 def _grow(pool: PagePool | None, pages: list[int], n: int) -> bool:

@@ -55,7 +55,7 @@ class _State:
 def create_app(model, settings: ServerSettings) -> FastAPI:
     """The app; its engine thread starts with the app (lifespan) and stops with it."""
     engine = Engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget)
-    metrics = Metrics(engine.n_pages)
+    metrics = Metrics(engine.n_pages, engine.n_window_pages)
     state = _State(model, settings, engine, EngineDriver(engine, metrics), metrics)
 
     @contextlib.asynccontextmanager

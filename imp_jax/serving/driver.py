@@ -97,7 +97,8 @@ class EngineDriver:
                 now = time.perf_counter()
                 for out in outputs:
                     self._deliver(out, now)
-            self.metrics.engine_state(len(self.engine.waiting), len(self.engine.running), self.engine.pages_in_use())
+            e = self.engine
+            self.metrics.engine_state(len(e.waiting), len(e.running), e.pages_in_use(), e.window_pages_in_use())
 
     def _take_commands(self, *, block: bool) -> None:
         try:

@@ -12,7 +12,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 class Metrics:
     """Counters the handlers and the engine thread update (prometheus_client's metrics are thread-safe)."""
 
-    def __init__(self, n_pages: int):
+    def __init__(self, n_pages: int, n_window_pages: int = 0):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("imp_jax_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
@@ -20,6 +20,13 @@ class Metrics:
         self.running = Gauge("imp_jax_requests_running", "requests in the engine's running batch", registry=r)
         self.pages_used = Gauge("imp_jax_kv_pages_used", "KV cache pages held by requests", registry=r)
         Gauge("imp_jax_kv_pages_total", "KV cache pages in the engine's pool", registry=r).set(n_pages)
+        # sliding-window layers' own KV group (zero for models without one): runtime.engine
+        self.window_pages_used = Gauge(
+            "imp_jax_kv_window_pages_used", "sliding-window KV pages held by requests", registry=r
+        )
+        Gauge("imp_jax_kv_window_pages_total", "sliding-window KV pages in the engine's pool", registry=r).set(
+            n_window_pages
+        )
         self.ttft = Histogram(
             "imp_jax_time_to_first_token_seconds", "arrival to first token", buckets=TTFT_BUCKETS, registry=r
         )
@@ -29,10 +36,11 @@ class Metrics:
         self.tokens_in = Counter("imp_jax_prompt_tokens", "prompt tokens received", registry=r)
         self.tokens_out = Counter("imp_jax_generation_tokens", "tokens generated", registry=r)
 
-    def engine_state(self, waiting: int, running: int, pages_used: int) -> None:
+    def engine_state(self, waiting: int, running: int, pages_used: int, window_pages_used: int = 0) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
         self.pages_used.set(pages_used)
+        self.window_pages_used.set(window_pages_used)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

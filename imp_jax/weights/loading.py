@@ -19,6 +19,7 @@ import numpy as np
 from gguf import MODEL_TENSOR, GGMLQuantizationType
 
 from imp_jax import ops
+from imp_jax.errors import GGUFError
 from imp_jax.gguf.qtensor import QTensor, row_bytes
 from imp_jax.gguf.quant import is_quantized
 from imp_jax.gguf.reader import ModelFile
@@ -42,10 +43,19 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
     factors_name = tensor_name(_M.ROPE_FREQS, "weight")
     factors = np.asarray(mf.raw(factors_name)).view(np.float32) if factors_name in mf.tensors else None
     rows = []
-    for window in cfg.layer_window:
-        rope = cfg.rope_local if (window and cfg.rope_local is not None) else cfg.rope
-        rows.append(rope_inv_freq(rope, factors if rope.scaling == "llama3" else None))
-    return np.stack(rows).astype(np.float32)
+    with np.errstate(all="ignore"):  # a damaged file's overflow is reported below, not as a numpy warning
+        for window in cfg.layer_window:
+            rope = cfg.rope_local if (window and cfg.rope_local is not None) else cfg.rope
+            rows.append(rope_inv_freq(rope, factors if rope.scaling == "llama3" else None))
+        table32 = np.stack(rows).astype(np.float32)
+    if not np.isfinite(table32).all():
+        raise GGUFError(
+            mf.path,
+            f"the rope frequencies from the rope metadata (base {cfg.rope.base:g}, scaling {cfg.rope.scaling}, "
+            f"factor {cfg.rope.factor:g}) are not finite in float32",
+            tensor=factors_name if factors is not None else None,
+        )
+    return table32
 
 
 def prepared(spec: TensorSpec, w: QTensor, kernels: KernelPolicy):
@@ -115,6 +125,7 @@ class _Loader:
         self.pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="imp-jax-load")
         self.in_flight = 0
         self.bounds: list[tuple[tuple[int, ...], jax.Array]] = []  # MXFP4 scale bounds, checked once at the end
+        self.rope: np.ndarray | None = None
 
     def load(self, specs: Decoder) -> Decoder:
         leaves = [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec))]
@@ -129,6 +140,8 @@ class _Loader:
                 self.in_flight += sum(self.mf.tensors[name].nbytes for name in unit)
                 futures.append([self.pool.submit(self._transfer, spec, name) for name in unit])
 
+        # the rope table first: a file whose frequencies overflow fails before any transfer
+        self.rope = _rope_table(self.mf, self.cfg) if any(s.names == (ROPE,) for s in leaves) else None
         try:
             submit()
             done = {}
@@ -154,7 +167,7 @@ class _Loader:
 
     def _stacked(self, spec: TensorSpec, futures: collections.deque, submit: Callable[[], None]):
         if spec.names == (ROPE,):
-            return jnp.asarray(_rope_table(self.mf, self.cfg))
+            return jnp.asarray(self.rope)
         out = None
         for u in range(len(spec.names)):
             parts = [f.result() for f in futures.popleft()]

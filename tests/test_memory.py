@@ -115,7 +115,8 @@ def test_refusal_suggests_the_largest_context_that_fits(tinycoder):
 
 def test_fitted_context_is_the_largest_that_fits_in_few_plans(tinycoder, monkeypatch):
     """Against every candidate planned one by one, for budgets across the range: the same context, from at most
-    three re-plans, and fewer still when the plan at the smallest context is at hand (as auto_context has it)."""
+    three re-plans each (the bisection this replaced took 3-4 here, 14 for the four budgets), with or without
+    the plan at the smallest context at hand (as auto_context has it)."""
     from imp_jax.planning import memory
 
     _, small = tinycoder
@@ -136,7 +137,7 @@ def test_fitted_context_is_the_largest_that_fits_in_few_plans(tinycoder, monkeyp
             assert got is not None and got.max_context == max(fitting), (frac, known)
             assert len(calls) <= 3, (frac, known, calls)
             counts[known] += len(calls)
-    assert counts[True] < counts[False]
+    assert counts[True] <= counts[False] <= 8
 
 
 def test_context_candidates():

@@ -563,65 +563,67 @@ def context_candidates(limit: int) -> list[int]:
 def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan | None = None) -> MemoryPlan | None:
     """The plan at the largest candidate context up to ``limit`` (default: the plan's) that fits, or None.
 
-    Each re-plan compiles two steps, so the search is narrowed first. The KV cache is linear in the context,
-    and no step's workspace grows as the context shrinks, so the plan's own workspace proves the smaller
-    contexts that fit with it. With the plan at the smallest candidate too (``smallest``: ``auto_context``
-    has made it), the bounds tighten: its workspace rules out every context whose KV cache alone breaks the
-    budget beside it, and between the two measured points a step's workspace grows like the prefill's
-    activations (linearly) and attention scores (quadratically), a convex curve below the chord through them,
-    so the chords prove more. The candidates left between are bisected. The answer is always a real plan; if
-    a chord was wrong the search bisects everything below it.
+    Each re-plan compiles two steps, so the probes are chosen by a model of the plans already made, not by
+    halving. The KV cache is linear in the context; each step's workspace grows like the prefill's activations
+    and attention scores, ``a + d*c**2`` to a good approximation (XLA's buffers for T x T scores dominate long
+    contexts). Through the two plans nearest the answer (the largest known to fit, the smallest known not to;
+    at first only the plan itself, with ``a = 0``), that curve predicts the largest candidate that fits, and
+    that candidate is planned next. A probe that does not halve the open interval is followed by a bisection
+    step, so a poor model costs at most twice a bisection's probes. ``smallest`` (``auto_context`` has it)
+    is one more known plan. The answer is always a real plan.
     """
     limit = min(limit or plan.max_context, plan.config.context_length)
     per_token = plan.kv_cache_bytes / plan.max_context
     room = plan.available_bytes - plan.headroom_bytes
-    top = plan.max_context
 
     def need(c: int, workspace: float) -> float:
         return plan.weights_bytes + max(per_token * c + plan.state_bytes + workspace, plan.load_transient_bytes)
 
     cands = [c for c in context_candidates(limit) if need(c, 0) <= room]
-    plans: dict[int, MemoryPlan] = {top: plan}
-    if smallest is not None:
-        plans[smallest.max_context] = smallest
+    known = {p.max_context: p for p in (plan, smallest) if p is not None and p.path == plan.path}
 
     def planned(i: int) -> MemoryPlan:
-        if cands[i] not in plans:
-            plans[cands[i]] = replan(plan, max_context=cands[i])
-        return plans[cands[i]]
+        if cands[i] not in known:
+            known[cands[i]] = replan(plan, max_context=cands[i])
+        return known[cands[i]]
 
-    if not cands:
-        return None
-    if cands[0] in plans:
-        if not plans[cands[0]].fits:
-            return None
-        c0, floor = cands[0], plans[cands[0]].workspace_bytes
-        ends = [(a.workspace_bytes, b.workspace_bytes) for a, b in zip(plans[c0].steps, plan.steps, strict=True)]
+    def index_of(fits: bool, pick) -> int | None:
+        found = [i for i, c in enumerate(cands) if c in known and known[c].fits == fits]
+        return pick(found) if found else None
 
-        def bound(c: int) -> float:
-            return max(w0 + (w1 - w0) * (c - c0) / max(top - c0, 1) for w0, w1 in ends) if c <= top else math.inf
-    else:
-        floor = 0
-
-        def bound(c: int) -> float:
-            return plan.workspace_bytes if c <= top else math.inf
-
-    lo = max((i for i, c in enumerate(cands) if need(c, bound(c)) <= room), default=-1)
-    hi = next((i for i, c in enumerate(cands) if i > lo and need(c, floor) > room), len(cands))
-    fitted = _bisect(planned, lo, hi)
-    return fitted if fitted is not None or lo < 0 else _bisect(planned, -1, lo)
-
-
-def _bisect(planned, lo: int, hi: int) -> MemoryPlan | None:
-    """The real plan at the largest index in [lo, hi) that fits, taking index lo (-1: none) to fit; lo itself
-    is checked at the end."""
+    lo, hi = index_of(True, max), index_of(False, min)
+    lo, hi = -1 if lo is None else lo, len(cands) if hi is None else hi
+    bisect_next = False
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if planned(mid).fits:
-            lo = mid
+        probe = (lo + hi) // 2 if bisect_next else _predicted_probe(known, cands, lo, hi, need, room)
+        before = hi - lo
+        if planned(probe).fits:
+            lo = probe
         else:
-            hi = mid
-    return planned(lo) if lo >= 0 and planned(lo).fits else None
+            hi = probe
+        bisect_next = not bisect_next and (hi - lo) * 2 > before
+    return planned(lo) if lo >= 0 else None
+
+
+def _predicted_probe(known: dict, cands: list[int], lo: int, hi: int, need, room: int) -> int:
+    """The candidate in (lo, hi) the workspace curve ``a + d*c**2`` through the nearest known plans says is the
+    largest that fits (clamped into the interval)."""
+    points = sorted(known.items())
+    fitting = [cp for cp in points if cp[1].fits]
+    start = points.index(fitting[-1]) if fitting else 0  # the largest that fits, else the smallest that does not
+    (c1, p1), (c2, p2) = points[start], (points[start + 1] if start + 1 < len(points) else (0, None))
+
+    def workspace(c: int) -> float:
+        if p2 is None:  # no plan above: the curve through this one and the origin (a lower bound of the truth)
+            return max(s.workspace_bytes * (c / c1) ** 2 for s in p1.steps)
+        curves = []
+        for s1, s2 in zip(p1.steps, p2.steps, strict=True):
+            d = (s2.workspace_bytes - s1.workspace_bytes) / (c2**2 - c1**2)
+            curves.append(s1.workspace_bytes + d * (c**2 - c1**2))
+        return max(curves)
+
+    fit = [i for i in range(lo + 1, hi) if need(cands[i], workspace(cands[i])) <= room]
+    return max(fit) if fit else lo + 1
 
 
 def auto_context(

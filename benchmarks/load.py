@@ -13,6 +13,9 @@ Each model runs in new processes, the page cache warm (the file is read once fir
   ``generate`` of a 5-token prompt until its first token, compiles included) and ``gen_s`` (32 tokens);
 - ``load_s`` ends when the weights are on the device; the first prefill and decode steps compile ahead on a
   worker thread meanwhile (``runtime.compiled_steps``), and what is left of that wait is in ``ttft_s``;
+- ``phases``: ``Model.load_timings``, the seconds of each part of the load (open, tokenizer, plan, engine,
+  weights); ``--stacks FILE`` also appends every thread's stack to FILE every 10 s, for a load that outlives a
+  device call's limit;
 - ``wall_s``: the whole ``imp-jax generate -n 32`` command in a new process, the way a user runs it;
 - llama.cpp, with ``--llama-completion``: the same prompt and 32 tokens through ``llama-completion``, its wall
   time and the load time it prints.
@@ -21,6 +24,7 @@ Each model runs in new processes, the page cache warm (the file is read once fir
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -34,9 +38,12 @@ PROMPT = "The capital of France is"
 TOKENS = 32
 
 
-def child(model: str, cache: str, max_context: int) -> dict:
-    """Runs inside a new process: one load and one generation, timed."""
+def child(model: str, cache: str, max_context: int, stacks: str | None = None) -> dict:
+    """Runs inside a new process: one load and one generation, timed. With ``stacks``, every thread's Python
+    stack is appended to that file every 10 s (faulthandler): where a load that outlives its time limit is."""
     t_start = time.perf_counter()
+    if stacks:
+        faulthandler.dump_traceback_later(10, repeat=True, file=open(stacks, "a"))  # noqa: SIM115 - lives as long as the process
     import jax
 
     compiles: list[float] = []
@@ -67,6 +74,7 @@ def child(model: str, cache: str, max_context: int) -> dict:
     return dict(
         import_s=t_import - t_start,
         load_s=load_s,
+        phases={k: round(v, 3) for k, v in m.load_timings.items()},  # open, tokenizer, plan, engine, weights
         load_cpu_s=load_cpu_s,  # CPU seconds of every thread: what a shared, loaded machine does not inflate
         gb_s=size / load_s / 1e9,
         file_gb=size / 1e9,
@@ -80,8 +88,9 @@ def child(model: str, cache: str, max_context: int) -> dict:
     )
 
 
-def _run_child(model: str, cache: str, max_context: int) -> dict:
+def _run_child(model: str, cache: str, max_context: int, stacks: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", model, "--cache", cache, "--max-context", str(max_context)]
+    cmd += ["--stacks", stacks] if stacks else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         return dict(error=out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
@@ -107,15 +116,15 @@ def _llama(binary: str, model: Path) -> dict:
     return dict(llama_wall_s=wall, llama_load_s=float(m.group(1)) / 1e3 if m else None)
 
 
-def measure(model: str, max_context: int, llama: str | None) -> dict:
+def measure(model: str, max_context: int, llama: str | None, stacks: str | None = None) -> dict:
     from imp_jax import registry
 
     path = registry.resolve(model)
     _warm_page_cache(Path(path))
     row: dict = dict(model=Path(path).name)
     with tempfile.TemporaryDirectory() as cache:
-        row["cold"] = _run_child(str(path), cache, max_context)
-        row["cached"] = _run_child(str(path), cache, max_context)
+        row["cold"] = _run_child(str(path), cache, max_context, stacks)
+        row["cached"] = _run_child(str(path), cache, max_context, stacks)
         env = dict(os.environ, IMP_JAX_COMPILE_CACHE=cache)
         cli = [sys.executable, "-m", "imp_jax.cli", "generate", "--model", str(path), "-n", str(TOKENS), PROMPT]
         row["wall_cached_s"], _ = _wall(cli, env)
@@ -153,15 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--llama-completion", default=None, help="llama.cpp's llama-completion binary, to run beside")
     ap.add_argument("--json", default=None, help="write the rows here too")
+    ap.add_argument("--stacks", default=None, help="append every thread's stack here every 10 s (slow loads)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.cache, args.max_context)))
+        print(json.dumps(child(args.child, args.cache, args.max_context, args.stacks)))
         return 0
     rows = []
     for name in args.models.split(","):  # each row printed and saved as soon as it is measured
-        rows.append(measure(name, args.max_context, args.llama_completion))
+        rows.append(measure(name, args.max_context, args.llama_completion, args.stacks))
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

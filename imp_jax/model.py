@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -69,6 +70,8 @@ class Model:
         self.programs = CompiledSteps()  # the engine's step executables, shared by every engine on this model
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
         self._engine = None  # the engine generate() runs on (engine_for), made on first use
+        # Seconds of each load() phase (open, tokenizer, plan, weights): where a slow load went, without a profiler.
+        self.load_timings: dict[str, float] = {}
 
     def __repr__(self) -> str:
         c = self.config
@@ -139,21 +142,36 @@ def load(
     policy = resolve_kernels(kernels, devices=tp_size(on))
     compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
+    clock = [time.perf_counter()]
+    timings: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        timings[name + "_s"] = now - clock[0]
+        clock[0] = now
+
     mf = open_model_file(path_or_name, progress=show)
+    phase("open")
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
     config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), on, policy)
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
+    phase("tokenizer")
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
         budget=memory.resolve_budget(device_memory, mesh=config.mesh), path=path, kernels=policy,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
+    phase("plan")
     model = Model(mf, config, None, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)
     model.plan = plan
     engine_for(model).compile_ahead(plan.abstract_params)  # the first token's steps, while the weights stream
+    phase("engine")
     model.params = load_params(mf, config, plan.specs, policy, on_bytes=_progress(mf, plan, show))
+    jax.block_until_ready(model.params)
+    phase("weights")
+    model.load_timings = timings
     if debug or debug_nans_enabled():
         ids = tokenizer.encode("The quick brown fox")
         check_prefill(model.params, config, ids, dtype=dtype, specs=plan.specs, kernels=policy)

@@ -239,3 +239,13 @@ def test_the_cli_imports_no_jax_before_it_needs_it(argv):
         [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
     )
     assert out.stdout.strip().splitlines()[-1] == "NOJAX", out.stderr[-500:]
+
+
+def test_load_says_where_its_time_went(real_model):
+    """``Model.load_timings``: every phase of load() in order, adding up to no more than the whole call."""
+    t0 = time.perf_counter()
+    model = imp_jax.load(real_model("tinycoder"), max_context=64, progress=False, compile_cache=False)
+    total = time.perf_counter() - t0
+    timings = model.load_timings
+    assert list(timings) == ["open_s", "tokenizer_s", "plan_s", "engine_s", "weights_s"]
+    assert all(v >= 0 for v in timings.values()) and sum(timings.values()) <= total

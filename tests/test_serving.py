@@ -141,8 +141,9 @@ def test_prefix_reuse_gives_the_same_logprobs_as_no_reuse():
         np.testing.assert_allclose([v for _, v in top_a], [v for _, v in top_b], atol=1e-4)
 
 
-def test_preemption_under_a_small_pool_recomputes_and_matches():
-    model = _model("qwen35")
+@pytest.mark.parametrize("arch", ["qwen35", "gemma3", "gpt-oss"])  # recurrent slots; the window KV group
+def test_preemption_under_a_small_pool_recomputes_and_matches(arch):
+    model = _model(arch)
     prompts = _prompts(model.config.vocab_size, lengths=(20, 26, 14))
     engine = Engine(model, page_size=8, n_pages=9, max_seqs=3, token_budget=24)
     ids = [engine.add_request(p, max_tokens=12) for p in prompts]
@@ -150,7 +151,7 @@ def test_preemption_under_a_small_pool_recomputes_and_matches():
     assert engine.preemptions > 0
     for rid, p in zip(ids, prompts, strict=True):
         assert out[rid][0] == _alone(model, p, max_tokens=12)[0]
-    assert engine.pool.n_used == 0
+    assert engine.pool.n_used == 0 and engine.window_pages_in_use() == 0
 
 
 def test_a_request_that_can_never_fit_is_refused():
@@ -163,8 +164,9 @@ def test_a_request_that_can_never_fit_is_refused():
         engine.add_request(list(range(3, 23)))  # the prompt fits, its output (capped by the context, 64) would not
 
 
-def test_warm_engine_does_not_recompile():
-    model = _model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: the sliding-window KV group's tables too
+def test_warm_engine_does_not_recompile(arch):
+    model = _model(arch)
     engine = Engine(model, **ENGINE)
     warm = _prompts(model.config.vocab_size, lengths=(5, 20, 9, 40), seed=1)
     _drive(engine, {0: [dict(prompt=p, max_tokens=14) for p in warm]})

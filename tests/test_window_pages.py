@@ -83,19 +83,6 @@ def test_window_pages_stay_bounded_while_a_long_sequence_decodes(monkeypatch):
     assert engine.window_pool.n_used == 0 and engine.pool.n_used == 0
 
 
-@pytest.mark.parametrize("arch", WINDOWED)
-def test_preemption_under_a_small_pool_recomputes_and_matches(arch):
-    model = _model(arch)
-    prompts = _prompts(model.config.vocab_size, lengths=(20, 26, 14))
-    engine = Engine(model, page_size=8, n_pages=9, max_seqs=3, token_budget=24)
-    ids = [engine.add_request(p, max_tokens=12) for p in prompts]
-    out = _drive(engine)
-    assert engine.preemptions > 0
-    for rid, p in zip(ids, prompts, strict=True):
-        assert out[rid][0] == _reference(arch, tuple(p), 12)
-    assert engine.pool.n_used == 0 and engine.window_pool.n_used == 0
-
-
 def test_thousand_requests_leave_no_window_pages_behind():
     model = _model("gemma3")
     engine = Engine(model, page_size=8, n_pages=32, max_seqs=32, token_budget=256)
@@ -139,17 +126,6 @@ def test_a_prefix_whose_window_pages_were_evicted_is_reused_only_as_far_as_the_w
     rid = engine.add_request(system + first[0], max_tokens=3)
     out = _drive(engine)[rid]
     assert engine.pool.lookups_hit == 0 and out[0] == _reference("gemma3", tuple(system + first[0]), 3)
-
-
-def test_warm_windowed_engine_does_not_recompile():
-    model = _model("gemma3")
-    engine = Engine(model, **ENGINE)
-    warm = _prompts(model.config.vocab_size, lengths=(5, 20, 9, 40), seed=1)
-    _drive(engine, {0: [dict(prompt=p, max_tokens=14) for p in warm]})
-    before = len(model.programs.compiled)
-    other = _prompts(model.config.vocab_size, lengths=(6, 18, 12, 37), seed=2)
-    _drive(engine, {0: [dict(prompt=p, max_tokens=13) for p in other]})
-    assert len(model.programs.compiled) == before
 
 
 def test_plan_sizes_both_groups_and_matches_the_allocation():

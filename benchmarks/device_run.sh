@@ -9,7 +9,11 @@
 #
 # The two tracks share the GPU: P is mostly compilation (CPU), and the timed runs take the best of several reps.
 # Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS] [PARTS]
-# PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch.
+# PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch; and, asked for by
+# name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
+# every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
+# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 4, 16 and 64 sequences). The random_gguf tokenizer
+# comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
 # qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
 # tests ~600 s (more than one call: split them by file); qwen3-8b MXFP4 pallas + xla + torch 165 s, Q8_0 pallas +
@@ -21,7 +25,7 @@ PARTS=",${2:-tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch},"
 START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 R=/tmp/run
-mkdir -p "$R" "$OUT"
+mkdir -p "$R" "$OUT" /tmp/g
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -49,6 +53,13 @@ want memory && XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benc
     --configs llama-70b/bf16,qwen3-8b/mxfp4,qwen3.5-27b/mxfp4-packed,qwen3.5-27b/mxfp4-bf16-fallback,qwen3-8b/q8_0 \
     --json "$R/memory.json" &
 
+want load && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
+    --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --stacks "$R/load_stacks.txt" \
+    --json "$R/load.json"
+want serving && step serving 240 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,4,16,64 \
+    --json "$R/serving.json"
+want load || want serving && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -71,6 +82,8 @@ pkill -f benchmarks/memory.py 2>/dev/null
 pack
 tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
+want load && { echo "=== load"; tail -8 "$R/load.log"; }
+want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"
 echo "=== e2e"; grep -h "^| imp-jax\|^| torch" "$R"/e2e_*.log

@@ -8,7 +8,7 @@
 #           rows of benchmarks/kernels.py, the XLA-path baselines, the transformers baselines of the other shapes.
 #
 # The two tracks share the GPU: P is mostly compilation (CPU), and the timed runs take the best of several reps.
-# Usage (repository root, gguf carried as a wheel in .whl/):  bash benchmarks/device_run.sh [SECONDS] [PARTS]
+# Usage (repository root, gguf carried as a wheel in .whl/ or .llama/wheels/):  bash benchmarks/device_run.sh [SECONDS] [PARTS]
 # PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch; and, asked for by
 # name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
@@ -26,7 +26,8 @@ START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 R=/tmp/run
 mkdir -p "$R" "$OUT" /tmp/g
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEEL=$(ls .whl/*.whl .llama/wheels/*.whl 2>/dev/null | head -1)  # gguf, from .whl/ or scripts/llamacpp_tree.py's .llama/
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL" \
     || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 

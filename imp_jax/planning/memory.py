@@ -639,7 +639,7 @@ def auto_context(
     full = plan_specs(specs, config, max_context=config.context_length, **args)
     if full.fits:
         return full
-    return fit_context(full, smallest=smallest if smallest.path == full.path else None) or smallest
+    return fit_context(full, smallest=smallest) or smallest
 
 
 def check_fits(plan: MemoryPlan, *, path_label: str | None = None, force: bool = False) -> None:

@@ -82,6 +82,13 @@ def kernels_setting(environ: dict[str, str] | None = None) -> str:
     return (os.environ if environ is None else environ).get("IMP_JAX_KERNELS", "auto")
 
 
+def debug_setting(environ: dict[str, str] | None = None) -> bool:
+    """``IMP_JAX_DEBUG_NANS``: set to anything but 0/false/no/off, ``load(debug=True)`` traces the first
+    non-finite layer and op."""
+    value = (os.environ if environ is None else environ).get("IMP_JAX_DEBUG_NANS", "")
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _load(args: argparse.Namespace):
     """The model, loaded with the user's settings; announces a context cut to the model's own and, unless
     --quiet, says what it loads and how long it took (kept on args for the summary)."""
@@ -96,6 +103,7 @@ def _load(args: argparse.Namespace):
         compile_cache=compile_cache_setting(),
         kernels=args.kernels,
         devices=args.tp,
+        debug=args.debug,
     )
     args.load_s = time.perf_counter() - t0
     if model.max_context < args.context:
@@ -223,7 +231,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
                          device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
-                         compile_cache=compile_cache_setting())  # fmt: skip
+                         debug=args.debug, compile_cache=compile_cache_setting())  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
                               max_queue=args.max_queue, max_seqs=args.parallel,
@@ -396,6 +404,7 @@ def set_threads(threads: int | None, environ: dict | os._Environ = os.environ) -
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.kernels = kernels_setting()
+    args.debug = debug_setting()
     try:
         set_threads(getattr(args, "threads", None))
         args.run(args)

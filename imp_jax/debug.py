@@ -18,7 +18,6 @@ layer hands to the next one and the logits must be entirely finite.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -35,7 +34,6 @@ from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime.cache import init_cache
 from imp_jax.weights.tensor_spec import is_spec
 
-ENV = "IMP_JAX_DEBUG_NANS"
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+?)(\.weight)?$")
 _MOVES_ONLY = frozenset(
@@ -57,11 +55,6 @@ _MOVES_ONLY = frozenset(
         "scatter",
     }
 )
-
-
-def debug_nans_enabled() -> bool:
-    """True when ``IMP_JAX_DEBUG_NANS`` is set to anything but 0/false/no/off."""
-    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclasses.dataclass(frozen=True)

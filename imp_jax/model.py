@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imp_jax import feedback, user_input
-from imp_jax.debug import check_prefill, debug_nans_enabled
+from imp_jax.debug import check_prefill
 from imp_jax.errors import ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
@@ -127,7 +127,7 @@ def load(
     ``ModelTooLarge`` is raised before any weight reaches the device when it does not fit ``device_memory`` (default:
     what the device reports free). ``path`` picks how quantized weights run ("auto": packed kernels where they
     exist, the dequantized fallback only where it fits); ``force`` loads past the budget with a warning.
-    ``debug`` (or IMP_JAX_DEBUG_NANS=1) runs a checked forward that names the first non-finite layer and op.
+    ``debug`` runs a checked forward that names the first non-finite layer and op (the CLI: IMP_JAX_DEBUG_NANS=1).
     ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
     imp-jax cache folder, a folder of your own, or False.
     ``kernels`` picks the Pallas kernels ("auto": those that beat XLA on this GPU, "off": the XLA reference path,
@@ -172,7 +172,7 @@ def load(
     jax.block_until_ready(model.params)
     phase("weights")
     model.load_timings = timings
-    if debug or debug_nans_enabled():
+    if debug:
         ids = tokenizer.encode("The quick brown fox")
         check_prefill(model.params, config, ids, dtype=dtype, specs=plan.specs, kernels=policy)
     return model

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imp_jax.debug import ENV, check_prefill, debug_nans_enabled
+from imp_jax.cli import debug_setting
+from imp_jax.debug import check_prefill
 from imp_jax.errors import ImpError, NonFiniteError
 from imp_jax.weights.synthetic import synthetic_params, synthetic_specs
 
@@ -53,6 +54,5 @@ def test_empty_prompt_is_refused(tiny):
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])
-def test_env_switch(monkeypatch, value, on):
-    monkeypatch.setenv(ENV, value)
-    assert debug_nans_enabled() is on
+def test_env_switch(value, on):
+    assert debug_setting({"IMP_JAX_DEBUG_NANS": value}) is on

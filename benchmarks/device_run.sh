@@ -12,7 +12,8 @@
 # PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch; and, asked for by
 # name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
-# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 4, 16 and 64 sequences). The random_gguf tokenizer
+# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 4, 16 and 64 sequences) and probe
+# (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
 # qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
@@ -56,11 +57,14 @@ want memory && XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benc
 
 want load && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
     --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
+    --json "$R/probe.json"
+want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
 want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --stacks "$R/load_stacks.txt" \
-    --json "$R/load.json"
+    --profile "$R/load_profile.txt" --json "$R/load.json"
 want serving && step serving 240 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,4,16,64 \
     --json "$R/serving.json"
-want load || want serving && pack
+want load || want serving || want probe && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -83,6 +87,7 @@ pkill -f benchmarks/memory.py 2>/dev/null
 pack
 tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
+want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load && { echo "=== load"; tail -8 "$R/load.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"

@@ -24,9 +24,11 @@ Each model runs in new processes, the page cache warm (the file is read once fir
 from __future__ import annotations
 
 import argparse
+import cProfile
 import faulthandler
 import json
 import os
+import pstats
 import re
 import subprocess
 import sys
@@ -38,9 +40,11 @@ PROMPT = "The capital of France is"
 TOKENS = 32
 
 
-def child(model: str, cache: str, max_context: int, stacks: str | None = None) -> dict:
+def child(model: str, cache: str, max_context: int, stacks: str | None = None, profile: str | None = None) -> dict:
     """Runs inside a new process: one load and one generation, timed. With ``stacks``, every thread's Python
-    stack is appended to that file every 10 s (faulthandler): where a load that outlives its time limit is."""
+    stack is appended to that file every 10 s (faulthandler): where a load that outlives its time limit is. With
+    ``profile``, the load and the first generation run under cProfile and the 40 costliest calls (cumulative) are
+    appended to that file."""
     t_start = time.perf_counter()
     if stacks:
         faulthandler.dump_traceback_later(10, repeat=True, file=open(stacks, "a"))  # noqa: SIM115 - lives as long as the process
@@ -60,6 +64,9 @@ def child(model: str, cache: str, max_context: int, stacks: str | None = None) -
     imp_jax.load  # noqa: B018 - imports imp_jax.model (import_s, not load_s)
     t_import = time.perf_counter()
     size = sum(t.nbytes for t in open_model_file(model).tensors.values())
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
     t0, c0 = time.perf_counter(), time.process_time()
     m = imp_jax.load(model, max_context=max_context, compile_cache=cache)
     jax.block_until_ready(m.params)
@@ -71,6 +78,11 @@ def child(model: str, cache: str, max_context: int, stacks: str | None = None) -
     ttft = time.perf_counter() - t1
     for _ in stream:
         pass
+    if profiler:
+        profiler.disable()
+        with open(profile, "a") as f:
+            f.write(f"=== {model} cache {cache} ({len(os.listdir(cache))} entries after)\n")
+            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(40)
     return dict(
         import_s=t_import - t_start,
         load_s=load_s,
@@ -88,9 +100,10 @@ def child(model: str, cache: str, max_context: int, stacks: str | None = None) -
     )
 
 
-def _run_child(model: str, cache: str, max_context: int, stacks: str | None) -> dict:
+def _run_child(model: str, cache: str, max_context: int, stacks: str | None, profile: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", model, "--cache", cache, "--max-context", str(max_context)]
     cmd += ["--stacks", stacks] if stacks else []
+    cmd += ["--profile", profile] if profile else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         return dict(error=out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
@@ -116,15 +129,17 @@ def _llama(binary: str, model: Path) -> dict:
     return dict(llama_wall_s=wall, llama_load_s=float(m.group(1)) / 1e3 if m else None)
 
 
-def measure(model: str, max_context: int, llama: str | None, stacks: str | None = None) -> dict:
+def measure(
+    model: str, max_context: int, llama: str | None, stacks: str | None = None, profile: str | None = None
+) -> dict:
     from imp_jax import registry
 
     path = registry.resolve(model)
     _warm_page_cache(Path(path))
     row: dict = dict(model=Path(path).name)
     with tempfile.TemporaryDirectory() as cache:
-        row["cold"] = _run_child(str(path), cache, max_context, stacks)
-        row["cached"] = _run_child(str(path), cache, max_context, stacks)
+        row["cold"] = _run_child(str(path), cache, max_context, stacks, profile)
+        row["cached"] = _run_child(str(path), cache, max_context, stacks, profile)
         env = dict(os.environ, IMP_JAX_COMPILE_CACHE=cache)
         cli = [sys.executable, "-m", "imp_jax.cli", "generate", "--model", str(path), "-n", str(TOKENS), PROMPT]
         row["wall_cached_s"], _ = _wall(cli, env)
@@ -163,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-completion", default=None, help="llama.cpp's llama-completion binary, to run beside")
     ap.add_argument("--json", default=None, help="write the rows here too")
     ap.add_argument("--stacks", default=None, help="append every thread's stack here every 10 s (slow loads)")
+    ap.add_argument("--profile", default=None, help="append a cProfile of each load + first generation here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.cache, args.max_context, args.stacks)))
+        print(json.dumps(child(args.child, args.cache, args.max_context, args.stacks, args.profile)))
         return 0
     rows = []
     for name in args.models.split(","):  # each row printed and saved as soon as it is measured
-        rows.append(measure(name, args.max_context, args.llama_completion, args.stacks))
+        rows.append(measure(name, args.max_context, args.llama_completion, args.stacks, args.profile))
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -13,10 +13,13 @@ cannot run, and has a jnp reference beside its kernel.
   (``supports_paged`` checks the page size first).
 """
 
+from pallas import kernel_identity
 from pallas.attention_decode import decode_attention, paged_decode_attention, supports_paged
 from pallas.attention_prefill import flash_attention
 from pallas.qformats import Fmt, PackedWeight, can_repack, can_view_dense, dense_weight, repack
 from pallas.qmatmul import MatmulConfig, quantized_matmul, supports
+
+kernel_identity.install()  # before any kernel lowers: identical kernels compile once per process
 
 __all__ = [
     "Fmt",

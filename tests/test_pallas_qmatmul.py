@@ -227,3 +227,29 @@ def test_kernel_lowers_for_cuda(fmt, m):
         shape=(n, k),
     )
     jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(sds((m, k), jnp.bfloat16), w)
+
+
+def test_identical_kernels_lower_to_one_kernel():
+    """Two calls of one kernel (two layers of a unit, or the plan's and the engine's programs) lower to the same
+    bytes, so the GPU runtime compiles it once per process (``pallas.kernel_identity``); a kernel of another shape
+    is a new one."""
+    from jax.experimental.mosaic.gpu import core
+
+    sds = jax.ShapeDtypeStruct
+    fmt, k = pallas.Fmt.Q8_0, 512
+
+    def weight(n):
+        return pallas.PackedWeight(
+            qs=sds((n, k), jnp.uint8), scales=(sds((k // 32, n), jnp.float16),), fmt=fmt, shape=(n, k)
+        )
+
+    def twice(x, a, b):
+        return pallas.quantized_matmul(x, a) + pallas.quantized_matmul(x, b)
+
+    before = len(core.KNOWN_KERNELS)
+    x = sds((1, k), jnp.bfloat16)
+    jax.export.export(jax.jit(twice), platforms=["cuda"])(x, weight(384), weight(384))
+    jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(x, weight(384))
+    assert len(core.KNOWN_KERNELS) - before <= 1
+    jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(x, weight(640))
+    assert len(core.KNOWN_KERNELS) - before <= 2

@@ -57,6 +57,7 @@ class Model:
         max_context: int,
         batch: int,
         kernels: KernelPolicy = REFERENCE,
+        store: compile_cache_mod.Store | None = None,
     ):
         self.file = file
         self.config = config
@@ -67,7 +68,8 @@ class Model:
         self.batch = batch
         self.kernels = kernels  # resolved once at load; every step gets it as static configuration
         self.plan: memory.MemoryPlan | None = None  # the plan load() checked before any weight moved
-        self.programs = CompiledSteps()  # the engine's step executables, shared by every engine on this model
+        # the engine's step executables, shared by every engine on this model (and kept on disk with a store)
+        self.programs = CompiledSteps(store)
         self._chat = ChatTemplate.from_metadata(file.metadata, tokenizer)
         self._engine = None  # the engine generate() runs on (engine_for), made on first use
         # Seconds of each load() phase (open, tokenizer, plan, weights): where a slow load went, without a profiler.
@@ -140,7 +142,7 @@ def load(
     user_input.load_options(max_context=max_context, batch=batch)
     on = make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=tp_size(on))
-    compile_cache_mod.configure(compile_cache)
+    store = compile_cache_mod.configure(compile_cache)
     show = os.isatty(2) if progress is None else progress
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
@@ -160,11 +162,13 @@ def load(
     specs = param_specs(mf, config, dtype)
     plan = memory.plan_specs(
         specs, config, label=mf.path.name, max_context=max_context, batch=batch, dtype=dtype,
-        budget=memory.resolve_budget(device_memory, mesh=config.mesh), path=path, kernels=policy,
+        budget=memory.resolve_budget(device_memory, mesh=config.mesh), path=path, kernels=policy, store=store,
     )  # fmt: skip
     memory.check_fits(plan, force=force)
     phase("plan")
-    model = Model(mf, config, None, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy)
+    model = Model(
+        mf, config, None, tokenizer, dtype=dtype, max_context=plan.max_context, batch=batch, kernels=policy, store=store
+    )
     model.plan = plan
     engine_for(model).compile_ahead(plan.abstract_params)  # the first token's steps, while the weights stream
     phase("engine")

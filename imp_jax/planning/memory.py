@@ -42,6 +42,7 @@ from imp_jax.planning import devices as per_device
 from imp_jax.planning.options import PATHS
 from imp_jax.runtime import steps
 from imp_jax.runtime.cache import abstract_cache
+from imp_jax.runtime.compile_cache import Store, program_key
 from imp_jax.runtime.sampling import SamplingParams
 from imp_jax.weights import sharding
 from imp_jax.weights.fallback import fallback_specs, is_fallback, packed_spec, to_dense
@@ -122,6 +123,7 @@ class MemoryPlan:
     abstract_params: Any = dataclasses.field(repr=False, compare=False)  # specs' ShapeDtypeStruct twins (compile ahead)
     kernels: KernelPolicy = REFERENCE  # the kernel policy the steps were planned (and will run) with
     device_weights: tuple[int, ...] = ()  # over a mesh (config.mesh): the weight bytes on each of its devices
+    store: Store | None = dataclasses.field(default=None, repr=False, compare=False)  # re-plans read it too
 
     @property
     def device_peaks(self) -> tuple[tuple[str, int], ...]:
@@ -341,21 +343,26 @@ def plan_specs(
     budget: Budget,
     path: str = "auto",
     kernels: KernelPolicy = REFERENCE,
+    store: Store | None = None,
 ) -> MemoryPlan:
     """The plan for a spec tree as stored (``params.param_specs`` or ``synthetic.synthetic_specs``), its steps
-    compiled under ``kernels`` (the policy the model will be loaded with)."""
+    compiled under ``kernels`` (the policy the model will be loaded with). With a ``store`` the steps' statistics
+    of an earlier plan of the same programs are read back instead of compiling them again."""
     dtype = _check_dtype(dtype)
     if path not in PATHS:
         raise ImpError(f"unknown weight path {path!r}; use one of {', '.join(PATHS)}")
     user_input.load_options(max_context=max_context, batch=batch)
     if max_context == "auto":
         return auto_context(
-            specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels
-        )
+            specs, config, label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels,
+            store=store,
+        )  # fmt: skip
     if config.context_length < 1:
         raise ImpError(f"{label}: the model's context_length is {config.context_length}")
     max_context = min(max_context, config.context_length)
-    args = dict(label=label, max_context=max_context, batch=batch, dtype=dtype, budget=budget, kernels=kernels)
+    args = dict(
+        label=label, max_context=max_context, batch=batch, dtype=dtype, budget=budget, kernels=kernels, store=store
+    )
     if path != "auto":
         return _plan(specs, config, path=path, **args)
     if not any(_without_kernel(s, kernels) for s in _leaves(specs)):
@@ -384,12 +391,15 @@ def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
         budget=plan.budget,
         path=plan.path,
         kernels=plan.kernels,
+        store=plan.store,
     )
     args.update(changes)
     return plan_specs(plan.source_specs, plan.config, **args)
 
 
-def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget, kernels) -> MemoryPlan:
+def _plan(
+    specs, config: ModelConfig, *, path: str, label, max_context, batch, dtype, budget, kernels, store
+) -> MemoryPlan:
     planned = _apply_path(specs, path, dtype, kernels)
     # repacking traced once per leaf
     abstract = {s: _placed(s, abstract_leaf(s, kernels), config) for s in _leaves(planned)}
@@ -405,15 +415,15 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
     tokens = jax.ShapeDtypeStruct((batch, max_context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     sampling = jax.eval_shape(SamplingParams().arrays)
-    prefill, decode = _compile_all(
-        steps.prefill_step.lower(params, config, tokens, lengths, cache, kernels=kernels),
-        # The sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask).
-        steps.decode_step.lower(params, config, cache, state, sampling, greedy=False, penalty=True, kernels=kernels),
+    # decode: the sampling variant with the most workspace (sort over the vocabulary, repeat-penalty mask)
+    decode_flags = dict(greedy=False, penalty=True, kernels=kernels)
+    programs = (
+        (steps.prefill_step, (params, config, tokens, lengths, cache), dict(kernels=kernels)),
+        (steps.decode_step, (params, config, cache, state, sampling), decode_flags),
     )
-    measured = (
-        step_memory(f"prefill[{max_context}]", prefill, weights_bytes + kv_bytes + recurrent_bytes),
-        step_memory("decode", decode, weights_bytes + kv_bytes + state_bytes),
-    )
+    persistent = (weights_bytes + kv_bytes + recurrent_bytes, weights_bytes + kv_bytes + state_bytes)
+    names = (f"prefill[{max_context}]", "decode")
+    measured = _measured_steps(programs, persistent, names, store if config.mesh is None else None)
     return MemoryPlan(
         label=label,
         config=config,
@@ -432,7 +442,23 @@ def _plan(specs, config: ModelConfig, *, path: str, label, max_context, batch, d
         abstract_params=params,
         kernels=kernels,
         device_weights=per_device.device_weights(abstract, config),
+        store=store,
     )
+
+
+def _measured_steps(programs, persistent: tuple[int, ...], names: tuple[str, ...], store: Store | None):
+    """XLA's accounting of each (function, arguments, statics) program: read back from ``store`` when an earlier
+    plan measured the same programs, else compiled (statistics only, side by side) and recorded there. (Plans over
+    a mesh get no store: their programs hold a device assignment.)"""
+    key = repr([program_key(fn, args, statics) for fn, args, statics in programs] + [_STATISTICS_ONLY])
+    record = store.record(key) if store is not None else None
+    if record is not None:
+        return tuple(StepMemory(n, t, io) for n, (t, io) in zip(names, record["steps"], strict=True))
+    compiled = _compile_all(*(fn.lower(*args, **statics) for fn, args, statics in programs))
+    measured = tuple(step_memory(n, c, p) for n, c, p in zip(names, compiled, persistent, strict=True))
+    if store is not None:
+        store.put_record(key, {"steps": [[m.temp_bytes, m.io_bytes] for m in measured]})
+    return measured
 
 
 def _placed(spec: TensorSpec, leaf, config: ModelConfig):
@@ -627,12 +653,21 @@ def _predicted_probe(known: dict, cands: list[int], lo: int, hi: int, need, room
 
 
 def auto_context(
-    specs, config: ModelConfig, *, label, batch, dtype, budget, path="auto", kernels: KernelPolicy = REFERENCE
+    specs,
+    config: ModelConfig,
+    *,
+    label,
+    batch,
+    dtype,
+    budget,
+    path="auto",
+    kernels: KernelPolicy = REFERENCE,
+    store: Store | None = None,
 ) -> MemoryPlan:
     """The plan at the largest context that fits; if none does, the plan at the smallest candidate context (it
     says how far even that is from fitting). The smallest is planned first: when it does not fit, nothing does,
     and that answer costs one plan instead of a bisection from the full context down."""
-    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels)
+    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels, store=store)
     smallest = plan_specs(specs, config, max_context=context_candidates(config.context_length)[0], **args)
     if not smallest.fits:
         return smallest

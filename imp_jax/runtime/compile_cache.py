@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache, on by default, in the imp-jax cache directory.
+"""Compiled programs kept on disk, on by default, in the imp-jax cache directory: JAX's persistent compilation
+cache, and imp-jax's own store of whole executables and plan statistics.
 
 A new process pays for every XLA compile of the model's steps (seconds to tens of seconds for an 8B model on a
 GPU, most of a cold CLI run). JAX can keep compiled executables on disk keyed by everything that changes the
@@ -9,21 +10,52 @@ program, however quickly it compiled: the loader's small programs add up too.
 JAX writes an entry with one ``write_bytes``; a process killed in the middle of it leaves a truncated entry that
 every later run fails to read and never replaces. ``AtomicCache`` writes each entry under a temporary name and
 renames it into place, so the directory only ever holds whole entries.
+
+JAX's cache is keyed by the lowered program, so a hit still pays for tracing and lowering it: for a Qwen3-8B
+Q4_K_M step that is seconds (its Mosaic GPU kernels lower in Python), paid again in every process, for the memory
+plan's two programs and the engine's first two. ``Store`` keeps what a repeated load would otherwise redo: the
+engine's compiled steps (``jax.experimental.serialize_executable``) and the plan's measured step memory, keyed by
+what they are compiled from (the function, its static arguments, the argument tree, every leaf's shape and dtype)
+and by a fingerprint of everything else that could change them: the source of imp_jax and pallas, the jax and
+jaxlib versions, the devices, ``XLA_FLAGS`` and the jax settings that change a program. A changed kernel policy,
+dtype, bucket or device kind is a different key. Entries are written whole (temporary file, then rename) and an
+entry that does not read back is ignored and replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.util
+import json
 import os
+import pickle
 import tempfile
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Any
 
 import jax
+import jaxlib
 from jax._src import compilation_cache as _jax_cache
 from jax._src import lru_cache as _jax_lru
+from jax.experimental import serialize_executable
 
 from imp_jax import registry
 
 _SUFFIX = "-cache"  # the name suffix of JAX's cache entries (jax._src.lru_cache)
+
+
+def _write_whole(path: Path, value: bytes) -> None:
+    """Write ``value`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class AtomicCache(_jax_lru.LRUCache):
@@ -33,16 +65,8 @@ class AtomicCache(_jax_lru.LRUCache):
         if not key:
             raise ValueError("cache key cannot be empty")
         path = Path(self.path) / f"{key}{_SUFFIX}"
-        if path.exists():
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not path.exists():
+            _write_whole(path, value)
 
 
 def _file_cache(path: str):
@@ -77,15 +101,110 @@ def disable() -> None:
     _jax_cache.reset_cache()
 
 
-def configure(setting: bool | str | os.PathLike[str]) -> Path | None:
+def configure(setting: bool | str | os.PathLike[str]) -> Store | None:
     """The one place a load's ``compile_cache`` setting is applied: True (the default folder), False (off), or a
-    folder. Returns the folder in use."""
+    folder. Returns the store of executables and plans in that folder (None when off)."""
     if setting is False:
         disable()
         return None
-    return enable(None if setting is True else setting)
+    return Store(enable(None if setting is True else setting), fingerprint())
 
 
 def entries(directory: str | os.PathLike[str]) -> set[str]:
-    """The names of the whole entries in a cache folder (what a test compares between two runs)."""
-    return {p.name for p in Path(directory).glob(f"*{_SUFFIX}")}
+    """The names of the whole entries in a cache folder, JAX's and the store's (what a test compares between two
+    runs)."""
+    root = Path(directory)
+    return {p.name for p in root.glob(f"*{_SUFFIX}")} | {
+        f"{kind}/{p.name}" for kind in Store.KINDS for p in (root / kind).glob("*") if not p.name.startswith(".")
+    }
+
+
+# jax settings that change what a traced program computes (the rest change how it is run or logged)
+_JAX_SETTINGS = (
+    "jax_enable_x64",
+    "jax_default_matmul_precision",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+)
+
+
+def fingerprint() -> str:
+    """What, besides a program's own arguments, decides what it compiles to on this machine."""
+    h = hashlib.sha256()
+    for package in ("imp_jax", "pallas"):
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    devices = jax.devices()
+    h.update(
+        repr(
+            (
+                jax.__version__,
+                jaxlib.__version__,
+                [(d.platform, d.device_kind) for d in devices],
+                os.environ.get("XLA_FLAGS", ""),
+                [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS],
+            )
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def program_key(fn: Callable, args: tuple, statics: dict[str, Hashable]) -> str:
+    """A readable description of one program: the function, its static arguments, the argument tree and each
+    leaf's shape, dtype and weak type, or its repr for a static value passed by position such as a config (the
+    store hashes it with the fingerprint)."""
+    leaves, tree = jax.tree.flatten(args)
+    avals = [
+        (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) if hasattr(x, "shape") else repr(x)
+        for x in leaves
+    ]
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return repr((name, sorted(statics.items(), key=lambda kv: kv[0]), str(tree), avals))
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """Whole executables (``steps/``) and plan statistics (``plans/``) in ``directory``, under ``fingerprint``."""
+
+    directory: Path
+    fingerprint: str
+    KINDS = ("steps", "plans")
+
+    def _path(self, kind: str, description: str) -> Path:
+        digest = hashlib.sha256((self.fingerprint + "\n" + description).encode()).hexdigest()
+        folder = self.directory / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / digest
+
+    def executable(self, description: str) -> Any | None:
+        """The executable stored under ``description``, loaded onto the devices; None when there is none or it
+        does not read back (it is then removed)."""
+        path = self._path("steps", description)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return serialize_executable.deserialize_and_load(*pickle.loads(blob))
+        except Exception:
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_executable(self, description: str, compiled) -> None:
+        _write_whole(self._path("steps", description), pickle.dumps(serialize_executable.serialize(compiled)))
+
+    def record(self, description: str) -> dict | None:
+        """The JSON record stored under ``description`` (plan statistics), or None."""
+        path = self._path("plans", description)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_record(self, description: str, record: dict) -> None:
+        _write_whole(self._path("plans", description), json.dumps(record).encode())

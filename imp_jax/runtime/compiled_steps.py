@@ -8,6 +8,9 @@ not reuse an executable made this way (it keeps its own cache), so every step ca
 runs the ``Compiled`` object kept for the call's signature, waiting for it when the worker is still compiling, and
 compiling a new signature the same way when one comes. ``compiled`` lists every signature compiled, in order: a
 test counts it to prove nothing compiles twice.
+
+With a ``compile_cache.Store`` an executable another process compiled is read back instead (no tracing, no
+lowering), and one compiled here is written for the next process.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
+
+from imp_jax.runtime.compile_cache import Store, program_key
 
 Call = tuple[tuple, dict[str, Hashable]]  # (positional arguments, static keyword arguments)
 
@@ -40,7 +45,8 @@ def _spread(x) -> Hashable:
 class CompiledSteps:
     """The executables of one model's jitted steps (functions whose static arguments are keyword-only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
         self._lock = threading.Lock()
         self._programs: dict[tuple, concurrent.futures.Future] = {}
         self.compiled: list[tuple] = []
@@ -74,9 +80,21 @@ class CompiledSteps:
         for future, args, statics in todo:
             self._compile(future, fn, args, statics)
 
-    @staticmethod
-    def _compile(future: concurrent.futures.Future, fn: Callable, args: tuple, statics: dict) -> None:
+    def _compile(self, future: concurrent.futures.Future, fn: Callable, args: tuple, statics: dict) -> None:
         try:
-            future.set_result(fn.lower(*args, **statics).compile())
+            future.set_result(self._executable(fn, args, statics))
         except BaseException as e:  # the caller of the step gets the compile error
             future.set_exception(e)
+
+    def _executable(self, fn: Callable, args: tuple, statics: dict):
+        """The stored executable of this call, else a new compile (then stored). Calls over several devices are
+        compiled in the process (their executables hold a device assignment)."""
+        leaves = jax.tree.leaves(args)
+        if self.store is None or any(_spread(x) is not None for x in leaves):
+            return fn.lower(*args, **statics).compile()
+        key = program_key(fn, args, statics)
+        compiled = self.store.executable(key)
+        if compiled is None:
+            compiled = fn.lower(*args, **statics).compile()
+            self.store.put_executable(key, compiled)
+        return compiled

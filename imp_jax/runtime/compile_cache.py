@@ -193,7 +193,13 @@ class Store:
             return None
 
     def put_executable(self, description: str, compiled) -> None:
-        _write_whole(self._path("steps", description), pickle.dumps(serialize_executable.serialize(compiled)))
+        """Keep ``compiled`` for the next process; an executable the backend cannot serialize is not kept (the
+        next process compiles it again, as without a store)."""
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+        except Exception:
+            return
+        _write_whole(self._path("steps", description), blob)
 
     def record(self, description: str) -> dict | None:
         """The JSON record stored under ``description`` (plan statistics), or None."""

@@ -172,7 +172,9 @@ def load(
     model.plan = plan
     engine_for(model).compile_ahead(plan.abstract_params)  # the first token's steps, while the weights stream
     phase("engine")
-    model.params = load_params(mf, config, plan.specs, policy, on_bytes=_progress(mf, plan, show))
+    on_bytes = _progress(mf, plan, show)
+    loader_programs = CompiledSteps(store)  # the loader's own programs, kept in the same store as the steps
+    model.params = load_params(mf, config, plan.specs, policy, on_bytes=on_bytes, programs=loader_programs)
     jax.block_until_ready(model.params)
     phase("weights")
     model.load_timings = timings

@@ -13,6 +13,7 @@ from imp_jax.ops.matmul import (
     matmul,
     matmul_path,
     prepare_weight,
+    repack_weight,
     repacks,
     scale_bound,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "matmul",
     "matmul_path",
     "prepare_weight",
+    "repack_weight",
     "repacks",
     "resolve_kernels",
     "scale_bound",

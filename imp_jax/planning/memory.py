@@ -435,7 +435,7 @@ def _plan(
         kv_cache_bytes=kv_bytes,
         state_bytes=state_bytes,
         steps=measured,
-        load_transient_bytes=max((_load_transient(s, a, scratch) for s, a in abstract.items()), default=0),
+        load_transient_bytes=max((_load_transient(s, a, scratch, store) for s, a in abstract.items()), default=0),
         budget=budget,
         specs=planned,
         source_specs=specs,
@@ -553,16 +553,16 @@ _FLOAT_DTYPES = {
 }
 
 
-def _load_transient(spec: TensorSpec, leaf, scratch: dict) -> int:
+def _load_transient(spec: TensorSpec, leaf, scratch: dict, store: Store | None) -> int:
     """Bytes beside the final weights while this leaf is put on the device (see params.materialize); ``scratch``
     keeps to_dense's temp bytes per distinct matrix across the leaves of one plan (a model has a handful)."""
     if is_fallback(spec):  # the stored blocks, and to_dense's scratch (one stacked slice at a time)
         one = abstract_stored(packed_spec(_unstacked(spec)))
         key = (one.data.shape, one.data.dtype, None if one.scale is None else one.scale.shape, one.qtype, spec.dtype)
         if key not in scratch:
-            scratch[key] = _dense_scratch(one, spec.dtype)
+            scratch[key] = _dense_scratch(one, spec.dtype, store)
         return _nbytes(abstract_stored(packed_spec(spec))) + scratch[key]
-    if spec.dtype is None:  # repacked for a kernel (ops._repack): the stored blocks and one matrix's scratch
+    if spec.dtype is None:  # repacked for a kernel (ops.repack_weight): the stored blocks and one matrix's scratch
         stored = _nbytes(abstract_stored(spec))
         return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
     stored = _FLOAT_DTYPES.get(spec.qtype)
@@ -571,11 +571,17 @@ def _load_transient(spec: TensorSpec, leaf, scratch: dict) -> int:
     return len(spec.names) * math.prod(spec.shape) * jnp.dtype(stored).itemsize
 
 
-def _dense_scratch(one: QTensor, dtype: str) -> int:
+def _dense_scratch(one: QTensor, dtype: str, store: Store | None) -> int:
     """to_dense's scratch for one matrix (every stacked leaf converts one slice at a time, so its scratch is its
-    slice's)."""
-    stats = to_dense.lower(one, dtype=dtype).compile(_STATISTICS_ONLY).memory_analysis()
-    return int(stats.temp_size_in_bytes) if stats is not None else 0
+    slice's), read back from ``store`` when an earlier plan measured it."""
+    key = repr([program_key(to_dense, (one,), dict(dtype=dtype)), _STATISTICS_ONLY])
+    record = store.record(key) if store is not None else None
+    if record is None:
+        stats = to_dense.lower(one, dtype=dtype).compile(_STATISTICS_ONLY).memory_analysis()
+        record = {"temp": int(stats.temp_size_in_bytes) if stats is not None else 0}
+        if store is not None:
+            store.put_record(key, record)
+    return record["temp"]
 
 
 # --- fitting ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import fused_shards, rope_inv_freq
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
+from imp_jax.runtime.compiled_steps import CompiledSteps
 from imp_jax.weights import sharding
 from imp_jax.weights.fallback import to_dense
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, map_specs, tensor_name
@@ -101,8 +102,14 @@ def _place_unit(stack, value, u: jax.Array):
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def _cast(x: jax.Array, dtype: str) -> jax.Array:
+def _cast(x: jax.Array, *, dtype: str) -> jax.Array:
     return x.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _zeros_stack(value, *, n: int):
+    """Zeros for ``n`` units of ``value`` (one unit's leaf), on one device."""
+    return jax.tree.map(lambda a: jnp.zeros((n, *a.shape), a.dtype), value)
 
 
 class _Loader:
@@ -113,14 +120,23 @@ class _Loader:
     (repacked for the kernels, dequantized for the fallback, cast to the compute dtype) one unit at a time, and
     written in place into its slot of the stacked leaf. So beyond the memmap and the weights, at most
     ``IN_FLIGHT`` bytes of tensors (or one unit, if larger) are on their way, the device holds one unit's scratch,
-    and each program compiles once per distinct unit shape, not once per tensor or stack length.
+    and each program compiles once per distinct unit shape, not once per tensor or stack length. On one device
+    the programs run through ``programs`` (a ``CompiledSteps``), so with a compile-cache store a repeated load reads
+    them back instead of tracing and lowering each again.
     """
 
     THREADS = 4
     IN_FLIGHT = 256 * 2**20
 
-    def __init__(self, mf: ModelFile, cfg: ModelConfig, kernels: KernelPolicy, on_bytes: Callable[[int], None] | None):
-        self.mf, self.cfg, self.kernels, self.on_bytes = mf, cfg, kernels, on_bytes
+    def __init__(
+        self,
+        mf: ModelFile,
+        cfg: ModelConfig,
+        kernels: KernelPolicy,
+        on_bytes: Callable[[int], None] | None,
+        programs: CompiledSteps,
+    ):
+        self.mf, self.cfg, self.kernels, self.on_bytes, self.programs = mf, cfg, kernels, on_bytes, programs
         self.mesh = cfg.mesh  # under tensor parallelism every tensor goes straight to its shards
         self.pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="imp-jax-load")
         self.in_flight = 0
@@ -178,28 +194,36 @@ class _Loader:
                 return value
             if out is None:
                 n = len(spec.names)
-                out = sharding.stacked_zeros(value, n)
-            out = _place_unit(out, value, np.int32(u))
+                out = sharding.stacked_zeros(value, n) if self.mesh else self._run(_zeros_stack, value, n=n)
+            out = self._run(_place_unit, out, value, np.int32(u))
         return out
+
+    def _run(self, fn, *args, **statics):
+        """``fn(*args, **statics)``: through the model's compiled programs on one device, a plain call over a
+        mesh (its programs hold a device assignment)."""
+        return fn(*args, **statics) if self.mesh else self.programs.call(fn, args, statics)
 
     def _unit(self, spec: TensorSpec, parts: list[jax.Array], u: int):
         """One unit's leaf from its parts on the device, in the form the model reads."""
         # fused parts are joined in per-shard groups under tensor parallelism
-        data = parts[0] if len(parts) == 1 else sharding.join_fused(parts, fused_shards(spec.rows, self.cfg.tp))
+        if len(parts) == 1:
+            data = parts[0]
+        else:
+            data = self._run(sharding.join_fused, parts, shards=fused_shards(spec.rows, self.cfg.tp))
         if not is_quantized(spec.qtype):
-            return _cast(data, spec.dtype)
+            return self._run(_cast, data, dtype=spec.dtype)
         scale = None
         if spec.scale_names:  # NVFP4's per-tensor scale
             scale = jnp.float32(np.asarray(self.mf.raw(spec.scale_names[u])).view(np.float32)[0])
         w = QTensor(data, scale, spec.qtype, spec.qshape)
         if spec.dtype is not None:  # the dequantized fallback (imp_jax.weights.fallback)
-            return to_dense(w, spec.dtype)
+            return self._run(to_dense, w, dtype=spec.dtype)
         if spec.gathered or not ops.repacks(w, self.kernels):
             return w
-        bound = ops.scale_bound(w)
+        bound = ops.scale_bound(w)  # checked for every matrix at once at the end: no sync per matrix
         if bound is not None:
             self.bounds.append((w.full_shape, bound))
-        return ops.prepare_weight(w, self.kernels, check=False)
+        return self._run(ops.repack_weight, w)
 
 
 def load_params(
@@ -208,10 +232,12 @@ def load_params(
     specs: Decoder,
     kernels: KernelPolicy = REFERENCE,
     on_bytes: Callable[[int], None] | None = None,
+    programs: CompiledSteps | None = None,
 ):
     """Read every leaf from the memmap and put it on the device in the layout ``kernels`` reads (``on_bytes``
-    reports the bytes of each tensor as its transfer completes, from a transfer thread)."""
-    return _Loader(mf, cfg, kernels, on_bytes).load(specs)
+    reports the bytes of each tensor as its transfer completes, from a transfer thread; ``programs`` runs the
+    loader's programs: with a compile-cache store, a repeated load reads them back)."""
+    return _Loader(mf, cfg, kernels, on_bytes, programs or CompiledSteps()).load(specs)
 
 
 def abstract_params(specs: Decoder, kernels: KernelPolicy = REFERENCE):

@@ -55,16 +55,20 @@ want memory && XLA_FLAGS=--xla_gpu_autotune_level=0 step memory 500 python3 benc
     --configs llama-70b/bf16,qwen3-8b/mxfp4,qwen3.5-27b/mxfp4-packed,qwen3.5-27b/mxfp4-bf16-fallback,qwen3-8b/q8_0 \
     --json "$R/memory.json" &
 
-want load && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
-    --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+for q in q4_k_m q8_0; do
+    want load && step "write_$q" 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant $q \
+        --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/$q.gguf
+done
+want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf,/tmp/g/q8_0.gguf \
+    --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
+want decode && step decode 200 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
+    --batches 1 --out "$R/decode.json"
+want serving && step serving 150 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,4,16,64 \
+    --json "$R/serving.json"
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --stacks "$R/load_stacks.txt" \
-    --profile "$R/load_profile.txt" --json "$R/load.json"
-want serving && step serving 240 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,4,16,64 \
-    --json "$R/serving.json"
-want load || want serving || want probe && pack
+want load || want serving || want probe || want decode && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -89,6 +93,7 @@ tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
 want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load && { echo "=== load"; tail -8 "$R/load.log"; }
+want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"

@@ -268,3 +268,30 @@ def test_load_says_where_its_time_went(real_model):
     timings = model.load_timings
     assert list(timings) == ["open_s", "tokenizer_s", "plan_s", "engine_s", "weights_s"]
     assert all(v >= 0 for v in timings.values()) and sum(timings.values()) <= total
+
+
+def test_store_keys_change_with_what_changes_a_program(tmp_path, monkeypatch):
+    """A store entry is found only for the same program: another kernel policy, dtype or bucket is another
+    description, and another machine (device kind, XLA flags, jax version, imp-jax source) another fingerprint."""
+    from imp_jax.ops.policy import REFERENCE, KernelPolicy
+
+    def square(x, *, kernels):
+        return x * x
+
+    x16, x32 = jax.ShapeDtypeStruct((16,), "float32"), jax.ShapeDtypeStruct((32,), "float32")
+    base = compile_cache.program_key(square, (x16,), dict(kernels=REFERENCE))
+    assert base == compile_cache.program_key(square, (x16,), dict(kernels=REFERENCE))
+    others = {
+        compile_cache.program_key(square, (x16,), dict(kernels=KernelPolicy(matmul=True))),
+        compile_cache.program_key(square, (x32,), dict(kernels=REFERENCE)),
+        compile_cache.program_key(square, (jax.ShapeDtypeStruct((16,), "bfloat16"),), dict(kernels=REFERENCE)),
+    }
+    assert base not in others and len(others) == 3
+    here = compile_cache.fingerprint()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert compile_cache.fingerprint() != here
+    a, b = compile_cache.Store(tmp_path, here), compile_cache.Store(tmp_path, "another machine")
+    a.put_record(base, {"steps": [[1, 2]]})
+    assert a.record(base) == {"steps": [[1, 2]]} and b.record(base) is None
+    (tmp_path / "plans" / next(p.name for p in (tmp_path / "plans").iterdir())).write_bytes(b"\xff torn")
+    assert a.record(base) is None and not list((tmp_path / "plans").iterdir())  # a damaged entry is dropped

@@ -59,11 +59,13 @@ class SyntheticModel:
     programs: CompiledSteps = dataclasses.field(default_factory=CompiledSteps)
 
 
-def run_round(model: SyntheticModel, concurrency: int, prompt: int, output: int, token_budget: int, seed: int):
+def run_round(
+    model: SyntheticModel, concurrency: int, prompt: int, output: int, token_budget: int, seed: int, decode_steps: int
+):
     """One round on a fresh engine sized for it; returns (decode tokens, decode seconds) of the timed window."""
     pages = concurrency * -(-(prompt + output) // 16)
     engine = Engine(model, page_size=16, n_pages=pages, max_seqs=concurrency, token_budget=token_budget,
-                    prefix_caching=False)  # fmt: skip
+                    prefix_caching=False, decode_steps=decode_steps)  # fmt: skip
     rng = np.random.default_rng(seed)
     for _ in range(concurrency):
         engine.add_request([int(t) for t in rng.integers(0, model.config.vocab_size, prompt)], max_tokens=output)
@@ -80,29 +82,44 @@ def run_round(model: SyntheticModel, concurrency: int, prompt: int, output: int,
     return counted, time.perf_counter() - (t0 if t0 is not None else time.perf_counter())
 
 
-def measure(shape: str, quant: str, concurrency: list[int], prompt: int, output: int, token_budget: int) -> list[dict]:
+def measure(
+    shape: str,
+    quant: str,
+    concurrency: list[int],
+    prompt: int,
+    output: int,
+    token_budget: int,
+    decode_steps: list[int],
+) -> list[dict]:
     dtype = resolve_dtype("auto")
     kernels = resolve_kernels()
     params, cfg, size, _ = bench.synthetic_model(shape, quant, dtype, kernels=kernels)
     model = SyntheticModel(cfg, params, dtype, prompt + output, kernels)
     rows = []
-    for c in concurrency:
-        run_round(model, c, prompt, min(output, 8), token_budget, seed=c)  # compile every bucket of this round
-        tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 1)
-        rows.append(dict(model=shape, quant=quant, concurrency=c, prompt=prompt, output=output,
-                         decode_tokens=tokens, decode_s=seconds, tok_s=tokens / seconds if seconds else 0.0,
-                         weights_gib=size / 2**30, device=jax.devices()[0].device_kind))  # fmt: skip
-    base = rows[0]["tok_s"] if rows and rows[0]["concurrency"] == 1 else None
-    for r in rows:
-        r["x_batch1"] = r["tok_s"] / base if base else None
+    for k in decode_steps:
+        mine = []
+        for c in concurrency:
+            # the warm-up compiles every bucket of the round, the multi-step decode's included
+            run_round(model, c, prompt, min(output, 2 * k + 2), token_budget, seed=c, decode_steps=k)
+            tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 1, decode_steps=k)
+            mine.append(dict(model=shape, quant=quant, decode_steps=k, concurrency=c, prompt=prompt, output=output,
+                             decode_tokens=tokens, decode_s=seconds, tok_s=tokens / seconds if seconds else 0.0,
+                             weights_gib=size / 2**30, device=jax.devices()[0].device_kind))  # fmt: skip
+        base = mine[0]["tok_s"] if mine and mine[0]["concurrency"] == 1 else None
+        for r in mine:
+            r["x_batch1"] = r["tok_s"] / base if base else None
+        rows += mine
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | quant | concurrent | prompt+output | decode tok/s | x batch 1 |\n|---|---|---|---|---|---|"
+    head = (
+        "| model | quant | decode steps per dispatch | concurrent | prompt+output | decode tok/s | x batch 1 |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     body = [
-        f"| {r['model']} | {r['quant']} | {r['concurrency']} | {r['prompt']}+{r['output']} | {r['tok_s']:.1f} | "
-        + (f"{r['x_batch1']:.1f}x |" if r["x_batch1"] else "- |")
+        f"| {r['model']} | {r['quant']} | {r['decode_steps']} | {r['concurrency']} | {r['prompt']}+{r['output']} | "
+        f"{r['tok_s']:.1f} | " + (f"{r['x_batch1']:.1f}x |" if r["x_batch1"] else "- |")
         for r in rows
     ]
     return "\n".join([head, *body])
@@ -115,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--token-budget", type=int, default=2048, help="tokens one engine step may feed")
+    ap.add_argument("--decode-steps", default="8", help="decode steps per dispatch to compare, comma-separated")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    decode_steps = [int(k) for k in args.decode_steps.split(",")]
     rows = []
     for spec in args.models.split(","):
         shape, quant = spec.split(":")
-        rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget)
+        rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget, decode_steps)
         print(table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -259,3 +259,53 @@ def test_engine_takes_its_pool_from_the_plan_and_a_budget_sizes_it():
     with pytest.raises(ModelTooLarge, match="no KV page of 8 tokens fits"):
         plan_pool(dataclasses.replace(plan, budget=dataclasses.replace(budget, available_bytes=fixed)),
                   page_size=8, max_seqs=4, token_budget=32, utilization=1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_several_decode_steps_per_dispatch_give_what_single_steps_give(arch):
+    """decode_steps=4 runs four decode steps in one device loop: the tokens, finish reasons and logprobs of a
+    batch (greedy, seeded sampling with a repeat penalty, one max_tokens that ends inside a dispatch) are those
+    of single steps, and every page comes back."""
+    model = _model(arch)
+    prompts = _prompts(model.config.vocab_size, lengths=(3, 29, 11))
+    kws = [
+        dict(max_tokens=11, logprobs=2),
+        dict(max_tokens=9, temperature=0.9, top_k=20, seed=7, repeat_penalty=1.3),
+        dict(max_tokens=6, temperature=0.7, seed=3),
+    ]
+    runs = {}
+    for steps in (1, 4):
+        engine = Engine(model, **ENGINE, decode_steps=steps)
+        ids = [engine.add_request(p, **kw) for p, kw in zip(prompts, kws, strict=True)]
+        out = _drive(engine)
+        runs[steps] = [out[i] for i in ids]
+        assert engine.pool.n_used == 0 and sorted(engine.free_slots) == list(range(engine.max_seqs))
+    for single, multi in zip(runs[1], runs[4], strict=True):
+        assert multi[0] == single[0] and multi[1] == single[1]
+        if single[2] is not None:
+            np.testing.assert_allclose([lp for lp, _ in multi[2]], [lp for lp, _ in single[2]], rtol=1e-5, atol=1e-5)
+
+
+def test_several_decode_steps_end_at_a_stop_string_and_stream_whole_outputs():
+    """A stop string met inside a dispatch ends the request there (the tokens sampled after it are dropped), and
+    a dispatch's tokens arrive as one output per request."""
+    model = _model("llama")
+    prompt = _prompts(model.config.vocab_size, lengths=(9,))[0]
+    single = Engine(model, **ENGINE, decode_steps=1)
+    rid = single.add_request(prompt, max_tokens=20)
+    texts = []
+    while single.has_unfinished():
+        texts += [o.text for o in single.step() if o.request_id == rid]
+    full = "".join(texts)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = _alone(model, prompt, max_tokens=20, stop=[stop])
+    engine = Engine(model, **ENGINE, decode_steps=4)
+    rid = engine.add_request(prompt, max_tokens=20, stop=[stop])
+    sizes = []
+    got = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            sizes.append(len(o.token_ids))
+            got += o.token_ids
+    assert got == expected[0] and max(sizes) > 1
+    assert engine.pool.n_used == 0

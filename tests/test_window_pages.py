@@ -68,9 +68,9 @@ def test_window_pages_stay_bounded_while_a_long_sequence_decodes(monkeypatch):
     held: list[tuple[int, int, int]] = []  # (tokens fed, window pages, full pages) while each step runs
     run = engine._run
 
-    def counting(batch, is_decode):
+    def counting(batch, is_decode, *steps):
         held.append((batch[0][1], engine.window_pool.n_used, engine.pool.n_used))
-        return run(batch, is_decode)
+        return run(batch, is_decode, *steps)
 
     monkeypatch.setattr(engine, "_run", counting)
     rid = engine.add_request(prompt, max_tokens=44)  # to the end of the 64-token context

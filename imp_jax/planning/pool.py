@@ -126,6 +126,7 @@ def plan_pool(
     max_seqs: int,
     token_budget: int,
     utilization: float | None = None,
+    decode_steps: int = 1,
 ) -> PoolPlan:
     """Size the engine's page pool for the model ``plan`` describes (see the module docstring). Raises
     ModelTooLarge when not one page fits beside the weights, the slots and engine_step's workspace."""
@@ -141,7 +142,7 @@ def plan_pool(
     if utilization is None:
         workspace = plan.steps
     else:
-        workspace = _engine_workspace(plan, page_size, max_seqs, token_budget, pages_per_seq)
+        workspace = _engine_workspace(plan, page_size, max_seqs, token_budget, pages_per_seq, decode_steps)
     available = plan.available_bytes * (utilization or 1.0)
     room = available - plan.budget.headroom_bytes - plan.weights_bytes - slot_bytes
     room -= max((s.workspace_bytes for s in workspace), default=0)
@@ -163,8 +164,11 @@ def plan_pool(
     return pool
 
 
-def _engine_workspace(plan: MemoryPlan, page_size: int, max_seqs: int, token_budget: int, pages_per_seq: int):
-    """XLA's accounting of engine_step at its largest decode and prefill buckets (as Engine._run pads them)."""
+def _engine_workspace(
+    plan: MemoryPlan, page_size: int, max_seqs: int, token_budget: int, pages_per_seq: int, decode_steps: int
+):
+    """XLA's accounting of engine_step at its largest decode (``decode_steps`` per dispatch) and prefill buckets
+    (as Engine._run pads them)."""
     cfg, dtype = plan.config, jnp.dtype(plan.dtype)
     params = abstract_params(plan.specs, plan.kernels)
     n_pg = steps.table_width(pages_per_seq, page_size, pages_per_seq)
@@ -173,11 +177,14 @@ def _engine_workspace(plan: MemoryPlan, page_size: int, max_seqs: int, token_bud
     rows = steps.pow2(max_seqs)
     chunk = steps.pow2(min(token_budget, plan.max_context), steps.MIN_BUCKET)
     out = []
-    for name, t, decode in (("engine_step decode", 1, True), ("engine_step prefill", chunk, False)):
+    for name, t, decode, k in (
+        ("engine_step decode", 1, True, decode_steps),
+        ("engine_step prefill", chunk, False, 1),
+    ):
         args = steps.engine_step_args(cfg, probe, rows, t, n_pg)
         compiled = steps.engine_step.lower(
             params, **args, decode=decode, chunked=True, greedy=False, penalty=True, n_logprobs=steps.MAX_LOGPROBS,
-            kernels=plan.kernels,
+            kernels=plan.kernels, n_steps=k,
         ).compile()  # fmt: skip
         out.append(step_memory(f"{name} [{rows} x {t}]", compiled, persistent))
     return tuple(out)

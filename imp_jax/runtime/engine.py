@@ -116,9 +116,13 @@ class Engine:
         token_budget: int = 256,
         prefix_caching: bool = True,
         memory_utilization: float | None = None,
+        decode_steps: int | None = None,
     ):
         if page_size < 1 or token_budget < 1:
             raise ImpError(f"page_size and token_budget must be >= 1, got {page_size} and {token_budget}")
+        self.decode_steps = default_decode_steps() if decode_steps is None else int(decode_steps)
+        if self.decode_steps < 1:
+            raise ImpError(f"decode_steps must be >= 1, got {decode_steps}")
         self.model = model
         self.cfg: ModelConfig = model.config
         self.max_context = int(model.max_context)
@@ -131,7 +135,8 @@ class Engine:
             if model.plan is None:
                 raise ImpError("the model has no memory plan to size the engine's pool from: give n_pages")
             self.pool_plan = plan_pool(model.plan, page_size=page_size, max_seqs=self.max_seqs,
-                                       token_budget=token_budget, utilization=memory_utilization)  # fmt: skip
+                                       token_budget=token_budget, utilization=memory_utilization,
+                                       decode_steps=self.decode_steps)  # fmt: skip
             n_pages = self.pool_plan.n_pages
         self.n_pages = n_pages
         self.window = self.cfg.kv_window  # 0: no window layers, no window group
@@ -267,9 +272,10 @@ class Engine:
             outputs = self.pending
             self.pending = []
             decode, prefill = self._schedule()
-            for batch, is_decode in ((prefill, False), (decode, True)):
-                if batch:
-                    outputs += self._run(batch, is_decode)
+            if prefill:
+                outputs += self._run(prefill, False)
+            if decode:
+                outputs += self._run(decode, True, self._steps_ahead(decode, prefill))
             for o in outputs:
                 req = self.requests.get(o.request_id)
                 if req is not None and req.out is not None:
@@ -306,6 +312,19 @@ class Engine:
             (decode if len(req.tokens) - req.n_cached == 1 else prefill).append((req, n))
             budget -= n
         return decode, prefill
+
+    def _steps_ahead(self, decode: list[tuple[_Request, int]], prefill: list) -> int:
+        """How many decode steps this round's decode rows run in one dispatch: ``decode_steps`` when nothing else
+        wants the next step (no prompt chunk, no waiting request), every row has that many tokens of room left
+        (its max_tokens and the context) and the pool holds their pages without preempting; else 1."""
+        k = self.decode_steps
+        if k == 1 or prefill or self.waiting:
+            return 1
+        if any(min(r.max_new - r.n_generated, self.max_context - r.n_cached) < k for r, _ in decode):
+            return 1
+        if not all(self._reserve(r, r.n_cached + k, preempt=False) for r, _ in decode):
+            return 1  # the pages some rows took stay theirs: they fill them in the next steps
+        return k
 
     def _match_prefix(self, req: _Request) -> None:
         """Pin the cached pages of the longest cached prefix of its tokens (all but the last token: one must be
@@ -418,20 +437,23 @@ class Engine:
         return args, dict(cfg=self.cfg, **flags)
 
     def compile_ahead(self, params, prompt_tokens: int = 16) -> None:
-        """Start compiling, on a worker thread, the two steps the first greedy generation of a prompt of up to
-        ``prompt_tokens`` tokens runs: its prefill chunk and its decode step. ``params`` may be the abstract
-        params the planner has, so this runs while the weights are still streaming."""
+        """Start compiling, on a worker thread, the steps the first greedy generation of a prompt of up to
+        ``prompt_tokens`` tokens runs: its prefill chunk and its decode step (with ``decode_steps`` > 1 the
+        multi-step one first, then the single step its last tokens take). ``params`` may be the abstract params
+        the planner has, so this runs while the weights are still streaming."""
         n = min(prompt_tokens, self.token_budget, self.max_context)
         shape = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
         calls = []
-        for is_decode, pages in ((False, -(-n // self.page_size)), (True, -(-(n + 1) // self.page_size))):
+        runs = [(False, -(-n // self.page_size), 1)]  # the prompt's chunk, then the decode steps
+        runs += [(True, -(-(n + k) // self.page_size), k) for k in sorted({self.decode_steps, 1}, reverse=True)]
+        for is_decode, pages, k in runs:
             x = shape(self._blank(*self._bucket(1, n, pages, is_decode)))
-            flags = dict(decode=is_decode, chunked=is_decode, greedy=True, penalty=False, n_logprobs=0)
+            flags = dict(decode=is_decode, chunked=is_decode, greedy=True, penalty=False, n_logprobs=0, n_steps=k)
             flags["kernels"] = self.model.kernels
             calls.append(self._step_call(params, shape(self.cache), x, **flags))
         self.model.programs.ahead(engine_step, calls)
 
-    def _run(self, batch: list[tuple[_Request, int]], is_decode: bool) -> list[StepOutput]:
+    def _run(self, batch: list[tuple[_Request, int]], is_decode: bool, n_steps: int = 1) -> list[StepOutput]:
         b, t, n_pg = self._bucket(len(batch), max(n for _, n in batch), max(len(r.pages) for r, _ in batch), is_decode)
         x = self._blank(b, t, n_pg)
         for i, (req, n) in enumerate(batch):
@@ -457,17 +479,24 @@ class Engine:
             penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
             n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
             kernels=self.model.kernels,
+            n_steps=n_steps,
         )
         out, self.cache = self.model.programs.call(engine_step, args, statics)
         out = jax.device_get(out)
         results = []
         for i, (req, n) in enumerate(batch):
-            req.n_cached += n
-            self._register_pages(req)
-            self._trim_window(req)
-            if req.n_cached < len(req.tokens):
-                continue  # a prompt chunk that does not reach its end samples nothing
-            results.append(self._accept(req, int(out["token"][i]), out, i))
+            produced: list[StepOutput] = []
+            for j in range(n_steps):  # step j fed the token step j - 1 sampled
+                req.n_cached += n if j == 0 else 1
+                self._register_pages(req)
+                self._trim_window(req)
+                if req.n_cached < len(req.tokens):
+                    break  # a prompt chunk that does not reach its end samples nothing
+                produced.append(self._accept(req, {k: v[j] for k, v in out.items()}, i))
+                if produced[-1].finished:
+                    break  # what the device sampled after the row's end is dropped
+            if produced:
+                results.append(_joined(produced))
         return results
 
     def _register_pages(self, req: _Request) -> None:
@@ -481,7 +510,9 @@ class Engine:
                     self.window_pool.register(req.window[col - req.window_first], key)
             req.keys += new
 
-    def _accept(self, req: _Request, token: int, out: dict, i: int) -> StepOutput:
+    def _accept(self, req: _Request, out: dict, i: int) -> StepOutput:
+        """Take the token row ``i`` sampled in one step's outputs ``out``."""
+        token = int(out["token"][i])
         req.tokens.append(token)
         req.n_generated += 1
         before = len(req.detok.token_ids)
@@ -514,6 +545,26 @@ class Engine:
         """Sliding-window pages referenced by running requests (0 without that group)."""
         with self._lock:
             return 0 if self.window_pool is None else self.window_pool.n_used
+
+
+def default_decode_steps() -> int:
+    """Decode steps per dispatch by backend: on a GPU the host's work between steps leaves the device idle, on
+    XLA:CPU the step itself dominates and streaming stays token by token."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
+def _joined(outputs: list[StepOutput]) -> StepOutput:
+    """One request's outputs of consecutive steps as one (tokens, text and logprobs in order; the last one's end)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    lps = None if last.logprobs is None else [lp for o in outputs for lp in o.logprobs]
+    return dataclasses.replace(
+        last,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        text="".join(o.text for o in outputs),
+        logprobs=lps,
+    )
 
 
 def _grow(pool: PagePool | None, pages: list[int], n: int) -> bool:

@@ -150,7 +150,7 @@ def decode_step(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs", "kernels"),
+    static_argnames=("cfg", "decode", "chunked", "greedy", "penalty", "n_logprobs", "kernels", "n_steps"),
     donate_argnames=("cache",),
 )
 def engine_step(
@@ -172,32 +172,54 @@ def engine_step(
     penalty: bool,
     n_logprobs: int,
     kernels: KernelPolicy,
+    n_steps: int = 1,
 ):
     """Feed tokens [B, T] at positions pos [B, T] (valid_len [B] real tokens per row) into each row's pages and
     slot, and sample one token per row after its last real token: row b draws with key fold_in(key(seeds[b]),
     counts[b]), its own stream whatever shares the batch. Returns ({token, [logprob, top_ids, top_logprobs]},
-    cache)."""
-    logits, cache = forward(
-        params,
-        cfg,
-        tokens,
-        pos,
-        cache,
-        decode=decode,
-        valid_len=valid_len,
-        logits_at=jnp.maximum(valid_len - 1, 0),
-        rows=rows,
-        chunked=chunked,
-        kernels=kernels,
-    )
-    logits = logits[:, 0]
-    scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    token = sampling.sample(scored, keys, samp, greedy=greedy)
-    out = dict(token=token)
-    if n_logprobs:
-        out["logprob"], out["top_ids"], out["top_logprobs"] = sampling.logprobs(logits, token, n_logprobs)
-    return out, cache
+    cache), each output with a leading axis of ``n_steps``.
+
+    A decode step with ``n_steps`` > 1 runs that many decode steps in one dispatch (a device loop): each feeds
+    the token the previous one sampled at the next position, with the next count of the row's stream and the
+    window of recent tokens advanced, so its tokens are exactly those of as many single steps. The rows' page
+    tables must already hold the positions it reaches; the host keeps each row's tokens up to the one that ends
+    it (EOS, a stop string, max_tokens) and drops the rest."""
+
+    def one(cache, tokens, pos, recent, counts):
+        logits, cache = forward(
+            params,
+            cfg,
+            tokens,
+            pos,
+            cache,
+            decode=decode,
+            valid_len=valid_len,
+            logits_at=jnp.maximum(valid_len - 1, 0),
+            rows=rows,
+            chunked=chunked,
+            kernels=kernels,
+        )
+        logits = logits[:, 0]
+        scored = sampling.apply_repeat_penalty(logits, recent, samp["repeat_penalty"]) if penalty else logits
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+        token = sampling.sample(scored, keys, samp, greedy=greedy)
+        out = dict(token=token)
+        if n_logprobs:
+            out["logprob"], out["top_ids"], out["top_logprobs"] = sampling.logprobs(logits, token, n_logprobs)
+        return out, cache
+
+    if n_steps == 1:
+        out, cache = one(cache, tokens, pos, recent, counts)
+        return jax.tree.map(lambda a: a[None], out), cache
+
+    def body(carry, _):
+        cache, tokens, pos, recent, counts = carry
+        out, cache = one(cache, tokens, pos, recent, counts)
+        token = out["token"]
+        return (cache, token[:, None], pos + 1, sampling.push_recent(recent, token), counts + 1), out
+
+    (cache, *_), outs = jax.lax.scan(body, (cache, tokens, pos, recent, counts), None, length=n_steps)
+    return outs, cache
 
 
 def engine_step_args(cfg: ModelConfig, cache: Cache, rows: int, tokens: int, n_pg: int) -> dict:

@@ -126,6 +126,21 @@ def test_a_second_process_reuses_the_compile_cache(real_model, tmp_path):
     assert second["text"] == first["text"]
 
 
+def test_the_store_keeps_only_executables_compiled_here(real_model, tmp_path):
+    """A store that misses where JAX's own cache hits (the store emptied, or a new imp-jax version over an old JAX
+    cache) keeps nothing of those executables: one read back from JAX's cache, serialized again, would load in
+    the next process and fail there ("Function ... not found" on XLA:CPU)."""
+    import shutil
+
+    path = real_model("tinycoder")
+    first = _child(path, tmp_path)
+    for kind in compile_cache.Store.KINDS:
+        shutil.rmtree(tmp_path / kind)
+    second = _child(path, tmp_path)
+    assert not list((tmp_path / "steps").glob("*"))
+    assert _child(path, tmp_path)["text"] == second["text"] == first["text"]
+
+
 def test_a_changed_dtype_or_bucket_misses_the_cache(real_model, tmp_path):
     path = real_model("tinycoder")
     _child(path, tmp_path)

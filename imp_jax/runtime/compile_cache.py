@@ -20,6 +20,10 @@ and by a fingerprint of everything else that could change them: the source of im
 jaxlib versions, the devices, ``XLA_FLAGS`` and the jax settings that change a program. A changed kernel policy,
 dtype, bucket or device kind is a different key. Entries are written whole (temporary file, then rename) and an
 entry that does not read back is ignored and replaced.
+
+Only an executable compiled in this process is stored: one JAX read back from its own cache serializes again into
+bytes that load but fail to run on XLA:CPU ("Function ... not found"), so ``compile_new`` says which it was, from
+JAX's cache-hit event in the compiling thread.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -99,6 +104,24 @@ def disable() -> None:
     """Turn the persistent cache off for this process (``load(compile_cache=False)``, ``--no-compile-cache``)."""
     jax.config.update("jax_enable_compilation_cache", False)
     _jax_cache.reset_cache()
+
+
+_compiling = threading.local()  # JAX cache hits seen by this thread's compiles
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _compiling.hits = getattr(_compiling, "hits", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def compile_new(lowered) -> tuple[Any, bool]:
+    """``lowered.compile()``, and whether XLA compiled it here (False: JAX read it back from its own cache)."""
+    before = getattr(_compiling, "hits", 0)
+    compiled = lowered.compile()
+    return compiled, getattr(_compiling, "hits", 0) == before
 
 
 def configure(setting: bool | str | os.PathLike[str]) -> Store | None:

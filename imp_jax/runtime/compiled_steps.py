@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from imp_jax.runtime.compile_cache import Store, program_key
+from imp_jax.runtime.compile_cache import Store, compile_new, program_key
 
 Call = tuple[tuple, dict[str, Hashable]]  # (positional arguments, static keyword arguments)
 
@@ -95,6 +95,7 @@ class CompiledSteps:
         key = program_key(fn, args, statics)
         compiled = self.store.executable(key)
         if compiled is None:
-            compiled = fn.lower(*args, **statics).compile()
-            self.store.put_executable(key, compiled)
+            compiled, new = compile_new(fn.lower(*args, **statics))
+            if new:  # (one JAX's cache gave back would not run once stored: compile_cache)
+                self.store.put_executable(key, compiled)
         return compiled

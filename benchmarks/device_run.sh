@@ -61,9 +61,9 @@ for q in q4_k_m q8_0; do
 done
 want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf,/tmp/g/q8_0.gguf \
     --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
-want decode && step decode 200 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
+want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
-want serving && step serving 150 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 1,8 \
+want serving && step serving 200 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 1,8 \
     --json "$R/serving.json"
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"

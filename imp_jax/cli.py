@@ -120,6 +120,42 @@ def _note(message: str) -> None:
     say(message)
 
 
+def _port(value: str) -> int:
+    """--port: an integer in 0..65535, refused by argparse before anything loads."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail now, before the model loads, when the server could not listen on host:port (in use, no permission,
+    unknown address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        raise ImpError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling options' ranges, checked before the model loads (the Engine checks them again per request)."""
+    from imp_jax import user_input
+
+    s = _sampling(args)
+    user_input.sampling_params(s["temperature"], s["top_k"], s["top_p"], s["min_p"], s["repeat_penalty"], s["seed"])
+    user_input.stop_strings(s["stop"])
+    user_input.integer(s["max_tokens"], "--max-tokens", 0, None)
+
+
 def _sampling(args: argparse.Namespace, max_tokens: int | None = None) -> dict:
     return dict(
         max_tokens=args.max_tokens if max_tokens is None else max_tokens,
@@ -173,6 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from imp_jax.feedback import RunStats, timed
 
     text = _prompt_text(args)
+    _check_sampling(args)
     model = _load(args)
     ids = model.tokenizer.encode(text)
     pieces = imp_jax.generate(model, ids, stream=True, **_sampling(args, _budget(args, model, len(ids))))
@@ -191,6 +228,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from imp_jax import registry
     from imp_jax.cli_chat import run_chat
 
+    _check_sampling(args)
     model = _load(args)
 
     def reply(ids: list[int]):
@@ -229,6 +267,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from imp_jax.serving.app import ServerSettings
     from imp_jax.serving.server import serve
 
+    _check_listen(args.host, args.port)
     model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
                          device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
                          debug=args.debug, compile_cache=compile_cache_setting())  # fmt: skip
@@ -363,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     _add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port; default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set IMP_JAX_API_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the --model name)")
     p.add_argument("--max-context", type=int, default=4096, help="context per request (default 4096)")

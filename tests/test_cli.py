@@ -97,6 +97,27 @@ def test_prompt_sources_and_argument_errors(tiny: str, tmp_path: Path) -> None:
     _one_error_line(cli("generate", "-m", tiny, "x", "--threads", "0"), "--threads takes 1 to")
 
 
+def test_bad_options_are_refused_before_the_model_loads(tiny: str) -> None:
+    """Sampling values out of range and a port the server could not listen on are one error line before any
+    load: nothing is read or planned first (the "loading" line never appears)."""
+    for args, pattern in (
+        (("--temperature", "-1"), "temperature must be"),
+        (("--top-p", "2"), "top_p must be"),
+        (("--max-tokens", "-3"), "--max-tokens must be"),
+    ):
+        run = cli("generate", "-m", tiny, "x", *args)
+        _one_error_line(run, pattern)
+    run = cli("serve", "-m", tiny, "--port", "99999")
+    assert run.returncode == 2 and "not a TCP port" in run.stderr and "loading" not in run.stderr
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run = cli("serve", "-m", tiny, "--port", str(taken.getsockname()[1]))
+    _one_error_line(run, "cannot listen on 127.0.0.1:")
+
+
 def test_generate_announces_and_reports(tiny: str, tmp_path: Path) -> None:
     """stdin prompt, context cut to the model's, a loading line, the plan's choices and the timings line."""
     run = cli("generate", "-", "-m", tiny, "-n", "4", "--context", "100000", "--threads", "1", stdin="Hello there")

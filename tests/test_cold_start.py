@@ -310,3 +310,16 @@ def test_store_keys_change_with_what_changes_a_program(tmp_path, monkeypatch):
     assert a.record(base) == {"steps": [[1, 2]]} and b.record(base) is None
     (tmp_path / "plans" / next(p.name for p in (tmp_path / "plans").iterdir())).write_bytes(b"\xff torn")
     assert a.record(base) is None and not list((tmp_path / "plans").iterdir())  # a damaged entry is dropped
+
+
+def test_only_what_xla_compiles_here_counts_as_new(_private_compile_cache):
+    """compile_new's answer decides what the store keeps: a program XLA compiles is new; the same program again
+    is not (JAX hands back the executable it holds, which may itself have come from its persistent cache)."""
+    import jax.numpy as jnp
+
+    compile_cache.enable(_private_compile_cache)
+    unique = float(time.time_ns() % 10**6)  # a program no earlier run compiled
+    f = jax.jit(lambda x: x * unique + 1)
+    x = jnp.arange(7.0)
+    assert compile_cache.compile_new(f.lower(x))[1]
+    assert not compile_cache.compile_new(f.lower(x))[1]

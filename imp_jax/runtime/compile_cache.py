@@ -21,9 +21,10 @@ jaxlib versions, the devices, ``XLA_FLAGS`` and the jax settings that change a p
 dtype, bucket or device kind is a different key. Entries are written whole (temporary file, then rename) and an
 entry that does not read back is ignored and replaced.
 
-Only an executable compiled in this process is stored: one JAX read back from its own cache serializes again into
-bytes that load but fail to run on XLA:CPU ("Function ... not found"), so ``compile_new`` says which it was, from
-JAX's cache-hit event in the compiling thread.
+Only an executable XLA compiled in the process is stored: one JAX read back from its own cache serializes again
+into bytes that load but fail to run on XLA:CPU ("Function ... not found"), and so does one JAX still holds in
+memory from such a read, so ``compile_new`` says which it was, from JAX's compile and cache-hit events in the
+compiling thread.
 """
 
 from __future__ import annotations
@@ -106,22 +107,35 @@ def disable() -> None:
     _jax_cache.reset_cache()
 
 
-_compiling = threading.local()  # JAX cache hits seen by this thread's compiles
+_compiling = threading.local()  # what this thread's compiles did: XLA compiles, JAX cache hits
 
 
-def _count_cache_hit(event: str, **_) -> None:
+def _count(name: str) -> None:
+    setattr(_compiling, name, getattr(_compiling, name, 0) + 1)
+
+
+def _on_event(event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
-        _compiling.hits = getattr(_compiling, "hits", 0) + 1
+        _count("hits")
 
 
-jax.monitoring.register_event_listener(_count_cache_hit)
+def _on_duration(event: str, secs: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _count("compiles")
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def compile_new(lowered) -> tuple[Any, bool]:
-    """``lowered.compile()``, and whether XLA compiled it here (False: JAX read it back from its own cache)."""
-    before = getattr(_compiling, "hits", 0)
+    """``lowered.compile()``, and whether XLA compiled it in this call: False when JAX read it back from its
+    persistent cache (a cache-hit event) or handed back an executable it already held in memory (no compile event
+    at all: JAX keeps each program it compiled or read back, per process)."""
+    before = (getattr(_compiling, "compiles", 0), getattr(_compiling, "hits", 0))
     compiled = lowered.compile()
-    return compiled, getattr(_compiling, "hits", 0) == before
+    compiles, hits = getattr(_compiling, "compiles", 0) - before[0], getattr(_compiling, "hits", 0) - before[1]
+    return compiled, compiles > 0 and hits == 0
 
 
 def configure(setting: bool | str | os.PathLike[str]) -> Store | None:

@@ -61,6 +61,10 @@ for q in q4_k_m q8_0; do
 done
 want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf,/tmp/g/q8_0.gguf \
     --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
+want quickload && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
+    --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+want quickload && step load 200 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --no-wall \
+    --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
 want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
 want serving && step serving 200 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 1,8 \
@@ -68,7 +72,7 @@ want serving && step serving 200 python3 benchmarks/serving.py --models qwen3-8b
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want serving || want probe || want decode && pack
+want load || want quickload || want serving || want probe || want decode && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -92,7 +96,7 @@ pack
 tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
 want probe && { echo "=== probe"; cat "$R/probe.json"; }
-want load && { echo "=== load"; tail -8 "$R/load.log"; }
+want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"

@@ -130,7 +130,12 @@ def _llama(binary: str, model: Path) -> dict:
 
 
 def measure(
-    model: str, max_context: int, llama: str | None, stacks: str | None = None, profile: str | None = None
+    model: str,
+    max_context: int,
+    llama: str | None,
+    stacks: str | None = None,
+    profile: str | None = None,
+    wall: bool = True,
 ) -> dict:
     from imp_jax import registry
 
@@ -139,12 +144,14 @@ def measure(
     row: dict = dict(model=Path(path).name)
     with tempfile.TemporaryDirectory() as cache:
         row["cold"] = _run_child(str(path), cache, max_context, stacks, profile)
+        print(json.dumps(row), flush=True)  # a row cut short by a time limit still says how the cold load went
         row["cached"] = _run_child(str(path), cache, max_context, stacks, profile)
-        env = dict(os.environ, IMP_JAX_COMPILE_CACHE=cache)
         cli = [sys.executable, "-m", "imp_jax.cli", "generate", "--model", str(path), "-n", str(TOKENS), PROMPT]
-        row["wall_cached_s"], _ = _wall(cli, env)
-    with tempfile.TemporaryDirectory() as cache:
-        row["wall_cold_s"], _ = _wall(cli, dict(os.environ, IMP_JAX_COMPILE_CACHE=cache))
+        if wall:
+            row["wall_cached_s"], _ = _wall(cli, dict(os.environ, IMP_JAX_COMPILE_CACHE=cache))
+    if wall:
+        with tempfile.TemporaryDirectory() as cache:
+            row["wall_cold_s"], _ = _wall(cli, dict(os.environ, IMP_JAX_COMPILE_CACHE=cache))
     if llama:
         row.update(_llama(llama, Path(path)))
     return row
@@ -156,6 +163,7 @@ def table(rows: list[dict]) -> str:
         f"{'wall s':>13} {'llama.cpp load/wall s':>22}"
     )
     lines = [head, "-" * len(head)]
+    nan = float("nan")  # a column not measured (--no-wall)
     for r in rows:
         c, w = r["cold"], r["cached"]
         if "error" in c or "error" in w:
@@ -165,7 +173,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['model']:<34} {w['file_gb']:>6.2f} {c['load_s']:>6.2f}/{w['load_s']:<6.2f} "
             f"{c['gb_s']:>5.3f}/{w['gb_s']:<5.3f} {c['compile_s']:>6.2f}/{w['compile_s']:<6.2f} "
-            f"{c['ttft_s']:>6.2f}/{w['ttft_s']:<6.2f} {r['wall_cold_s']:>6.2f}/{r['wall_cached_s']:<6.2f} {llama:>22}"
+            f"{c['ttft_s']:>6.2f}/{w['ttft_s']:<6.2f} {r.get('wall_cold_s', nan):>6.2f}/"
+            f"{r.get('wall_cached_s', nan):<6.2f} {llama:>22}"
         )
     lines.append("cold/cached: an empty compile cache / the same cache again; page cache warm in both")
     return "\n".join(lines)
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the rows here too")
     ap.add_argument("--stacks", default=None, help="append every thread's stack here every 10 s (slow loads)")
     ap.add_argument("--profile", default=None, help="append a cProfile of each load + first generation here")
+    ap.add_argument("--no-wall", action="store_true", help="skip the whole-command wall times (two processes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -187,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for name in args.models.split(","):  # each row printed and saved as soon as it is measured
-        rows.append(measure(name, args.max_context, args.llama_completion, args.stacks, args.profile))
+        rows.append(
+            measure(name, args.max_context, args.llama_completion, args.stacks, args.profile, wall=not args.no_wall)
+        )
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

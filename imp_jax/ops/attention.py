@@ -31,7 +31,8 @@ def attention_prefill(
     if _kernel_attention_ok(q, softcap, kernels):
         import pallas
 
-        return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
+        with policy.kernel_errors():
+            return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
     b, t = q.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     return attention(q, k, v, pos, pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
@@ -85,9 +86,10 @@ def attention_paged(
 
         if pallas.supports_paged(page, pages.shape[1], q.shape[-1]):
             lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
-            return pallas.paged_decode_attention(
-                q, k_cache, v_cache, pages, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
-            )
+            with policy.kernel_errors():
+                return pallas.paged_decode_attention(
+                    q, k_cache, v_cache, pages, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
+                )
     return attention_paged_gather(
         q, k_cache, v_cache, q_pos, layer, pages, scale=scale, window=window, softcap=softcap, sinks=sinks
     )

@@ -78,7 +78,8 @@ def repack_weight(w: QTensor):
 
     stack = w.stack_shape
     flat = w.data.reshape(-1, *w.data.shape[len(stack) :])
-    out = jax.lax.map(lambda one: pallas.repack(QTensor(one, None, w.qtype, w.shape)), flat)
+    with policy.kernel_errors():
+        out = jax.lax.map(lambda one: pallas.repack(QTensor(one, None, w.qtype, w.shape)), flat)
     return jax.tree.map(lambda a: a.reshape(*stack, *a.shape[1:]), out)
 
 
@@ -108,8 +109,9 @@ def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = po
     if matmul_path(w, kernels) == PALLAS:
         import pallas
 
-        pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
-        return pallas.quantized_matmul(x, pw).astype(out_dtype or x.dtype)
+        with policy.kernel_errors():
+            pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
+            return pallas.quantized_matmul(x, pw).astype(out_dtype or x.dtype)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
@@ -126,7 +128,8 @@ def expert_matmul(
     if matmul_path(w, kernels) == PALLAS:
         import pallas
 
-        return pallas.quantized_matmul(x, w, expert_ids=expert_ids).astype(out_dtype or x.dtype)
+        with policy.kernel_errors():
+            return pallas.quantized_matmul(x, w, expert_ids=expert_ids).astype(out_dtype or x.dtype)
     if isinstance(w, QTensor):
         scale = None if w.scale is None else jnp.take(w.scale, expert_ids, axis=0)
         wd = QTensor(jnp.take(w.data, expert_ids, axis=0), scale, w.qtype, w.shape).dequantize(x.dtype)

@@ -7,11 +7,13 @@ jitted step as a static argument, so a trace never depends on state it cannot se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 
-from imp_jax.errors import ImpError
+from imp_jax.errors import ImpError, KernelError
 
 # Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. Inside the scanned
 # layer stack XLA copies every layer's slice out of the stacked weights before cuBLAS reads it (29% of copy
@@ -65,6 +67,18 @@ def resolve_kernels(
     if mode == "off" or not hopper or (mode == "auto" and devices > 1):
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=mode == "all" or BF16_KERNEL, attention=True)
+
+
+@contextlib.contextmanager
+def kernel_errors() -> Iterator[None]:
+    """Raise a kernel's own ``pallas.KernelError`` as ``imp_jax.errors.KernelError``: ``pallas`` imports nothing
+    from imp_jax, and everything imp-jax raises on purpose is an ImpError that the CLI reports in one line."""
+    import pallas
+
+    try:
+        yield
+    except pallas.KernelError as e:
+        raise KernelError(str(e)) from e
 
 
 def resolve_dtype(dtype: str) -> str:

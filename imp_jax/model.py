@@ -156,7 +156,7 @@ def load(
     phase("open")
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")
-    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), on, policy)
+    config = on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)
     tokenizer = Tokenizer.from_metadata(mf.metadata, mf.path)
     phase("tokenizer")
     specs = param_specs(mf, config, dtype)

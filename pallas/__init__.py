@@ -1,8 +1,8 @@
 """Pallas Mosaic-GPU kernels for Hopper: quantized matmul and attention.
 
 The surface ``imp_jax.ops`` dispatches to. Every entry point takes ``interpret=True`` to run its kernel in
-Mosaic GPU's CPU interpreter (tests), raises ``imp_jax.errors.KernelError`` naming op, shapes and dtypes when it
-cannot run, and has a jnp reference beside its kernel.
+Mosaic GPU's CPU interpreter (tests), raises ``KernelError`` (``pallas.errors``) naming op, shapes and dtypes
+when it cannot run, and has a jnp reference beside its kernel. It imports nothing from ``imp_jax``.
 
 - ``repack(qtensor) -> PackedWeight`` once at load (``can_repack`` says which QTensors qualify), or
   ``dense_weight(w)`` for a bf16 matrix read in place (``can_view_dense``), then ``quantized_matmul(x, w)`` for
@@ -16,6 +16,7 @@ cannot run, and has a jnp reference beside its kernel.
 from pallas import kernel_identity
 from pallas.attention_decode import decode_attention, paged_decode_attention, supports_paged
 from pallas.attention_prefill import flash_attention
+from pallas.errors import KernelError
 from pallas.qformats import Fmt, PackedWeight, can_repack, can_view_dense, dense_weight, repack
 from pallas.qmatmul import MatmulConfig, quantized_matmul, supports
 
@@ -23,6 +24,7 @@ kernel_identity.install()  # before any kernel lowers: identical kernels compile
 
 __all__ = [
     "Fmt",
+    "KernelError",
     "MatmulConfig",
     "PackedWeight",
     "can_repack",

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from imp_jax.errors import KernelError
 from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
+from pallas.errors import KernelError
 
 ROWS = 64  # query rows per CTA: one wgmma M tile
 LOG2E = math.log2(math.e)

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from imp_jax.errors import KernelError
 from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
+from pallas.errors import KernelError
 
 BLOCK_Q = 64
 LOG2E = math.log2(math.e)

@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from imp_jax.errors import KernelError
+from pallas.errors import KernelError
 
 _T = GGMLQuantizationType
 

@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas.mgpu_decode as mgpu_decode
-from imp_jax.errors import KernelError
 from pallas.common import interpret_params, wgmma_from_regs
+from pallas.errors import KernelError
 from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
 
 CHUNK = 64  # K elements per wgmma: one 128-byte swizzled row of bf16 activations

@@ -9,8 +9,8 @@ import pytest
 
 import pallas
 from imp_jax import ops
-from imp_jax.errors import KernelError
 from imp_jax.ops.attention import attention_paged_gather
+from pallas import KernelError
 from pallas import attention_decode as da
 from pallas import attention_prefill as fa
 

@@ -10,9 +10,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 import pallas
-from imp_jax.errors import KernelError
+from imp_jax import errors, ops
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
+from pallas import KernelError
 
 _T = GGMLQuantizationType
 QTYPES = list(pallas.qformats.SOURCES)  # every GGUF type a kernel reads
@@ -165,6 +166,15 @@ def test_errors_name_shapes():
         pallas.quantized_matmul(
             jnp.zeros((1, 256), jnp.bfloat16), pw, config=pallas.MatmulConfig(64, 8, 512), interpret=True
         )
+
+
+def test_ops_raise_kernel_errors_as_imp_errors():
+    """pallas raises its own KernelError (it imports nothing from imp_jax); the dispatch point in ops raises it as
+    imp_jax's, an ImpError the CLI reports in one line."""
+    pw = pallas.repack(random_qtensor(np.random.default_rng(4), _T.Q8_0, 64, 256))
+    with pytest.raises(errors.KernelError, match=r"\(2, 128\)") as caught:
+        ops.matmul(jnp.zeros((2, 128), jnp.bfloat16), pw)
+    assert isinstance(caught.value, errors.ImpError) and isinstance(caught.value.__cause__, KernelError)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """The kernel policy is resolved once, from the setting and the device: the Pallas kernels on Hopper only, the
-reference path everywhere else, and for tensor parallelism "auto" means the reference path (the kernels have no
-sharded layout yet) while an explicit "all" is refused by the mesh."""
+reference path everywhere else; under tensor parallelism the kernels run per shard, all but the bf16 one (a
+dense matrix carries no shard layout)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import dataclasses
 import pytest
 
 from imp_jax.errors import ImpError
-from imp_jax.models.config import config_from_gguf
 from imp_jax.ops.policy import REFERENCE, resolve_kernels
-from imp_jax.weights import sharding
 
 
 @dataclasses.dataclass
@@ -35,20 +33,11 @@ def test_hopper_runs_the_kernels_on_one_device():
     assert resolve_kernels("0", HOPPER) == REFERENCE
 
 
-def test_auto_over_several_devices_is_the_reference_path():
-    assert resolve_kernels("auto", HOPPER, devices=2) == REFERENCE
-    assert resolve_kernels("all", HOPPER, devices=2).enabled
-
-
-def test_explicit_kernels_under_tensor_parallelism_are_refused(tmp_path):
-    from imp_jax.weights.files import open_model_file
-    from tests.tiny_gguf import write_tiny_llama
-
-    mf = open_model_file(write_tiny_llama(tmp_path / "t.gguf"))
-    cfg = config_from_gguf(mf.metadata, mf.tensors)
-    mesh = type("TwoDevices", (), {"shape": {sharding.TP: 2}})()
-    with pytest.raises(ImpError, match="XLA path only"):
-        sharding.on_mesh(cfg, mesh, resolve_kernels("all", HOPPER, devices=2))
+def test_several_devices_run_the_kernels_per_shard_but_dense_matrices_on_xla():
+    for setting in ("auto", "all"):
+        policy = resolve_kernels(setting, HOPPER, devices=2)
+        assert policy.matmul and policy.attention and not policy.bf16_matmul
+    assert resolve_kernels("off", HOPPER, devices=2) == REFERENCE
 
 
 def test_unknown_setting_names_the_choices():

@@ -91,7 +91,8 @@ def attention_mixer(
     valid = jnp.arange(t)[None, :] < step.valid_len[:, None]
     table = step.rows.table(window > 0)
     kv = ops.write_pages(kv, (k, v), layer, table, pos, valid)
-    opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks, kernels=step.kernels)
+    opts = dict(scale=cfg.attn_scale, window=window, softcap=cfg.attn_softcap, sinks=p.sinks)
+    opts |= dict(kernels=step.kernels, mesh=cfg.mesh)  # over a mesh the kernels run per kv-head shard
     if step.chunked:
         o = ops.attention_paged(q, *kv, pos, layer, table, **opts)
     else:

@@ -1,19 +1,27 @@
 """Attention: the one dispatch point for prefill and decode attention.
 
 ``attention_prefill`` / ``attention_paged`` pick the Pallas attention kernels where the model's load-time
-``KernelPolicy`` turns them on, for what they support, and the jnp reference (``attention``) otherwise.
+``KernelPolicy`` turns them on, for what they support, and the jnp reference (``attention``) otherwise. Over a
+``mesh`` (tensor parallelism) the kernels run per kv-head shard, as the KV pages are split
+(``sharded.by_kv_head``), where the kv heads divide over it; elsewhere the reference runs on XLA.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 import imp_jax.ops.policy as policy
+import imp_jax.ops.sharded as sharded
 
 
-def _kernel_attention_ok(q: jax.Array, softcap: float, kernels: policy.KernelPolicy) -> bool:
-    return kernels.attention and not softcap and q.shape[-1] in (64, 128, 256)
+def _kernel_attention_ok(
+    q: jax.Array, n_kv: int, softcap: float, kernels: policy.KernelPolicy, mesh: Mesh | None
+) -> bool:
+    return kernels.attention and not softcap and q.shape[-1] in (64, 128, 256) and sharded.splits_kv_heads(mesh, n_kv)
 
 
 def attention_prefill(
@@ -26,12 +34,17 @@ def attention_prefill(
     softcap: float = 0.0,
     sinks=None,
     kernels: policy.KernelPolicy = policy.REFERENCE,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Causal self-attention of a chunk that starts at position 0: q [B, T, H, D], k/v [B, T, Hkv, D]."""
-    if _kernel_attention_ok(q, softcap, kernels):
+    if _kernel_attention_ok(q, k.shape[2], softcap, kernels, mesh):
         import pallas
 
-        return pallas.flash_attention(q, k, v, causal=True, window=window or None, sinks=sinks, scale=scale)
+        flash = functools.partial(
+            pallas.flash_attention, causal=True, window=window or None, scale=scale, interpret=kernels.interpret
+        )
+        with policy.kernel_errors():
+            return sharded.by_kv_head(flash, mesh, dict(q=(q, 2), k=(k, 2), v=(v, 2), sinks=(sinks, 0)))
     b, t = q.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     return attention(q, k, v, pos, pos, scale=scale, window=window, softcap=softcap, sinks=sinks)
@@ -70,6 +83,7 @@ def attention_paged(
     softcap: float = 0.0,
     sinks=None,
     kernels: policy.KernelPolicy = policy.REFERENCE,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """New tokens q [B, T, H, D] at positions q_pos [B, T] against layer ``layer`` of the paged caches
     [L, n_pages, P, Hkv, D], which already hold them, read through the page tables [B, n_pg].
@@ -80,14 +94,17 @@ def attention_paged(
     max_context.
     """
     page = k_cache.shape[2]
-    if _kernel_attention_ok(q, softcap, kernels):
+    if _kernel_attention_ok(q, k_cache.shape[3], softcap, kernels, mesh):
         import pallas
 
         if pallas.supports_paged(page, pages.shape[1], q.shape[-1]):
             lengths = (q_pos[:, -1] + 1).astype(jnp.int32)
-            return pallas.paged_decode_attention(
-                q, k_cache, v_cache, pages, lengths, layer=layer, window=window or None, sinks=sinks, scale=scale
+            paged = functools.partial(
+                pallas.paged_decode_attention, window=window or None, scale=scale, interpret=kernels.interpret
             )
+            heads = dict(q=(q, 2), k_pages=(k_cache, 3), v_pages=(v_cache, 3), sinks=(sinks, 0))
+            with policy.kernel_errors():
+                return sharded.by_kv_head(paged, mesh, heads, page_table=pages, lengths=lengths, layer=layer)
     return attention_paged_gather(
         q, k_cache, v_cache, q_pos, layer, pages, scale=scale, window=window, softcap=softcap, sinks=sinks
     )

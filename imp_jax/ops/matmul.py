@@ -1,7 +1,8 @@
 """Matrix products over weight leaves: the one dispatch point for ``x @ W.T``, expert stacks and embeddings.
 
 ``matmul(x, w)`` picks its implementation from the weight leaf: a ``pallas.PackedWeight`` (made at load on a
-Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel; a ``QTensor`` runs the reference path (dequantize to
+Hopper GPU, ``prepare_weight``) runs the Mosaic-GPU kernel, and a ``sharded.ShardedWeight`` (the same under tensor
+parallelism) runs it on every device's shard; a ``QTensor`` runs the reference path (dequantize to
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
 array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading the bf16 weight in place where
 the load-time ``KernelPolicy`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
 import imp_jax.ops.policy as policy
+import imp_jax.ops.sharded as sharded
 from imp_jax.errors import KernelError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
@@ -35,9 +37,12 @@ def repacks(w: Weight, kernels: policy.KernelPolicy) -> bool:
     return pallas.can_repack(w.qtype, w.shape)
 
 
-def prepare_weight(w: Weight, kernels: policy.KernelPolicy, *, check: bool = True) -> Weight:
+def prepare_weight(
+    w: Weight, kernels: policy.KernelPolicy, *, check: bool = True, layout: sharded.ShardLayout | None = None
+) -> Weight:
     """The leaf ``matmul`` should hold for this weight under ``kernels``: with the matmul kernel on, QTensors of
-    a format it reads are repacked (once, at load) into the kernel layout; everything else is kept as is.
+    a format it reads are repacked (once, at load) into the kernel layout; everything else is kept as is. With a
+    ``layout`` (tensor parallelism: blocks split as it says) every device repacks its own shard.
 
     ``check`` reads the MXFP4 block scales back to the host to check the kernel's decode holds them; the loader
     passes False and checks every matrix at once at the end (``scale_bound`` / ``check_scale_bound``), so the
@@ -48,7 +53,7 @@ def prepare_weight(w: Weight, kernels: policy.KernelPolicy, *, check: bool = Tru
         bound = scale_bound(w)
         if bound is not None:
             check_scale_bound(w.full_shape, int(bound))
-    return repack_weight(w)
+    return repack_weight(w) if layout is None else sharded.repack(w, layout, repack_weight)
 
 
 def scale_bound(w: QTensor) -> jax.Array | None:
@@ -78,7 +83,8 @@ def repack_weight(w: QTensor):
 
     stack = w.stack_shape
     flat = w.data.reshape(-1, *w.data.shape[len(stack) :])
-    out = jax.lax.map(lambda one: pallas.repack(QTensor(one, None, w.qtype, w.shape)), flat)
+    with policy.kernel_errors():
+        out = jax.lax.map(lambda one: pallas.repack(QTensor(one, None, w.qtype, w.shape)), flat)
     return jax.tree.map(lambda a: a.reshape(*stack, *a.shape[1:]), out)
 
 
@@ -106,10 +112,7 @@ def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = po
     model's load-time policy (static).
     """
     if matmul_path(w, kernels) == PALLAS:
-        import pallas
-
-        pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
-        return pallas.quantized_matmul(x, pw).astype(out_dtype or x.dtype)
+        return _kernel(x, w, None, out_dtype, kernels)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
@@ -124,15 +127,27 @@ def expert_matmul(
     packed blocks are gathered and dequantized, then one batched dot with f32 accumulation.
     """
     if matmul_path(w, kernels) == PALLAS:
-        import pallas
-
-        return pallas.quantized_matmul(x, w, expert_ids=expert_ids).astype(out_dtype or x.dtype)
+        return _kernel(x, w, expert_ids, out_dtype, kernels)
     if isinstance(w, QTensor):
         scale = None if w.scale is None else jnp.take(w.scale, expert_ids, axis=0)
         wd = QTensor(jnp.take(w.data, expert_ids, axis=0), scale, w.qtype, w.shape).dequantize(x.dtype)
     else:
         wd = jnp.take(w, expert_ids, axis=0).astype(x.dtype)
     y = jnp.einsum("grk,gnk->grn", x, wd, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _kernel(x: jax.Array, w, expert_ids: jax.Array | None, out_dtype, kernels: policy.KernelPolicy) -> jax.Array:
+    """The Mosaic-GPU matmul: on the leaf's shards when it is split over a mesh, else on the whole leaf (a dense
+    bf16 matrix viewed in place)."""
+    import pallas
+
+    with policy.kernel_errors():
+        if isinstance(w, sharded.ShardedWeight):
+            y = sharded.matmul(x, w, expert_ids, interpret=kernels.interpret)
+        else:
+            pw = w if hasattr(w, "fmt") else pallas.dense_weight(w)
+            y = pallas.quantized_matmul(x, pw, expert_ids=expert_ids, interpret=kernels.interpret)
     return y.astype(out_dtype or x.dtype)
 
 

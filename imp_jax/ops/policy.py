@@ -7,11 +7,13 @@ jitted step as a static argument, so a trace never depends on state it cannot se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 
-from imp_jax.errors import ImpError
+from imp_jax.errors import ImpError, KernelError
 
 # Whether a plain bf16 weight runs the Pallas kernel (BF16 format, read in place) by default. Inside the scanned
 # layer stack XLA copies every layer's slice out of the stacked weights before cuBLAS reads it (29% of copy
@@ -34,6 +36,8 @@ class KernelPolicy:
     matmul: bool = False  # quantized weights are repacked at load for the Mosaic-GPU matmul
     bf16_matmul: bool = False  # dense bf16 matrices run that kernel too, reading the weight in place
     attention: bool = False  # flash prefill and decode attention
+    # the kernels run in Mosaic GPU's CPU interpreter: tests drive a model's steps through them on a CPU
+    interpret: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -52,9 +56,9 @@ def resolve_kernels(
     setting: str | KernelPolicy = "auto", device: jax.Device | None = None, *, devices: int = 1
 ) -> KernelPolicy:
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
-    (compute capability 9.x); anywhere else every setting resolves to the reference path. "auto" over ``devices``
-    > 1 (tensor parallelism) is the reference path too: the kernels' repacked weights have no sharded layout yet
-    (an explicit "all" there is refused by ``weights.sharding.on_mesh``)."""
+    (compute capability 9.x); anywhere else every setting resolves to the reference path. Over ``devices`` > 1
+    (tensor parallelism) the kernels run per shard (``ops.sharded``), except the bf16 kernel: a dense matrix
+    carries no shard layout of its own, so XLA's dot runs it on each shard."""
     if isinstance(setting, KernelPolicy):
         return setting
     mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
@@ -62,9 +66,21 @@ def resolve_kernels(
         raise ImpError(f"kernels={setting!r} is not a kernel setting; use one of {', '.join(KERNEL_SETTINGS)}")
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-    if mode == "off" or not hopper or (mode == "auto" and devices > 1):
+    if mode == "off" or not hopper:
         return REFERENCE
-    return KernelPolicy(matmul=True, bf16_matmul=mode == "all" or BF16_KERNEL, attention=True)
+    return KernelPolicy(matmul=True, bf16_matmul=devices == 1 and (mode == "all" or BF16_KERNEL), attention=True)
+
+
+@contextlib.contextmanager
+def kernel_errors() -> Iterator[None]:
+    """Raise a kernel's own ``pallas.KernelError`` as ``imp_jax.errors.KernelError``: ``pallas`` imports nothing
+    from imp_jax, and everything imp-jax raises on purpose is an ImpError that the CLI reports in one line."""
+    import pallas
+
+    try:
+        yield
+    except pallas.KernelError as e:
+        raise KernelError(str(e)) from e
 
 
 def resolve_dtype(dtype: str) -> str:

@@ -38,6 +38,7 @@ from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
 from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
+from imp_jax.ops.sharded import ShardedWeight, splits_kv_heads
 from imp_jax.planning import devices as per_device
 from imp_jax.planning.options import PATHS
 from imp_jax.runtime import steps
@@ -77,6 +78,7 @@ class WeightLine:
     stored: str  # on the device: "packed" or a dtype
     tensors: int
     nbytes: int
+    layout: str = ""  # a kernel's weights over a mesh: how they split (ops.sharded.ShardLayout.words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,8 @@ class MemoryPlan:
         rows: list[tuple[str, str]] = [("weights  (qtype, path, tensors)", "")]
         for w in self.weights:
             rows.append((f"  {w.qtype:<6} {_path_words(w):<30} {w.tensors:>5}", _size(w.nbytes)))
+        if c.mesh is not None and self.kernels.attention:
+            rows.append((f"attention  {_attention_words(c)}", ""))
         rows += [
             ("weights total", _size(self.weights_bytes)),
             (
@@ -317,7 +321,7 @@ def plan_memory(
     mf = open_model_file(path_or_name)
     on = sharding.make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=sharding.tp_size(on))
-    config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on, policy)
+    config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)
     specs = param_specs(mf, config, dtype)
     return plan_specs(
         specs,
@@ -402,7 +406,7 @@ def _plan(
 ) -> MemoryPlan:
     planned = _apply_path(specs, path, dtype, kernels)
     # repacking traced once per leaf
-    abstract = {s: _placed(s, abstract_leaf(s, kernels), config) for s in _leaves(planned)}
+    abstract = {s: _placed(s, abstract_leaf(s, kernels, config.mesh), config) for s in _leaves(planned)}
     weights = _weight_lines(abstract, kernels)
     weights_bytes = sum(w.nbytes for w in weights)
     cache = abstract_cache(config, batch, max_context, dtype)
@@ -435,7 +439,9 @@ def _plan(
         kv_cache_bytes=kv_bytes,
         state_bytes=state_bytes,
         steps=measured,
-        load_transient_bytes=max((_load_transient(s, a, scratch, store) for s, a in abstract.items()), default=0),
+        load_transient_bytes=max(
+            (_load_transient(s, a, scratch, store, config) for s, a in abstract.items()), default=0
+        ),
         budget=budget,
         specs=planned,
         source_specs=specs,
@@ -528,8 +534,9 @@ def _without_kernel(spec: TensorSpec, kernels: KernelPolicy) -> bool:
 
 
 def _weight_lines(abstract: dict, kernels: KernelPolicy) -> tuple[WeightLine, ...]:
-    groups: dict[tuple[str, str, str], list[int]] = {}
+    groups: dict[tuple[str, str, str, str], list[int]] = {}
     for spec, leaf in abstract.items():
+        layout = leaf.layout.words if isinstance(leaf, ShardedWeight) else ""
         if spec.dtype is None:
             mp = ops.matmul_path(leaf, kernels)  # a kernel names the format it reads (a transcoded type says into what)
             key = (mp if mp == ops.REFERENCE else f"kernel:{mp} {leaf.fmt.name}", "packed")
@@ -539,10 +546,10 @@ def _weight_lines(abstract: dict, kernels: KernelPolicy) -> tuple[WeightLine, ..
             matrix = len(spec.shape) == 2 and not spec.gathered
             mp = ops.matmul_path(abstract_leaf(_unstacked(spec), kernels), kernels) if matrix else ops.DENSE
             key = ("dense" if mp == ops.DENSE else f"kernel:{mp}", spec.dtype)
-        entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key), [0, 0])
+        entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key, layout), [0, 0])
         entry[0] += len(spec.names) * len(spec.parts)
         entry[1] += _nbytes(leaf)
-    lines = [WeightLine(q, p, s, n, b) for (q, p, s), (n, b) in groups.items()]
+    lines = [WeightLine(q, p, s, n, b, layout) for (q, p, s, layout), (n, b) in groups.items()]
     return tuple(sorted(lines, key=lambda w: -w.nbytes))
 
 
@@ -553,9 +560,10 @@ _FLOAT_DTYPES = {
 }
 
 
-def _load_transient(spec: TensorSpec, leaf, scratch: dict, store: Store | None) -> int:
-    """Bytes beside the final weights while this leaf is put on the device (see params.materialize); ``scratch``
-    keeps to_dense's temp bytes per distinct matrix across the leaves of one plan (a model has a handful)."""
+def _load_transient(spec: TensorSpec, leaf, scratch: dict, store: Store | None, config: ModelConfig) -> int:
+    """Bytes beside the final weights while this leaf is put on the device (see params.materialize), on one
+    device of ``config.mesh``; ``scratch`` keeps to_dense's temp bytes per distinct matrix across the leaves of
+    one plan (a model has a handful)."""
     if is_fallback(spec):  # the stored blocks, and to_dense's scratch (one stacked slice at a time)
         one = abstract_stored(packed_spec(_unstacked(spec)))
         key = (one.data.shape, one.data.dtype, None if one.scale is None else one.scale.shape, one.qtype, spec.dtype)
@@ -563,7 +571,7 @@ def _load_transient(spec: TensorSpec, leaf, scratch: dict, store: Store | None) 
             scratch[key] = _dense_scratch(one, spec.dtype, store)
         return _nbytes(abstract_stored(packed_spec(spec))) + scratch[key]
     if spec.dtype is None:  # repacked for a kernel (ops.repack_weight): the stored blocks and one matrix's scratch
-        stored = _nbytes(abstract_stored(spec))
+        stored = _nbytes(_placed(spec, abstract_stored(spec), config))
         return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
     stored = _FLOAT_DTYPES.get(spec.qtype)
     if spec.dtype == "float32" or stored is None or stored == spec.dtype:
@@ -757,10 +765,19 @@ def _path_words(w: WeightLine) -> str:
     if w.path == "reference":
         return "packed, dequantized in the step"
     if w.path.startswith("kernel:"):
-        return f"{'packed' if w.stored == 'packed' else _short_dtype(w.stored)}, {w.path[7:]} kernel"
+        layout = f", {w.layout}" if w.layout else ""
+        return f"{'packed' if w.stored == 'packed' else _short_dtype(w.stored)}, {w.path[7:]} kernel{layout}"
     if w.path == "fallback":
         return f"dequantized at load to {_short_dtype(w.stored)}"
     return f"dense {_short_dtype(w.stored)}"
+
+
+def _attention_words(config: ModelConfig) -> str:
+    """Where attention runs over a mesh with the attention kernels on: per kv-head shard, or on XLA where the kv
+    heads do not split (``ops.sharded.splits_kv_heads``)."""
+    if splits_kv_heads(config.mesh, config.n_head_kv):
+        return "Pallas kernels, per kv-head shard"
+    return f"XLA: {config.n_head_kv} kv heads do not split over tp {config.tp}"
 
 
 def _gib(n: int) -> str:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from gguf import MODEL_TENSOR, GGMLQuantizationType
+from jax.sharding import Mesh
 
 from imp_jax import ops
 from imp_jax.errors import GGUFError
@@ -59,18 +60,12 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
     return table32
 
 
-def prepared(spec: TensorSpec, w: QTensor, kernels: KernelPolicy):
-    """The packed leaf in the layout ``kernels`` reads (``ops.prepare_weight``), unless it is gathered by row (the
-    embedding: a tied output head then takes the reference path)."""
-    return w if spec.gathered else ops.prepare_weight(w, kernels)
-
-
-def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE):
-    """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
-    abstractly): no bytes are read, nothing touches the device."""
+def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE, mesh: Mesh | None = None):
+    """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``sharding.prepared`` traced
+    abstractly, shard by shard over ``mesh``): no bytes are read, nothing touches the device."""
     if spec.dtype is None:
         stored = abstract_stored(spec)
-        return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w, kernels), stored)
+        return stored if spec.gathered else jax.eval_shape(lambda w: sharding.prepared(spec, w, kernels, mesh), stored)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 
@@ -223,6 +218,8 @@ class _Loader:
         bound = ops.scale_bound(w)  # checked for every matrix at once at the end: no sync per matrix
         if bound is not None:
             self.bounds.append((w.full_shape, bound))
+        if self.mesh is not None:  # every device repacks its own shard
+            return sharding.prepared(spec, w, self.kernels, self.mesh, check=False)
         return self._run(ops.repack_weight, w)
 
 

@@ -7,7 +7,9 @@ where it divides evenly and, for packed blocks, only in whole blocks: N (rows) f
 for row-parallel ones when its blocks divide. A leaf uses ``tp`` once: the first of its dims that can take it
 (an MoE stack splits by expert when the experts divide, else by ffn). Anything else is replicated, which is
 always correct: the forward is written in the global view and XLA's SPMD partitioner inserts the all-reduce
-after row-parallel matmuls and the all-gather of vocab-sharded logits.
+after row-parallel matmuls and the all-gather of vocab-sharded logits. Under the Pallas kernels a matrix is
+repacked shard by shard (``layout``, ``prepared``: an ``ops.sharded.ShardedWeight``) and its kernel runs per
+shard inside ``shard_map``, with the same collectives.
 
 Fused matrices (q|k|v, gate|up, the GDN qkv|z) are laid out per shard (``models.layers.fused_shards``): shard s
 holds rows s of every part, so each device holds its own heads' q, k and v and splits them locally.
@@ -27,14 +29,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imp_jax.ops.policy as policy
+from imp_jax import ops
 from imp_jax.errors import ImpError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import is_quantized
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.layers import fused_shards
+from imp_jax.ops.sharded import EXPERTS, TP, WHOLE, K, N, ShardedWeight, ShardLayout
 from imp_jax.weights.tensor_spec import TensorSpec, is_spec
-
-TP = "tp"
 
 # logical axis -> mesh axis (None: replicated). The one table every sharding below comes from.
 RULES: dict[str, str | None] = {
@@ -172,10 +174,33 @@ def part_sharding(spec: TensorSpec, mesh: Mesh | None) -> NamedSharding | None:
     return NamedSharding(mesh, PartitionSpec(*dim_axes(spec, tp_size(mesh))))
 
 
+def layout(spec: TensorSpec, mesh: Mesh | None) -> ShardLayout | None:
+    """How the kernel layout of the leaf's matrix lies on ``mesh`` (None on one device): split as the rules split
+    its blocks, along N, K or the experts, else whole on every device."""
+    if mesh is None:
+        return None
+    axes = dim_axes(spec, tp_size(mesh))
+    if TP not in axes:
+        return ShardLayout(mesh, WHOLE)
+    from_end = axes.index(TP) - len(axes)
+    return ShardLayout(mesh, {-2: N, -1: K}.get(from_end, EXPERTS))
+
+
+def prepared(
+    spec: TensorSpec, w: QTensor, kernels: policy.KernelPolicy, mesh: Mesh | None = None, *, check: bool = True
+):
+    """The packed leaf in the layout ``kernels`` reads (``ops.prepare_weight``, ``check`` as there; over ``mesh``
+    every device repacks its own shard), unless it is gathered by row (the embedding: a tied output head then
+    takes the reference path)."""
+    return w if spec.gathered else ops.prepare_weight(w, kernels, check=check, layout=layout(spec, mesh))
+
+
 def leaf_sharding(spec: TensorSpec, mesh: Mesh, leaf):
     """The sharding tree of one materialized (or abstract) leaf: a QTensor's packed rows split like the matrix
-    (its NVFP4 scale replicated); a dense array likewise; any other layout (a kernel's repacked weight) whole."""
+    (its NVFP4 scale replicated); a dense array likewise; a kernel's repacked weight by its own layout."""
     axes = (None,) * len(spec.stack) + dim_axes(spec, tp_size(mesh))
+    if isinstance(leaf, ShardedWeight):
+        return leaf.shardings()
     if isinstance(leaf, QTensor):
         scale = None if leaf.scale is None else NamedSharding(mesh, PartitionSpec())
         return QTensor(NamedSharding(mesh, PartitionSpec(*axes)), scale, leaf.qtype, leaf.shape)
@@ -201,10 +226,11 @@ def _relaid(spec: TensorSpec, x: jax.Array, shards: int) -> jax.Array:
     return join_fused(parts, shards)
 
 
-def shard_params(params, specs, mesh: Mesh | None):
-    """Params made for one device (``synthetic_params``, a tp=1 load) placed on ``mesh``: fused leaves relaid
-    per shard, every leaf put on its devices. They are whole on their first device before, so this is for
-    models built on the device; ``load(..., devices=N)`` streams a file's tensors straight to their shards."""
+def shard_params(params, specs, mesh: Mesh | None, kernels: policy.KernelPolicy = policy.REFERENCE):
+    """Params made for one device with the reference layout (``synthetic_params``, a tp=1 load) placed on
+    ``mesh``: fused leaves relaid per shard, every leaf put on its devices, then repacked shard by shard for
+    ``kernels``. They are whole on their first device before, so this is for models built on the device;
+    ``load(..., devices=N)`` streams a file's tensors straight to their shards."""
     if mesh is None:
         return params
     shards = tp_size(mesh)
@@ -218,7 +244,8 @@ def shard_params(params, specs, mesh: Mesh | None):
                 leaf = _relaid(spec, leaf, groups)
             else:
                 raise ImpError(f"tensor '{spec.labels[0]}' is in a kernel layout that cannot be resharded")
-        return jax.device_put(leaf, leaf_sharding(spec, mesh, leaf))
+        leaf = jax.device_put(leaf, leaf_sharding(spec, mesh, leaf))
+        return prepared(spec, leaf, kernels, mesh) if isinstance(leaf, QTensor) else leaf
 
     return jax.tree.map(one, specs, params, is_leaf=is_spec)
 
@@ -277,14 +304,8 @@ def cache_zeros(cfg: ModelConfig, name: str, shape: Sequence[int], dtype) -> jax
     return _zeros(shape, dtype, cache_sharding(cfg, name, shape))
 
 
-def on_mesh(cfg: ModelConfig, mesh: Mesh | None, kernels: policy.KernelPolicy = policy.REFERENCE) -> ModelConfig:
-    """The config of a model spread over ``mesh`` (None: one device). The Pallas kernels' repacked weights
-    have no sharded layout yet, so more than one device needs the XLA path."""
-    if tp_size(mesh) > 1 and kernels.enabled:
-        raise ImpError(
-            f"tensor parallelism over {tp_size(mesh)} devices runs on the XLA path only for now; "
-            "load with kernels='off' (IMP_JAX_KERNELS=0) or use one device"
-        )
+def on_mesh(cfg: ModelConfig, mesh: Mesh | None) -> ModelConfig:
+    """The config of a model spread over ``mesh`` (None: one device)."""
     return dataclasses.replace(cfg, mesh=mesh)
 
 

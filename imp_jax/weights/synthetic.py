@@ -45,7 +45,7 @@ from imp_jax.models.decoder import Decoder
 from imp_jax.models.layers import rope_inv_freq
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.weights.fallback import is_fallback, packed_spec, to_dense
-from imp_jax.weights.loading import prepared
+from imp_jax.weights.sharding import prepared
 from imp_jax.weights.specs import param_specs
 from imp_jax.weights.tensor_spec import ROPE, TensorSpec, is_spec, tensor_name
 

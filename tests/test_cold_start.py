@@ -117,7 +117,7 @@ def test_a_second_process_reuses_the_compile_cache(real_model, tmp_path):
     first = _child(path, tmp_path)
     written = compile_cache.entries(tmp_path)
     assert written and first["compiles"] > 0
-    assert _STEPS <= set(first["lowered"])
+    assert set(first["lowered"]) >= _STEPS
     assert any(e.startswith("steps/") for e in written) and any(e.startswith("plans/") for e in written)
     second = _child(path, tmp_path)
     assert compile_cache.entries(tmp_path) == written, "the second run wrote new entries"

@@ -34,6 +34,9 @@ class KernelPolicy:
     matmul: bool = False  # quantized weights are repacked at load for the Mosaic-GPU matmul
     bf16_matmul: bool = False  # dense bf16 matrices run that kernel too, reading the weight in place
     attention: bool = False  # flash prefill and decode attention
+    # A layer stack's matrices are held one array per unit (ops.UnitArrays), picked by the layer loop: XLA:CPU
+    # copies a stacked layer's slice out of the stack before each dot, every step (docs/BENCHMARKS.md, CPU).
+    unit_arrays: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +57,8 @@ def resolve_kernels(
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
     (compute capability 9.x); anywhere else every setting resolves to the reference path. "auto" over ``devices``
     > 1 (tensor parallelism) is the reference path too: the kernels' repacked weights have no sharded layout yet
-    (an explicit "all" there is refused by ``weights.sharding.on_mesh``)."""
+    (an explicit "all" there is refused by ``weights.sharding.on_mesh``). On the CPU, "auto" and "all" on one
+    device hold the layer matrices one array per unit (``unit_arrays``); "off" keeps the stacked reference."""
     if isinstance(setting, KernelPolicy):
         return setting
     mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
@@ -62,6 +66,8 @@ def resolve_kernels(
         raise ImpError(f"kernels={setting!r} is not a kernel setting; use one of {', '.join(KERNEL_SETTINGS)}")
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    if dev.platform == "cpu" and mode != "off" and devices == 1:
+        return KernelPolicy(unit_arrays=True)
     if mode == "off" or not hopper or (mode == "auto" and devices > 1):
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=mode == "all" or BF16_KERNEL, attention=True)

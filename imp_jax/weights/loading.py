@@ -67,6 +67,8 @@ def prepared(spec: TensorSpec, w: QTensor, kernels: KernelPolicy):
 def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE):
     """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``ops.prepare_weight`` traced
     abstractly): no bytes are read, nothing touches the device."""
+    if spec.per_unit:
+        return ops.UnitArrays(tuple(abstract_leaf(spec.unit(u), kernels) for u in range(len(spec.names))))
     if spec.dtype is None:
         stored = abstract_stored(spec)
         return stored if spec.gathered else jax.eval_shape(lambda w: ops.prepare_weight(w, kernels), stored)
@@ -169,6 +171,7 @@ class _Loader:
         if spec.names == (ROPE,):
             return jnp.asarray(self.rope)
         out = None
+        held = []  # a leaf held per unit: its units as they come
         for u in range(len(spec.names)):
             parts = [f.result() for f in futures.popleft()]
             self.in_flight -= sum(p.nbytes for p in parts)
@@ -176,11 +179,14 @@ class _Loader:
             value = self._unit(spec, parts, u)
             if not spec.stacked:
                 return value
+            if spec.per_unit:
+                held.append(value)
+                continue
             if out is None:
                 n = len(spec.names)
                 out = sharding.stacked_zeros(value, n)
             out = _place_unit(out, value, np.int32(u))
-        return out
+        return ops.UnitArrays(tuple(held)) if spec.per_unit else out
 
     def _unit(self, spec: TensorSpec, parts: list[jax.Array], u: int):
         """One unit's leaf from its parts on the device, in the form the model reads."""

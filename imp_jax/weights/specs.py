@@ -208,7 +208,8 @@ def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) ->
         dtype = compute_dtype
     else:
         dtype = "float32"
-    return TensorSpec(tuple(names), first.qtype, first.shape, dtype, stacked, scale_names)
+    matrix = len(first.shape) >= 2 and not keep_f32
+    return TensorSpec(tuple(names), first.qtype, first.shape, dtype, stacked, scale_names, matrix=matrix)
 
 
 def _nvfp4_scale_name(mf: ModelFile, name: str) -> str:

@@ -113,9 +113,10 @@ class _Loader:
     Each tensor goes over on its own (a view of the memmap, read by a transfer thread while the device works on
     the previous one), is joined with the other parts of its unit on the device, transformed for this backend
     (repacked for the kernels, dequantized for the fallback, cast to the compute dtype) one unit at a time, and
-    written in place into its slot of the stacked leaf. So beyond the memmap and the weights, at most
-    ``IN_FLIGHT`` bytes of tensors (or one unit, if larger) are on their way, the device holds one unit's scratch,
-    and each program compiles once per distinct unit shape, not once per tensor or stack length.
+    written in place into its slot of the stacked leaf (a leaf held per unit, ``TensorSpec.per_unit``, keeps each
+    unit's value as its own array). So beyond the memmap and the weights, at most ``IN_FLIGHT`` bytes of tensors
+    (or one unit, if larger) are on their way, the device holds one unit's scratch, and each program compiles once
+    per distinct unit shape, not once per tensor or stack length.
     """
 
     THREADS = 4

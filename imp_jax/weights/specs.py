@@ -7,7 +7,8 @@ Quantized tensors stay packed (QTensor leaves); float matrices take the compute 
 conv filter and rope factors stay f32.
 
 The layer stack is cut into repeating units (models/decoder.py) and units with identical tensors (names aside)
-into segments; every leaf of a segment is stacked over its units.
+into segments; every leaf of a segment is stacked over its units (the CPU's plan holds the matrices one leaf
+per unit instead: ``tensor_spec.per_unit_matrices``).
 """
 
 from __future__ import annotations

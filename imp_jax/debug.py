@@ -30,6 +30,7 @@ from imp_jax.errors import ImpError, NonFiniteError
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig
 from imp_jax.models.decoder import forward
+from imp_jax.ops.matmul import UnitArrays
 from imp_jax.ops.policy import REFERENCE, KernelPolicy
 from imp_jax.runtime.cache import init_cache
 from imp_jax.weights.tensor_spec import is_spec
@@ -114,22 +115,32 @@ def check_prefill(
 
 
 def weight_tags(params, specs=None) -> list[Weight]:
-    """One Weight per array leaf of the params tree (the arrays of one packed weight share one)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: _packed_format(x) is not None)
+    """One Weight per array leaf of the params tree (the arrays of one packed weight share one, and so do the
+    units of a weight held per unit: like a stacked weight's, its tag names every unit)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: _weight_leaf(x) is not None)
     spec_leaves = jax.tree.leaves(specs, is_leaf=is_spec) if specs is not None else [None] * len(flat)
     if len(spec_leaves) != len(flat):
         raise ImpError(f"the spec tree has {len(spec_leaves)} leaves, the params {len(flat)}")
     tags: list[Weight] = []
     for (path, leaf), spec in zip(flat, spec_leaves, strict=True):
         names = spec.labels if spec is not None else (jax.tree_util.keystr(path).lstrip("."),)
-        fmt = _packed_format(leaf)
-        if fmt is not None:
-            tags += [Weight(names, f"{fmt} {list(leaf.shape)}")] * len(jax.tree.leaves(leaf))
+        one = _weight_leaf(leaf)
+        fmt = _packed_format(one) if one is not None else None
+        if one is not None:
+            kind = fmt or _DTYPE_NAMES.get(jnp.dtype(one.dtype).name, one.dtype)
+            tags += [Weight(names, f"{kind} {list(one.shape)}")] * len(jax.tree.leaves(leaf))
         else:
             stacked = spec.stacked if spec is not None else "segments" in jax.tree_util.keystr(path)
             shape = leaf.shape[1:] if stacked else leaf.shape
             tags.append(Weight(names, f"{_DTYPE_NAMES.get(jnp.dtype(leaf.dtype).name, leaf.dtype)} {list(shape)}"))
     return tags
+
+
+def _weight_leaf(leaf):
+    """The leaf one Weight tag covers all arrays of: a packed weight, or one unit of a weight held per unit."""
+    if isinstance(leaf, UnitArrays):
+        return leaf.first
+    return leaf if _packed_format(leaf) is not None else None
 
 
 def _packed_format(leaf) -> str | None:

@@ -120,6 +120,33 @@ def _recurrent(p: Layer, cfg: ModelConfig, h: jax.Array, rec, layer: jax.Array, 
     return a, rec
 
 
+def _held_apart(leaf) -> bool:
+    return isinstance(leaf, ops.UnitArrays)
+
+
+def units(segment: tuple[Layer, ...]) -> int:
+    """How many units a segment's leaves hold (stacked on a leading axis, or one array each)."""
+    first = jax.tree.leaves(segment, is_leaf=_held_apart)[0]
+    return len(first.arrays) if _held_apart(first) else first.shape[0]
+
+
+def _scan_units(body, carry, segment: tuple[Layer, ...], ids: jax.Array, inv_freq: jax.Array):
+    """``lax.scan`` of the unit body over a segment. Stacked leaves are sliced by the scan; leaves held one array
+    per unit (``ops.UnitArrays``) stay outside it, the body's products picking the current unit's array."""
+    leaves, tree = jax.tree.flatten(segment, is_leaf=_held_apart)
+    stacked = [leaf for leaf in leaves if not _held_apart(leaf)]
+
+    def step(carry, xs):
+        u, sliced, unit_ids, unit_freq = xs
+        rest = iter(sliced)
+        unit = tree.unflatten([leaf.at(u) if _held_apart(leaf) else next(rest) for leaf in leaves])
+        return body(carry, (unit, unit_ids, unit_freq))
+
+    n = units(segment)
+    carry, _ = jax.lax.scan(step, carry, (jnp.arange(n, dtype=jnp.int32), stacked, ids, inv_freq))
+    return carry
+
+
 def _layer_indices(kinds: tuple[str, ...], start: int, n_units: int, cfg: ModelConfig):
     """Per unit and position: the global layer id, and the index into its cache (the full or window KV group of
     an attention layer, the recurrent slots of a recurrent one): how many layers of its cache come before it."""
@@ -169,12 +196,11 @@ def forward(
     start = 0
     for unit in params.segments:
         kinds = tuple(ATTENTION if isinstance(p.mixer, Attention) else "recurrent" for p in unit)
-        n_units = jax.tree.leaves(unit)[0].shape[0]
+        n_units = units(unit)
         layer, ids = _layer_indices(kinds, start, n_units, cfg)
-        xs = (unit, ids, params.inv_freq[layer])
         windows = cfg.layer_window[start : start + len(kinds)]
         body = _unit_body(cfg, kinds, windows, step)
-        (x, kv, rec), _ = jax.lax.scan(body, (x, kv, rec), xs)
+        x, kv, rec = _scan_units(body, (x, kv, rec), unit, ids, params.inv_freq[layer])
         start += n_units * len(kinds)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)

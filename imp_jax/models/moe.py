@@ -101,6 +101,8 @@ def _dense(w: Weight, dtype) -> jax.Array:
 
 
 def _stack_shape(w: Weight) -> tuple[int, ...]:
+    if isinstance(w, ops.UnitArrays):
+        return _stack_shape(w.first)
     if isinstance(w, QTensor):
         return w.full_shape
     return (*w.stack_shape, *w.shape) if hasattr(w, "fmt") else tuple(w.shape)

@@ -6,10 +6,15 @@ parallelism) runs it on every device's shard; a ``QTensor`` runs the reference p
 the compute dtype, then a dot accumulating in f32), the named fallback every kernel is checked against; a dense
 array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading the bf16 weight in place where
 the load-time ``KernelPolicy`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
-that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step.
+that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step. A
+``UnitArrays`` leaf (one array per unit of a layer stack, the CPU's layout) runs the product of its current unit's
+array, whichever of these that is.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,39 @@ from imp_jax.gguf.qtensor import QTensor
 from imp_jax.gguf.quant import dequantize_rows
 
 Weight = QTensor | jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UnitArrays:
+    """One weight of a layer stack held as one leaf per unit (an array or a packed leaf each), not one stacked
+    array: the layout a ``KernelPolicy`` with ``unit_arrays`` loads (the CPU's).
+
+    Under the layer scan a stacked weight is sliced per unit, and XLA:CPU cannot hand a dot a slice of a stacked
+    operand: it copies every layer's slice out of the stack, every step (34 ms of a 52 ms smollm2 decode step,
+    docs/BENCHMARKS.md "CPU"). Held apart, each unit's matrix is its own buffer. The layer loop gives the leaf
+    its unit index (``at``; ``unit`` is None outside the loop) and the products read that unit's matrix in place
+    through a ``lax.switch`` over the units (``apply``): one small branch per unit around the product alone, so
+    the layer body is still traced and compiled once.
+    """
+
+    arrays: tuple[Weight, ...]
+    unit: jax.Array | None = None
+
+    def at(self, unit: jax.Array) -> UnitArrays:
+        return UnitArrays(self.arrays, unit)
+
+    def apply(self, fn: Callable, *operands):
+        """``fn(*operands, w)`` for the current unit's leaf w."""
+        if self.unit is None:
+            raise KernelError(f"a weight held per unit ({len(self.arrays)} units) used outside the layer loop")
+        return jax.lax.switch(self.unit, [lambda *args, w=w: fn(*args, w) for w in self.arrays], *operands)
+
+    @property
+    def first(self) -> Weight:
+        """The first unit's leaf: every unit's has its shape, dtype and format."""
+        return self.arrays[0]
+
 
 REFERENCE = "reference"  # dequantize to the compute dtype, then jnp.dot with f32 accumulation
 PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
@@ -91,6 +129,8 @@ def repack_weight(w: QTensor):
 def matmul_path(w, kernels: policy.KernelPolicy = policy.REFERENCE) -> str:
     """The implementation ``matmul`` uses for this leaf (or abstract leaf) of one layer: a repacked leaf always
     runs its kernel; ``kernels`` decides for a dense bf16 matrix."""
+    if isinstance(w, UnitArrays):
+        return matmul_path(w.first, kernels)
     if isinstance(w, QTensor):
         return REFERENCE
     return PALLAS if hasattr(w, "fmt") or _bf16_kernel(w, kernels) else DENSE
@@ -111,6 +151,8 @@ def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = po
     The result is in ``out_dtype`` (default x.dtype); the output head asks for f32 logits. ``kernels`` is the
     model's load-time policy (static).
     """
+    if isinstance(w, UnitArrays):
+        return w.apply(lambda x, one: matmul(x, one, out_dtype, kernels=kernels), x)
     if matmul_path(w, kernels) == PALLAS:
         return _kernel(x, w, None, out_dtype, kernels)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
@@ -126,6 +168,8 @@ def expert_matmul(
     A stack repacked for the kernel runs it (reading only the named experts' tiles); otherwise the named experts'
     packed blocks are gathered and dequantized, then one batched dot with f32 accumulation.
     """
+    if isinstance(w, UnitArrays):
+        return w.apply(lambda x, ids, one: expert_matmul(x, one, ids, out_dtype, kernels=kernels), x, expert_ids)
     if matmul_path(w, kernels) == PALLAS:
         return _kernel(x, w, expert_ids, out_dtype, kernels)
     if isinstance(w, QTensor):

@@ -38,6 +38,9 @@ class KernelPolicy:
     attention: bool = False  # flash prefill and decode attention
     # the kernels run in Mosaic GPU's CPU interpreter: tests drive a model's steps through them on a CPU
     interpret: bool = False
+    # A layer stack's matrices are held one array per unit (ops.UnitArrays), picked by the layer loop: XLA:CPU
+    # copies a stacked layer's slice out of the stack before each dot, every step (docs/BENCHMARKS.md, CPU).
+    unit_arrays: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -58,7 +61,8 @@ def resolve_kernels(
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
     (compute capability 9.x); anywhere else every setting resolves to the reference path. Over ``devices`` > 1
     (tensor parallelism) the kernels run per shard (``ops.sharded``), except the bf16 kernel: a dense matrix
-    carries no shard layout of its own, so XLA's dot runs it on each shard."""
+    carries no shard layout of its own, so XLA's dot runs it on each shard. On the CPU, "auto" and "all" on one
+    device hold the layer matrices one array per unit (``unit_arrays``); "off" keeps the stacked reference."""
     if isinstance(setting, KernelPolicy):
         return setting
     mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
@@ -66,6 +70,8 @@ def resolve_kernels(
         raise ImpError(f"kernels={setting!r} is not a kernel setting; use one of {', '.join(KERNEL_SETTINGS)}")
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    if dev.platform == "cpu" and mode != "off" and devices == 1:
+        return KernelPolicy(unit_arrays=True)
     if mode == "off" or not hopper:
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=devices == 1 and (mode == "all" or BF16_KERNEL), attention=True)

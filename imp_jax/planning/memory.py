@@ -50,7 +50,7 @@ from imp_jax.weights.fallback import fallback_specs, is_fallback, packed_spec, t
 from imp_jax.weights.files import open_model_file
 from imp_jax.weights.loading import abstract_leaf, abstract_stored
 from imp_jax.weights.specs import param_specs
-from imp_jax.weights.tensor_spec import TensorSpec, is_spec, map_specs
+from imp_jax.weights.tensor_spec import TensorSpec, is_spec, map_specs, per_unit_matrices
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -473,12 +473,12 @@ def _placed(spec: TensorSpec, leaf, config: ModelConfig):
 
 
 def _apply_path(specs, path: str, dtype: str, kernels: KernelPolicy):
-    """The spec tree the loader should materialize on this path."""
+    """The spec tree the loader should materialize on this path (and in the layout ``kernels`` reads)."""
     if path == "dense":
-        return fallback_specs(specs, dtype)
-    if path == "fallback":
-        return fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s, kernels))
-    return specs
+        specs = fallback_specs(specs, dtype)
+    elif path == "fallback":
+        specs = fallback_specs(specs, dtype, keep=lambda s: not _without_kernel(s, kernels))
+    return per_unit_matrices(specs) if kernels.unit_arrays else specs
 
 
 # The plan compiles only to read XLA's buffer assignment, which comes before code generation: the backend's
@@ -516,20 +516,10 @@ def _leaves(specs) -> list[TensorSpec]:
     return [s for s in jax.tree.leaves(specs, is_leaf=is_spec) if isinstance(s, TensorSpec)]
 
 
-def _unstacked(spec: TensorSpec) -> TensorSpec:
-    return dataclasses.replace(
-        spec,
-        names=spec.names[:1],
-        fused=tuple(names[:1] for names in spec.fused),
-        stacked=False,
-        scale_names=spec.scale_names[:1],
-    )
-
-
 def _without_kernel(spec: TensorSpec, kernels: KernelPolicy) -> bool:
     """A packed leaf that the reference path would dequantize inside every step (ops names no kernel for one
     layer's slice of it, as the scanned step sees it)."""
-    leaf = abstract_leaf(_unstacked(spec), kernels)
+    leaf = abstract_leaf(spec.unit(0), kernels)
     return spec.dtype is None and ops.matmul_path(leaf, kernels) == ops.REFERENCE
 
 
@@ -544,7 +534,7 @@ def _weight_lines(abstract: dict, kernels: KernelPolicy) -> tuple[WeightLine, ..
             key = ("fallback", spec.dtype)
         else:  # a float weight: XLA's dot, or the Pallas kernel reading a bf16 matrix in place
             matrix = len(spec.shape) == 2 and not spec.gathered
-            mp = ops.matmul_path(abstract_leaf(_unstacked(spec), kernels), kernels) if matrix else ops.DENSE
+            mp = ops.matmul_path(abstract_leaf(spec.unit(0), kernels), kernels) if matrix else ops.DENSE
             key = ("dense" if mp == ops.DENSE else f"kernel:{mp}", spec.dtype)
         entry = groups.setdefault((GGMLQuantizationType(spec.qtype).name, *key, layout), [0, 0])
         entry[0] += len(spec.names) * len(spec.parts)
@@ -565,14 +555,15 @@ def _load_transient(spec: TensorSpec, leaf, scratch: dict, store: Store | None, 
     device of ``config.mesh``; ``scratch`` keeps to_dense's temp bytes per distinct matrix across the leaves of
     one plan (a model has a handful)."""
     if is_fallback(spec):  # the stored blocks, and to_dense's scratch (one stacked slice at a time)
-        one = abstract_stored(packed_spec(_unstacked(spec)))
+        one = abstract_stored(packed_spec(spec.unit(0)))
         key = (one.data.shape, one.data.dtype, None if one.scale is None else one.scale.shape, one.qtype, spec.dtype)
         if key not in scratch:
             scratch[key] = _dense_scratch(one, spec.dtype, store)
         return _nbytes(abstract_stored(packed_spec(spec))) + scratch[key]
     if spec.dtype is None:  # repacked for a kernel (ops.repack_weight): the stored blocks and one matrix's scratch
         stored = _nbytes(_placed(spec, abstract_stored(spec), config))
-        return 0 if isinstance(leaf, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
+        one = leaf.first if isinstance(leaf, ops.UnitArrays) else leaf
+        return 0 if isinstance(one, QTensor) else stored + 2 * _nbytes(leaf) // len(spec.names)  # scratch ~2x
     stored = _FLOAT_DTYPES.get(spec.qtype)
     if spec.dtype == "float32" or stored is None or stored == spec.dtype:
         return 0  # transferred as is, or converted on the host

@@ -63,6 +63,8 @@ def _rope_table(mf: ModelFile, cfg: ModelConfig) -> np.ndarray:
 def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE, mesh: Mesh | None = None):
     """The ShapeDtypeStruct twin of ``materialize``, kernel repacking included (``sharding.prepared`` traced
     abstractly, shard by shard over ``mesh``): no bytes are read, nothing touches the device."""
+    if spec.per_unit:
+        return ops.UnitArrays(tuple(abstract_leaf(spec.unit(u), kernels, mesh) for u in range(len(spec.names))))
     if spec.dtype is None:
         stored = abstract_stored(spec)
         return stored if spec.gathered else jax.eval_shape(lambda w: sharding.prepared(spec, w, kernels, mesh), stored)
@@ -113,11 +115,12 @@ class _Loader:
     Each tensor goes over on its own (a view of the memmap, read by a transfer thread while the device works on
     the previous one), is joined with the other parts of its unit on the device, transformed for this backend
     (repacked for the kernels, dequantized for the fallback, cast to the compute dtype) one unit at a time, and
-    written in place into its slot of the stacked leaf. So beyond the memmap and the weights, at most
-    ``IN_FLIGHT`` bytes of tensors (or one unit, if larger) are on their way, the device holds one unit's scratch,
-    and each program compiles once per distinct unit shape, not once per tensor or stack length. On one device
-    the programs run through ``programs`` (a ``CompiledSteps``), so with a compile-cache store a repeated load reads
-    them back instead of tracing and lowering each again.
+    written in place into its slot of the stacked leaf (a leaf held per unit, ``TensorSpec.per_unit``, keeps each
+    unit's value as its own array). So beyond the memmap and the weights, at most ``IN_FLIGHT`` bytes of tensors
+    (or one unit, if larger) are on their way, the device holds one unit's scratch, and each program compiles once
+    per distinct unit shape, not once per tensor or stack length. On one device the programs run through
+    ``programs`` (a ``CompiledSteps``), so with a compile-cache store a repeated load reads them back instead of
+    tracing and lowering each again.
     """
 
     THREADS = 4
@@ -180,6 +183,7 @@ class _Loader:
         if spec.names == (ROPE,):
             return jnp.asarray(self.rope)
         out = None
+        held = []  # a leaf held per unit: its units as they come
         for u in range(len(spec.names)):
             parts = [f.result() for f in futures.popleft()]
             self.in_flight -= sum(p.nbytes for p in parts)
@@ -187,11 +191,14 @@ class _Loader:
             value = self._unit(spec, parts, u)
             if not spec.stacked:
                 return value
+            if spec.per_unit:
+                held.append(value)
+                continue
             if out is None:
                 n = len(spec.names)
                 out = sharding.stacked_zeros(value, n) if self.mesh else self._run(_zeros_stack, value, n=n)
             out = self._run(_place_unit, out, value, np.int32(u))
-        return out
+        return ops.UnitArrays(tuple(held)) if spec.per_unit else out
 
     def _run(self, fn, *args, **statics):
         """``fn(*args, **statics)``: through the model's compiled programs on one device, a plain call over a

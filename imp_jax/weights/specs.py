@@ -7,7 +7,8 @@ Quantized tensors stay packed (QTensor leaves); float matrices take the compute 
 conv filter and rope factors stay f32.
 
 The layer stack is cut into repeating units (models/decoder.py) and units with identical tensors (names aside)
-into segments; every leaf of a segment is stacked over its units.
+into segments; every leaf of a segment is stacked over its units (the CPU's plan holds the matrices one leaf
+per unit instead: ``tensor_spec.per_unit_matrices``).
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def _spec(mf: ModelFile, names: list[str], compute_dtype: str, stacked: bool) ->
         dtype = compute_dtype
     else:
         dtype = "float32"
-    return TensorSpec(tuple(names), first.qtype, first.shape, dtype, stacked, scale_names)
+    matrix = len(first.shape) >= 2 and not keep_f32
+    return TensorSpec(tuple(names), first.qtype, first.shape, dtype, stacked, scale_names, matrix=matrix)
 
 
 def _nvfp4_scale_name(mf: ModelFile, name: str) -> str:

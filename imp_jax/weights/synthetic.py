@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, GGMLQuantizationType
 
+from imp_jax import ops
 from imp_jax.errors import UnsupportedModel
 from imp_jax.gguf.qtensor import QTensor, row_bytes
 from imp_jax.gguf.reader import ModelFile, TensorInfo
@@ -349,6 +350,9 @@ def _fill(spec: TensorSpec) -> tuple[float, float, int]:
 
 
 def _leaf(spec: TensorSpec, key: jax.Array, config: ModelConfig, kernels: KernelPolicy):
+    if spec.per_unit:  # like the loader: one leaf per unit
+        units = range(len(spec.names))
+        return ops.UnitArrays(tuple(_leaf(spec.unit(u), jax.random.fold_in(key, u), config, kernels) for u in units))
     if spec.names == (ROPE,):
         rows = [
             rope_inv_freq(config.rope_local if (w and config.rope_local is not None) else config.rope)

@@ -31,6 +31,8 @@ class TensorSpec:
     fused: tuple[tuple[str, ...], ...] = ()  # tensors concatenated after ``names`` along N, each its names per unit
     rows: tuple[int, ...] = ()  # with ``fused``: N of every part, this spec's own first (``shape`` has their sum)
     axes: tuple[str | None, ...] = ()  # logical axis of each dim of ``shape`` (weights.sharding.RULES maps them)
+    matrix: bool = False  # read only by the matrix products (ops.matmul, ops.expert_matmul)
+    per_unit: bool = False  # stacked, but held as one leaf per unit (ops.UnitArrays; see ``per_unit_matrices``)
 
     @property
     def parts(self) -> tuple[tuple[str, ...], ...]:
@@ -45,6 +47,17 @@ class TensorSpec:
     @property
     def stack(self) -> tuple[int, ...]:
         return (len(self.names),) if self.stacked else ()
+
+    def unit(self, u: int) -> TensorSpec:
+        """The spec of unit ``u`` alone (unstacked)."""
+        return dataclasses.replace(
+            self,
+            names=self.names[u : u + 1],
+            fused=tuple(names[u : u + 1] for names in self.fused),
+            stacked=False,
+            per_unit=False,
+            scale_names=self.scale_names[u : u + 1],
+        )
 
     @property
     def qshape(self) -> tuple[int, ...]:
@@ -74,3 +87,10 @@ def is_spec(x) -> bool:
 
 def map_specs[T](fn: Callable[[TensorSpec], object], specs: T) -> T:
     return jax.tree.map(fn, specs, is_leaf=is_spec)
+
+
+def per_unit_matrices[T](specs: T) -> T:
+    """The spec tree with every stacked matrix held one leaf per unit (a ``KernelPolicy`` with ``unit_arrays``):
+    the products read each unit's matrix in place, where XLA:CPU copies a slice of a stacked one before its dot.
+    Norms, biases and other small stacked leaves stay stacked (their slices cost nothing)."""
+    return map_specs(lambda s: dataclasses.replace(s, per_unit=True) if s.stacked and s.matrix else s, specs)

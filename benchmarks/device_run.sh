@@ -13,7 +13,8 @@
 # name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
 # (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 4, 16 and 64 sequences) and probe
-# (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names). The random_gguf tokenizer
+# (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
+# (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
 # qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
@@ -60,19 +61,21 @@ for q in q4_k_m q8_0; do
         --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/$q.gguf
 done
 want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf,/tmp/g/q8_0.gguf \
-    --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
+    --profile "$R/load_profile.txt" --json "$R/load.json"
 want quickload && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
     --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
 want quickload && step load 200 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --no-wall \
-    --stacks "$R/load_stacks.txt" --profile "$R/load_profile.txt" --json "$R/load.json"
+    --profile "$R/load_profile.txt" --json "$R/load.json"
 want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
 want serving && step serving 200 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 1,8 \
     --json "$R/serving.json"
+want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_gpu_sharded.py
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want quickload || want serving || want probe || want decode && pack
+want load || want quickload || want serving || want probe || want decode || want tp && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -99,6 +102,7 @@ want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
+want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"
 echo "=== e2e"; grep -h "^| imp-jax\|^| torch" "$R"/e2e_*.log

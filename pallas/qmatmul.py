@@ -162,6 +162,7 @@ def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
         raise KernelError(f"pallas.quantized_matmul: config {cfg} does not tile W {w.padded_shape} x M={m}")
 
 
+@functools.cache
 def _kernel_call(
     fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig, interpret: bool, tiles_per_expert: int = 0
 ):
@@ -234,13 +235,15 @@ def _kernel_call(
 
         pl.run_scoped(store, plgpu.SMEM((tn, tm), out_dtype))
 
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((splits, n_pad, m_pad), out_dtype),
-        grid=(n_pad // tn, m_pad // tm, splits),
-        grid_names=("n", "m", "s"),
-        kernel_name=f"pallas_qmatmul_{fmt.name.lower()}",
-        interpret=interpret_params(interpret),
+    return jax.jit(
+        plgpu.kernel(
+            body,
+            out_type=jax.ShapeDtypeStruct((splits, n_pad, m_pad), out_dtype),
+            grid=(n_pad // tn, m_pad // tm, splits),
+            grid_names=("n", "m", "s"),
+            kernel_name=f"pallas_qmatmul_{fmt.name.lower()}",
+            interpret=interpret_params(interpret),
+        )
     )
 
 

@@ -263,3 +263,20 @@ def test_identical_kernels_lower_to_one_kernel():
     assert len(core.KNOWN_KERNELS) - before <= 1
     jax.export.export(jax.jit(pallas.quantized_matmul), platforms=["cuda"])(x, weight(640))
     assert len(core.KNOWN_KERNELS) - before <= 2
+
+
+def test_a_kernel_called_at_several_sites_is_lowered_once_per_program():
+    """Each kernel is a cached jitted call, so a program lowers it once however many layers or units call it
+    (the Mosaic GPU lowering of a Q4_K_M decode step's 32 kernel calls took 10 s in Python, its 9 kernels 3 s)."""
+    sds = jax.ShapeDtypeStruct
+    fmt, k = pallas.Fmt.Q8_0, 512
+    w = pallas.PackedWeight(qs=sds((k, k), jnp.uint8), scales=(sds((k // 32, k), jnp.float16),), fmt=fmt,
+                            shape=(k, k))  # fmt: skip
+
+    def layers(x, w):
+        for _ in range(3):
+            x = x + pallas.quantized_matmul(x, w)
+        return x
+
+    text = jax.export.export(jax.jit(layers), platforms=["cuda"])(sds((1, k), jnp.bfloat16), w).mlir_module()
+    assert text.count("custom_call @mosaic_gpu") == 1

@@ -64,11 +64,11 @@ want load && step load 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.ggu
     --profile "$R/load_profile.txt" --json "$R/load.json"
 want quickload && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b --quant q4_k_m \
     --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
-want quickload && step load 200 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --no-wall \
+want quickload && step load 150 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --no-wall \
     --profile "$R/load_profile.txt" --json "$R/load.json"
 want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
-want serving && step serving 200 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 1,8 \
+want serving && step serving 260 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 8 \
     --json "$R/serving.json"
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py

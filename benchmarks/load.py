@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import faulthandler
 import json
 import os
 import pstats
@@ -33,21 +32,41 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 PROMPT = "The capital of France is"
 TOKENS = 32
 
 
+def _dump_stacks_every(seconds: float, path: str) -> None:
+    """Append every thread's Python stack to ``path`` every ``seconds``, from a daemon thread that holds the GIL
+    while it reads them (faulthandler's periodic dump reads running threads' frames without it, and segfaulted
+    the load on the H200)."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(seconds)
+            frames = sys._current_frames()
+            with open(path, "a") as f:
+                f.write(f"--- {time.strftime('%H:%M:%S')}\n")
+                for ident, frame in frames.items():
+                    if ident != threading.get_ident():
+                        f.write(f"thread {ident}\n" + "".join(traceback.format_stack(frame)))
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def child(model: str, cache: str, max_context: int, stacks: str | None = None, profile: str | None = None) -> dict:
     """Runs inside a new process: one load and one generation, timed. With ``stacks``, every thread's Python
-    stack is appended to that file every 10 s (faulthandler): where a load that outlives its time limit is. With
+    stack is appended to that file every 10 s: where a load that outlives its time limit is. With
     ``profile``, the load and the first generation run under cProfile and the 40 costliest calls (cumulative) are
     appended to that file."""
     t_start = time.perf_counter()
     if stacks:
-        faulthandler.dump_traceback_later(10, repeat=True, file=open(stacks, "a"))  # noqa: SIM115 - lives as long as the process
+        _dump_stacks_every(10, stacks)
     import jax
 
     compiles: list[float] = []

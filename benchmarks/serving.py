@@ -60,11 +60,20 @@ class SyntheticModel:
 
 
 def run_round(
-    model: SyntheticModel, concurrency: int, prompt: int, output: int, token_budget: int, seed: int, decode_steps: int
+    model: SyntheticModel,
+    concurrency: int,
+    prompt: int,
+    output: int,
+    token_budget: int,
+    seed: int,
+    decode_steps: int,
+    pages: int,
+    max_seqs: int,
 ):
-    """One round on a fresh engine sized for it; returns (decode tokens, decode seconds) of the timed window."""
-    pages = concurrency * -(-(prompt + output) // 16)
-    engine = Engine(model, page_size=16, n_pages=pages, max_seqs=concurrency, token_budget=token_budget,
+    """One round on a fresh engine; returns (decode tokens, decode seconds) of the timed window. Every round's
+    engine has the same page pool and slots (sized for the largest concurrency), so the rounds share their
+    compiled prefill steps and only the decode batch's bucket is new."""
+    engine = Engine(model, page_size=16, n_pages=pages, max_seqs=max_seqs, token_budget=token_budget,
                     prefix_caching=False, decode_steps=decode_steps)  # fmt: skip
     rng = np.random.default_rng(seed)
     for _ in range(concurrency):
@@ -95,34 +104,35 @@ def measure(
     kernels = resolve_kernels()
     params, cfg, size, _ = bench.synthetic_model(shape, quant, dtype, kernels=kernels)
     model = SyntheticModel(cfg, params, dtype, prompt + output, kernels)
+    pool = dict(pages=max(concurrency) * -(-(prompt + output) // 16), max_seqs=max(concurrency))
     rows = []
     for k in decode_steps:
-        mine = []
+        base = None
         for c in concurrency:
             # the warm-up compiles every bucket of the round, the multi-step decode's included
-            run_round(model, c, prompt, min(output, 2 * k + 2), token_budget, seed=c, decode_steps=k)
-            tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 1, decode_steps=k)
-            mine.append(dict(model=shape, quant=quant, decode_steps=k, concurrency=c, prompt=prompt, output=output,
-                             decode_tokens=tokens, decode_s=seconds, tok_s=tokens / seconds if seconds else 0.0,
-                             weights_gib=size / 2**30, device=jax.devices()[0].device_kind))  # fmt: skip
-        base = mine[0]["tok_s"] if mine and mine[0]["concurrency"] == 1 else None
-        for r in mine:
-            r["x_batch1"] = r["tok_s"] / base if base else None
-        rows += mine
+            run_round(model, c, prompt, min(output, 2 * k + 2), token_budget, seed=c, decode_steps=k, **pool)
+            tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 1, decode_steps=k, **pool)
+            row = dict(model=shape, quant=quant, decode_steps=k, concurrency=c, prompt=prompt, output=output,
+                       decode_tokens=tokens, decode_s=seconds, tok_s=tokens / seconds if seconds else 0.0,
+                       weights_gib=size / 2**30, device=jax.devices()[0].device_kind)  # fmt: skip
+            base = row["tok_s"] if c == 1 else base
+            row["x_batch1"] = row["tok_s"] / base if base else None
+            print(table_row(row), flush=True)  # as it comes: a device call's limit may cut the rest
+            rows.append(row)
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    head = (
-        "| model | quant | decode steps per dispatch | concurrent | prompt+output | decode tok/s | x batch 1 |\n"
-        "|---|---|---|---|---|---|---|"
-    )
-    body = [
+HEAD = (
+    "| model | quant | decode steps per dispatch | concurrent | prompt+output | decode tok/s | x batch 1 |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(r: dict) -> str:
+    return (
         f"| {r['model']} | {r['quant']} | {r['decode_steps']} | {r['concurrency']} | {r['prompt']}+{r['output']} | "
         f"{r['tok_s']:.1f} | " + (f"{r['x_batch1']:.1f}x |" if r["x_batch1"] else "- |")
-        for r in rows
-    ]
-    return "\n".join([head, *body])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     decode_steps = [int(k) for k in args.decode_steps.split(",")]
     rows = []
+    print(HEAD, flush=True)
     for spec in args.models.split(","):
         shape, quant = spec.split(":")
         rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget, decode_steps)
-        print(table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

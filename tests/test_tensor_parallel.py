@@ -102,13 +102,14 @@ def test_kernels_per_shard_give_the_logits_of_one_device(results, name, layouts)
     are, and as near tp 1's kernel logits as the kernels' tolerance allows (for the GDN hybrid, whose recurrence
     amplifies the kernels' bf16 operands, as near as tp 1's kernels are to the reference)."""
     r = _ok(results, name)
+    tps = {"2"} if name == "kernel-moe-q4_k" else {"2", "4"}  # (tests/tp_worker.py: the interpreter's time)
     one = r["to_reference"]["1"]
     assert all(err < 1.25 * one for err in r["to_reference"].values()), r["to_reference"]
-    assert set(r["to_tp1"]) == {"2", "4"}
+    assert set(r["to_tp1"]) == tps
     for tp, err in r["to_tp1"].items():
         assert err < max(KERNEL_TOL, one), f"tp {tp}: {err} from tp 1's kernel logits"
-    assert r["whole"] == {"2": [], "4": []}, "a device holds whole a matrix the rules split"
-    assert r["layouts"] == {"2": layouts, "4": layouts}
+    assert r["whole"] == {tp: [] for tp in tps}, "a device holds whole a matrix the rules split"
+    assert r["layouts"] == {tp: layouts for tp in tps}
 
 
 def test_each_device_holds_the_repack_of_its_own_blocks(results):

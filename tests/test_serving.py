@@ -103,6 +103,29 @@ def test_requests_join_and_leave_mid_run():
     assert engine.pool.n_used == 0
 
 
+def test_a_step_padded_to_its_bucket_stays_within_the_token_budget():
+    """Prefill rows run padded to their bucket (rows and tokens to powers of two): a chunk joins a step only while
+    that padded size stays within the token budget, so four 20-token prompts under a budget of 64 run as two steps
+    of 2 rows (2 x 32 padded), not 4 rows padded to 4 x 32 for 64 real tokens, and each still gets its own tokens."""
+    model = _model("llama")
+    engine = Engine(model, page_size=8, n_pages=40, max_seqs=8, token_budget=64)
+    shapes = []
+    run = engine._run
+
+    def recording(batch, is_decode, n_steps=1):
+        if not is_decode:
+            shapes.append((len(batch), max(n for _, n in batch)))
+        return run(batch, is_decode, n_steps)
+
+    engine._run = recording
+    prompts = _prompts(model.config.vocab_size, lengths=(20,) * 4)
+    ids = [engine.add_request(p, max_tokens=3) for p in prompts]
+    batched = _drive(engine)
+    assert shapes == [(2, 20), (2, 20)]
+    for rid, p in zip(ids, prompts, strict=True):
+        assert batched[rid][0] == _alone(model, p, max_tokens=3)[0]
+
+
 def test_abort_frees_pages_and_ends_with_abort():
     model = _model("llama")
     p = _prompts(model.config.vocab_size, lengths=(30, 9))

@@ -1,6 +1,8 @@
 """The tensor-parallel checks, run in a child process of tests/test_tensor_parallel.py with four simulated CPU
 devices (the flag must be set before JAX starts, and the rest of the suite keeps one device). Prints one JSON
-object: check name -> its measurements, or the error it raised.
+object: check name -> its measurements (and its seconds), or the error it raised. Arguments: a folder for its
+fixture files, then the checks to run (all by default) or ``--except=NAME,...`` (the test runs two workers side
+by side, one per core).
 
 The Pallas kernels run here in Mosaic GPU's CPU interpreter (``KERNELS``), per shard inside ``shard_map``. The
 interpreter of JAX 0.11 checks, when one simulated device's kernel ends, that no barrier of *any* device is still
@@ -384,7 +386,9 @@ def main(folder: str) -> None:
         "kernel-cuda": cuda_lowering,
     }
     _interpret_on_several_devices()
-    only = sys.argv[2:] or list(checks)
+    args = sys.argv[2:]
+    skip = {name for arg in args if arg.startswith("--except=") for name in arg.removeprefix("--except=").split(",")}
+    only = [a for a in args if not a.startswith("--except=")] or [name for name in checks if name not in skip]
     results = {}
     for name in only:
         start = time.perf_counter()

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
+from pallas.common import interpret_params, lowered_once, mma_accumulate, softmax_with_sinks_apply
 from pallas.errors import KernelError
 
 ROWS = 64  # query rows per CTA: one wgmma M tile
@@ -204,7 +204,7 @@ class _Geometry:
     table_pages: int  # n_pg, columns of the page table
 
 
-@functools.cache
+@lowered_once
 def _kernel_call(g: _Geometry, window, scale, stacked, interpret):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     qk_scale = scale * LOG2E
@@ -309,20 +309,18 @@ def _kernel_call(g: _Geometry, window, scale, stacked, interpret):
         pl.run_scoped(store, plgpu.SMEM((ROWS, g.hd), f32), plgpu.SMEM((2, ROWS), f32))
 
     parts = (g.b, g.n_kv, g.splits, g.out_rows)
-    return jax.jit(
-        plgpu.kernel(
-            body,
-            out_type=(
-                jax.ShapeDtypeStruct((*parts, g.hd), f32),
-                jax.ShapeDtypeStruct(parts, f32),
-                jax.ShapeDtypeStruct(parts, f32),
-            ),
-            grid=(g.b, g.n_kv, g.q_tiles, g.splits),
-            grid_names=("b", "h", "q", "s"),
-            kernel_name="pallas_decode_attention",
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-            interpret=interpret_params(interpret),
-        )
+    return plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((*parts, g.hd), f32),
+            jax.ShapeDtypeStruct(parts, f32),
+            jax.ShapeDtypeStruct(parts, f32),
+        ),
+        grid=(g.b, g.n_kv, g.q_tiles, g.splits),
+        grid_names=("b", "h", "q", "s"),
+        kernel_name="pallas_decode_attention",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
     )
 
 

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas.common import interpret_params, mma_accumulate, softmax_with_sinks_apply
+from pallas.common import interpret_params, lowered_once, mma_accumulate, softmax_with_sinks_apply
 from pallas.errors import KernelError
 
 BLOCK_Q = 64
@@ -78,7 +78,7 @@ def _check(q, k, v, sinks) -> None:
         )
 
 
-@functools.cache
+@lowered_once
 def _kernel_call(b, t, s, n_head, n_kv, hd, t_pad, block_kv, causal, window, has_sinks, scale, interpret):
     group = n_head // n_kv
     stages = 2
@@ -212,18 +212,16 @@ def _kernel_call(b, t, s, n_head, n_kv, hd, t_pad, block_kv, causal, window, has
         ),
         *([plgpu.SMEM((2, BLOCK_Q, block_kv), jnp.bfloat16)] if interpret else []),  # P for the interpreter
     )
-    return jax.jit(
-        plgpu.kernel(
-            lambda *refs: pl.run_scoped(lambda *sc: body(*refs, sc), *scratch, collective_axes="wg"),
-            out_type=jax.ShapeDtypeStruct((b, t_pad, n_head, hd), jnp.bfloat16),
-            grid=(n_head, t_pad // (2 * BLOCK_Q), b),
-            grid_names=("h", "q", "b"),
-            num_threads=3,
-            thread_name="wg",
-            kernel_name="pallas_flash_attention",
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-            interpret=interpret_params(interpret),
-        )
+    return plgpu.kernel(
+        lambda *refs: pl.run_scoped(lambda *sc: body(*refs, sc), *scratch, collective_axes="wg"),
+        out_type=jax.ShapeDtypeStruct((b, t_pad, n_head, hd), jnp.bfloat16),
+        grid=(n_head, t_pad // (2 * BLOCK_Q), b),
+        grid_names=("h", "q", "b"),
+        num_threads=3,
+        thread_name="wg",
+        kernel_name="pallas_flash_attention",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
     )
 
 

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas.mgpu_decode as mgpu_decode
-from pallas.common import interpret_params, wgmma_from_regs
+from pallas.common import interpret_params, lowered_once, wgmma_from_regs
 from pallas.errors import KernelError
 from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
 
@@ -162,7 +162,7 @@ def _check_config(cfg: MatmulConfig, w: PackedWeight, m: int) -> None:
         raise KernelError(f"pallas.quantized_matmul: config {cfg} does not tile W {w.padded_shape} x M={m}")
 
 
-@functools.cache
+@lowered_once
 def _kernel_call(
     fmt: Fmt, n_pad: int, k_pad: int, m_pad: int, cfg: MatmulConfig, interpret: bool, tiles_per_expert: int = 0
 ):
@@ -235,15 +235,13 @@ def _kernel_call(
 
         pl.run_scoped(store, plgpu.SMEM((tn, tm), out_dtype))
 
-    return jax.jit(
-        plgpu.kernel(
-            body,
-            out_type=jax.ShapeDtypeStruct((splits, n_pad, m_pad), out_dtype),
-            grid=(n_pad // tn, m_pad // tm, splits),
-            grid_names=("n", "m", "s"),
-            kernel_name=f"pallas_qmatmul_{fmt.name.lower()}",
-            interpret=interpret_params(interpret),
-        )
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((splits, n_pad, m_pad), out_dtype),
+        grid=(n_pad // tn, m_pad // tm, splits),
+        grid_names=("n", "m", "s"),
+        kernel_name=f"pallas_qmatmul_{fmt.name.lower()}",
+        interpret=interpret_params(interpret),
     )
 
 

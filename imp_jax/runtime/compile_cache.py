@@ -144,7 +144,8 @@ def configure(setting: bool | str | os.PathLike[str]) -> Store | None:
     if setting is False:
         disable()
         return None
-    return Store(enable(None if setting is True else setting), fingerprint())
+    # XLA reads XLA_FLAGS itself when the backend starts; the fingerprint takes them as they are for this process
+    return Store(enable(None if setting is True else setting), fingerprint(os.environ.get("XLA_FLAGS", "")))
 
 
 def entries(directory: str | os.PathLike[str]) -> set[str]:
@@ -165,8 +166,9 @@ _JAX_SETTINGS = (
 )
 
 
-def fingerprint() -> str:
-    """What, besides a program's own arguments, decides what it compiles to on this machine."""
+def fingerprint(xla_flags: str) -> str:
+    """What, besides a program's own arguments, decides what it compiles to on this machine with ``xla_flags``
+    (the process's XLA_FLAGS)."""
     h = hashlib.sha256()
     for package in ("imp_jax", "pallas"):
         root = Path(importlib.util.find_spec(package).origin).parent
@@ -180,7 +182,7 @@ def fingerprint() -> str:
                 jax.__version__,
                 jaxlib.__version__,
                 [(d.platform, d.device_kind) for d in devices],
-                os.environ.get("XLA_FLAGS", ""),
+                xla_flags,
                 [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS],
             )
         ).encode()

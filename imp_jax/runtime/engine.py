@@ -306,13 +306,16 @@ class Engine:
             req = self.waiting[0]
             self._match_prefix(req)
             n = min(len(req.tokens) - req.n_cached, budget)
-            if (n > 1 and not self._padded_room(prefill, n)) or not self._reserve(req, req.n_cached + n, preempt=False):
+            is_decode = len(req.tokens) - req.n_cached == 1
+            if (not is_decode and not self._padded_room(prefill, n)) or not self._reserve(
+                req, req.n_cached + n, preempt=False
+            ):
                 self._release(req)
                 break
             self.waiting.pop(0)
             req.slot = self.free_slots.pop()
             self.running.append(req)
-            (decode if len(req.tokens) - req.n_cached == 1 else prefill).append((req, n))
+            (decode if is_decode else prefill).append((req, n))
             budget -= n
         return decode, prefill
 

@@ -133,7 +133,8 @@ def imp_bench(path: Path, batches: tuple[int, ...]) -> dict[str, dict]:
     from imp_jax import bench
 
     model = imp_jax.load(path, max_context=1024, batch=max(batches), progress=False)
-    common = dict(name=SHAPE, quant=path.stem, size_bytes=path.stat().st_size, n_params=0, dtype=jnp.bfloat16, reps=5)
+    common = dict(name=SHAPE, quant=path.stem, size_bytes=path.stat().st_size, n_params=0, dtype=jnp.bfloat16, reps=5,
+                  kernels=model.kernels)  # fmt: skip
     out = {}
     for b in batches:
         for row in bench.run(model.params, model.config, pp=512 if b == 1 else 0, tg=128, batch=b, **common):

@@ -48,8 +48,9 @@ def _prompt(cfg: ModelConfig, batch: int, n: int) -> jax.Array:
     return jnp.asarray((np.arange(n)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
 
 
-def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1, kernels: KernelPolicy = REFERENCE) -> float:
-    """Seconds for one prefill of n tokens x batch (device synchronised)."""
+def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int, kernels: KernelPolicy) -> float:
+    """Seconds for one prefill of n tokens x batch (device synchronised), under the model's kernel policy
+    (required: a loaded model's policy, not the reference path by default)."""
     cache = init_cache(cfg, batch, n, dtype)
     tokens, lengths = _prompt(cfg, batch, n), jnp.full((batch,), n, jnp.int32)
     jax.block_until_ready(cache)
@@ -59,7 +60,7 @@ def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int = 1, kernel
     return time.perf_counter() - t0
 
 
-def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int = 1, kernels: KernelPolicy = REFERENCE) -> float:
+def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int, kernels: KernelPolicy) -> float:
     """Seconds for n greedy decode steps of batch sequences after a one-token prompt."""
     cache = init_cache(cfg, batch, n + 8 - (n % 8), dtype)
     one = jnp.ones((batch,), jnp.int32)
@@ -87,9 +88,11 @@ def run(
     pp: int,
     tg: int,
     reps: int,
+    kernels: KernelPolicy,
     batch: int = 1,
-    kernels: KernelPolicy = REFERENCE,
 ) -> list[BenchRow]:
+    """pp and tg rows for these params. ``kernels`` is required, the policy the params were loaded for
+    (``Model.kernels``): a default would time the XLA reference path on a model loaded for the kernels."""
     rows = []
     for test, n, timer in (("pp", pp, time_prefill), ("tg", tg, time_decode)):
         if n <= 0:

@@ -12,7 +12,9 @@
 # PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch; and, asked for by
 # name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
-# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 4, 16 and 64 sequences) and probe
+# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 16 and 64 sequences) and serveprof (the same at 16 and 64,
+# each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
+# benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
 # (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
@@ -28,8 +30,9 @@ START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 R=/tmp/run
 mkdir -p "$R" "$OUT" /tmp/g
-WHEEL=$(ls .whl/*.whl .llama/wheels/*.whl 2>/dev/null | head -1)  # gguf, from .whl/ or scripts/llamacpp_tree.py's .llama/
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL" \
+# gguf (from .whl/ or scripts/llamacpp_tree.py's .llama/wheels), and the HTTP server's wheels where carried
+WHEELS=$(ls .whl/*.whl .llama/wheels/*.whl .llama/server-wheels/*.whl 2>/dev/null)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
     || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
@@ -70,12 +73,23 @@ want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --qua
     --batches 1 --out "$R/decode.json"
 want serving && step serving 260 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 8 \
     --json "$R/serving.json"
+want serveprof && step serveprof 300 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 16,64 \
+    --decode-steps 8 --profile 16,64 --json "$R/serveprof.json"
+if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file (carry .llama: the llama.cpp tree and wheels)
+    [[ -f /tmp/g/q4_k_m.gguf ]] || step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b \
+        --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+    [[ -f /tmp/llama-build.rc ]] || bash benchmarks/device_llamacpp.sh start
+    step llama_build 400 bash benchmarks/device_llamacpp.sh wait 390
+    step serve 420 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
+        --concurrency 1,16,64 --requests 64 --time-limit 40
+fi
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want quickload || want serving || want probe || want decode || want tp && pack
+want load || want quickload || want serving || want serveprof || want serve || want probe || want decode || want tp \
+    && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -102,6 +116,8 @@ want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
+want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }
+want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"

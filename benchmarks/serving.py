@@ -7,6 +7,10 @@ from the first step in which every request is decoding to the last request's end
 generated in that window over its wall time. A warm-up round of the same shapes compiles every step first.
 
     PYTHONPATH=. python3 benchmarks/serving.py --models qwen3-8b:mxfp4,qwen3-30b-a3b:mxfp4 --concurrency 1,4,16,64
+
+``--profile 16,64`` adds, after the timed round at each of those concurrencies, a third round whose decode window
+(from every request's first token to the end) runs under ``jax.profiler``: the device time of one decode step of
+that many rows, per kernel and per category, as ``profile_decode.py`` reads a trace (where a wide step's time goes).
 """
 
 from __future__ import annotations
@@ -15,11 +19,17 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_decode import breakdown, device_events, find_trace, load_trace, tables
 
 from imp_jax import bench
 from imp_jax.ops.policy import KernelPolicy, resolve_dtype, resolve_kernels
@@ -69,10 +79,12 @@ def run_round(
     decode_steps: int,
     pages: int,
     max_seqs: int,
+    trace_dir: str | None = None,
 ):
     """One round on a fresh engine; returns (decode tokens, decode seconds) of the timed window. Every round's
     engine has the same page pool and slots (sized for the largest concurrency), so the rounds share their
-    compiled prefill steps and only the decode batch's bucket is new."""
+    compiled prefill steps and only the decode batch's bucket is new. With ``trace_dir`` the timed window runs
+    under the profiler, writing its trace there."""
     engine = Engine(model, page_size=16, n_pages=pages, max_seqs=max_seqs, token_budget=token_budget,
                     prefix_caching=False, decode_steps=decode_steps)  # fmt: skip
     rng = np.random.default_rng(seed)
@@ -86,8 +98,13 @@ def run_round(
             counted += sum(len(o.token_ids) for o in outs)
         started |= {o.request_id for o in outs if o.token_ids}
         if t0 is None and len(started) == concurrency:
+            jax.effects_barrier()
+            if trace_dir is not None:
+                jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
             t0 = time.perf_counter()  # every request has its first token: from here on each step decodes them all
     jax.effects_barrier()
+    if trace_dir is not None and t0 is not None:
+        jax.profiler.stop_trace()
     return counted, time.perf_counter() - (t0 if t0 is not None else time.perf_counter())
 
 
@@ -99,6 +116,7 @@ def measure(
     output: int,
     token_budget: int,
     decode_steps: list[int],
+    profile: frozenset[int] = frozenset(),
 ) -> list[dict]:
     dtype = resolve_dtype("auto")
     kernels = resolve_kernels()
@@ -119,7 +137,27 @@ def measure(
             row["x_batch1"] = row["tok_s"] / base if base else None
             print(table_row(row), flush=True)  # as it comes: a device call's limit may cut the rest
             rows.append(row)
+            if c in profile:
+                row["profile"] = profile_round(model, c, prompt, output, token_budget, k, pool)
     return rows
+
+
+def profile_round(model: SyntheticModel, c: int, prompt: int, output: int, token_budget: int, k: int, pool) -> dict:
+    """One more round at concurrency ``c``, its decode window traced: device time per decode step (a dispatch
+    runs ``k`` of them), by kernel and category. Printed as it comes, returned for the JSON."""
+    trace_dir = tempfile.mkdtemp(prefix=f"serving_c{c}_")
+    tokens, seconds = run_round(model, c, prompt, output, token_budget, seed=c + 2, decode_steps=k, **pool,
+                                trace_dir=trace_dir)  # fmt: skip
+    path = find_trace(trace_dir)
+    events = device_events(load_trace(path), module="engine_step") if path is not None else []
+    if not events:
+        print(f"profile at {c}: no device kernel events under {trace_dir}", flush=True)
+        return dict(trace=trace_dir, error="no device kernel events")
+    steps = max(tokens // c, 1)  # every step of the window decodes all c rows
+    result = breakdown(events, steps)
+    print(f"\nprofile, {c} rows: {steps} decode steps, wall {1e3 * seconds / steps:.2f} ms/step traced, device busy "
+          f"{result['device_us_per_step'] / 1e3:.2f} ms/step\n{tables(result)}\n", flush=True)  # fmt: skip
+    return dict(trace=str(path), steps=steps, wall_ms_per_step=1e3 * seconds / steps, **result)
 
 
 HEAD = (
@@ -143,15 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--token-budget", type=int, default=2048, help="tokens one engine step may feed")
     ap.add_argument("--decode-steps", default="8", help="decode steps per dispatch to compare, comma-separated")
+    ap.add_argument("--profile", default="", help="concurrencies whose decode window is also profiled, e.g. 16,64")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    profile = frozenset(int(c) for c in args.profile.split(",") if c)
     decode_steps = [int(k) for k in args.decode_steps.split(",")]
     rows = []
     print(HEAD, flush=True)
     for spec in args.models.split(","):
         shape, quant = spec.split(":")
-        rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget, decode_steps)
+        rows += measure(shape, quant, concurrency, args.prompt, args.output, args.token_budget, decode_steps, profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -220,13 +220,15 @@ def test_random_gguf_tiny(tmp_path):
 
 def test_serving_benchmark_tiny_on_cpu(tmp_path, capsys):
     """The serving table on a tiny shape: every concurrency and decode-steps setting gets a positive decode rate
-    and a row, and several steps per dispatch decode every token a single step does."""
+    and a row, and several steps per dispatch decode every token a single step does. ``--profile`` adds a traced
+    round's per-step breakdown (here XLA:CPU's thunks, as profile_decode.py falls back to)."""
     serving = load_script("serving")
     out = tmp_path / "s.json"
     argv = ["--models", "tiny:q8_0", "--concurrency", "1,4", "--prompt", "20", "--output", "6", "--json", str(out)]
-    assert serving.main([*argv, "--decode-steps", "1,2"]) == 0
+    assert serving.main([*argv, "--decode-steps", "1,2", "--profile", "4"]) == 0
     assert "| tiny | q8_0 | 2 | 4 | 20+6 |" in capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert [(r["decode_steps"], r["concurrency"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
     assert all(r["tok_s"] > 0 for r in rows)
     assert rows[1]["decode_tokens"] == rows[3]["decode_tokens"] == 4 * 5  # after each first token, the rest
+    assert "profile" not in rows[0] and rows[1]["profile"]["steps"] == 5 and rows[1]["profile"]["kernels"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,3 +283,38 @@ def test_a_kernel_called_at_several_sites_is_lowered_once_per_program():
 
     text = jax.export.export(jax.jit(layers), platforms=["cuda"])(sds((1, k), jnp.bfloat16), w).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_a_kernel_lowered_for_one_program_is_reused_by_the_next():
+    """A cold load lowers several programs that call the same kernels (the plan's, the engine's, new buckets):
+    the next program parses the first one's Mosaic GPU module instead of lowering the kernel again, and lowers
+    to the text it would have without the reuse (source locations aside)."""
+    from jax._src.pallas.mosaic_gpu import lowering
+
+    sds = jax.ShapeDtypeStruct
+    fmt, k = pallas.Fmt.Q8_0, 256
+    w = pallas.PackedWeight(qs=sds((k, k), jnp.uint8), scales=(sds((k // 32, k), jnp.float16),), fmt=fmt,
+                            shape=(k, k))  # fmt: skip
+    x = sds((1, k), jnp.bfloat16)
+    reused, lower_body = lowering.lower_unpipelined_jaxpr_to_module, lowering.lower_jaxpr_to_module
+    lowered = []
+
+    def counted(*args, **kwargs):
+        lowered.append(args)
+        return lower_body(*args, **kwargs)
+
+    def kernel_call(scale: float) -> str:
+        program = jax.jit(lambda x, w: pallas.quantized_matmul(x, w) * scale)
+        text = jax.export.export(program, platforms=["cuda"])(x, w).mlir_module()
+        (line,) = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+        return re.sub(r"loc\(.*?\)", "", line)
+
+    with mock.patch.object(lowering, "lower_jaxpr_to_module", counted):
+        first = kernel_call(2.0)  # lowers the kernel body, unless an earlier test's program did
+        seen = len(lowered)
+        second = kernel_call(3.0)
+        assert len(lowered) == seen  # parsed from the stored module
+        with mock.patch.object(lowering, "lower_unpipelined_jaxpr_to_module", reused.__wrapped__):
+            fresh = kernel_call(3.0)
+        assert len(lowered) == seen + 1
+    assert second == fresh == first

@@ -220,15 +220,29 @@ def test_random_gguf_tiny(tmp_path):
 
 def test_serving_benchmark_tiny_on_cpu(tmp_path, capsys):
     """The serving table on a tiny shape: every concurrency and decode-steps setting gets a positive decode rate
-    and a row, and several steps per dispatch decode every token a single step does. ``--profile`` adds a traced
+    and a row, no step compiles inside a timed window, and several steps per dispatch decode every token a single
+    step does. ``--profile`` adds a traced
     round's per-step breakdown (here XLA:CPU's thunks, as profile_decode.py falls back to)."""
     serving = load_script("serving")
     out = tmp_path / "s.json"
     argv = ["--models", "tiny:q8_0", "--concurrency", "1,4", "--prompt", "20", "--output", "6", "--json", str(out)]
     assert serving.main([*argv, "--decode-steps", "1,2", "--profile", "4"]) == 0
     assert "| tiny | q8_0 | 2 | 4 | 20+6 |" in capsys.readouterr().out
+    assert all(r["compiles"] == 0 for r in json.loads(out.read_text()))  # the warm-up compiled every step timed
     rows = json.loads(out.read_text())
     assert [(r["decode_steps"], r["concurrency"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
     assert all(r["tok_s"] > 0 for r in rows)
     assert rows[1]["decode_tokens"] == rows[3]["decode_tokens"] == 4 * 5  # after each first token, the rest
     assert "profile" not in rows[0] and rows[1]["profile"]["steps"] == 5 and rows[1]["profile"]["kernels"]
+
+
+def test_serving_benchmark_compiles_nothing_in_its_timed_window(tmp_path):
+    """Prompts prefilled one per step (a small token budget) stagger the rows: the first ones decode while the
+    last prefill, and a warm-up shorter than the round never ran every row's multi-step decode, which the timed
+    round then compiled inside its window (the H100's 64-row figure, 2227 tok/s)."""
+    serving = load_script("serving")
+    out = tmp_path / "s.json"
+    argv = ["--models", "tiny:q8_0", "--concurrency", "8", "--prompt", "64", "--output", "12", "--token-budget", "64",
+            "--decode-steps", "2", "--json", str(out)]  # fmt: skip
+    assert serving.main(argv) == 0
+    assert [r["compiles"] for r in json.loads(out.read_text())] == [0]

@@ -14,7 +14,8 @@
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
 # (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 16 and 64 sequences) and serveprof (the same at 16 and 64,
 # each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
-# benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and probe
+# benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and cmdbuf
+# (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
 # (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
@@ -85,11 +86,13 @@ if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file (car
 fi
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py
+want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwen3-8b --quant mxfp4 \
+    --json "$R/cmdbuf.json"
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want quickload || want serving || want serveprof || want serve || want probe || want decode || want tp \
-    && pack
+want load || want quickload || want serving || want serveprof || want serve || want cmdbuf || want probe || want decode \
+    || want tp && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -117,6 +120,7 @@ want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }
+want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
 want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"

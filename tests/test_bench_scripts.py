@@ -246,3 +246,19 @@ def test_serving_benchmark_compiles_nothing_in_its_timed_window(tmp_path):
             "--decode-steps", "2", "--json", str(out)]  # fmt: skip
     assert serving.main(argv) == 0
     assert [r["compiles"] for r in json.loads(out.read_text())] == [0]
+
+
+def test_command_buffer_benchmark_tiny_on_cpu(tmp_path):
+    """Each setting compiles the step and the looped step with its XLA options (the option strings parse on any
+    backend) and times them; a row per (program, setting)."""
+    script = load_script("command_buffers")
+    out = tmp_path / "cb.json"
+    argv = ["--shape", "tiny", "--quant", "q8_0", "--tokens", "8", "--loop", "4", "--reps", "1",
+            "--settings", "xla-default,with-loops", "--json", str(out)]  # fmt: skip
+    assert script.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["program"], r["setting"]) for r in rows] == [
+        ("decode step", "xla-default"), ("decode step", "with-loops"),
+        ("4-step loop", "xla-default"), ("4-step loop", "with-loops"),
+    ]  # fmt: skip
+    assert all("error" not in r and r["tok_s"] > 0 for r in rows)

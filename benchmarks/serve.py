@@ -2,8 +2,8 @@
 
 At each concurrency level (default 1, 4, 16, 64) that many clients send streaming ``/v1/completions`` requests
 back to back until ``--requests`` have been sent or ``--time-limit`` seconds have passed, so a run always ends
-by itself. Each level starts with a warm-up burst of one short request per client (not measured: imp-jax
-compiles each batch size once, llama-server fills its slots). Reported per level: TTFT and inter-token latency
+by itself. Each level starts with a warm-up burst of one request per client, of the measured size (not measured:
+imp-jax compiles each step shape once, llama-server fills its slots). Reported per level: TTFT and inter-token latency
 (p50 / p99, from the arrival of streamed chunks), request throughput, output tok/s (the server's usage counts when
 it sends them, else one token per text chunk).
 
@@ -58,7 +58,10 @@ async def one_request(client: httpx.AsyncClient, args, i: int, max_tokens: int) 
 
 
 async def level(client: httpx.AsyncClient, args, concurrency: int) -> dict:
-    await asyncio.gather(*(one_request(client, args, 10_000 + k, 8) for k in range(concurrency)))
+    # the warm-up: one request of the measured size per client (prompt and max_tokens), so the measured requests
+    # meet no step shape the server has not run (a short warm-up left the multi-step decode of every row count to
+    # compile inside the measurement)
+    await asyncio.gather(*(one_request(client, args, 10_000 + k, args.max_tokens) for k in range(concurrency)))
     sent, results = 0, []
     deadline = time.perf_counter() + args.time_limit
     start = time.perf_counter()
@@ -111,7 +114,7 @@ async def main_async(args) -> list[dict]:
         return [await level(client, args, c) for c in args.concurrency]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
     p.add_argument("--model", default=None, help="model id to send (default: the first of /v1/models)")
@@ -123,12 +126,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=200)
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = asyncio.run(main_async(args))
     print(table(args.label, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"label": args.label, "url": args.url, "model": args.model, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

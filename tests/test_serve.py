@@ -9,6 +9,7 @@ tool), plus the reply parsers on their own.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import socket
 import threading
@@ -230,6 +231,22 @@ def test_metrics_parse(client, smol):
         assert name in samples
     families = {f.name for f in text_string_to_metric_families(r.text)}
     assert "imp_jax_requests" in families
+
+
+def test_the_load_generator_measures_a_live_server(smol, tmp_path):
+    """benchmarks/serve.py as the H200 run uses it (here two levels of 2 short requests): every request answered,
+    TTFT and inter-token latency percentiles and rates reported, the rows written as JSON, the server idle after."""
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "benchmarks" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    out = tmp_path / "serve.json"
+    argv = ["--url", smol[1] + "/v1", "--api-key", KEY, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
+            "--prompt-words", "12", "--time-limit", "60", "--json", str(out)]  # fmt: skip
+    rows = serve.main(argv)
+    assert [(r["concurrency"], r["requests"], r["failed"]) for r in rows] == [(1, 2, 0), (2, 2, 0)]
+    assert all(r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0 and r["output_tok_per_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["model"] == NAME
+    assert _idle(smol[2])
 
 
 # ---- scripted fixtures: reasoning and tools end to end

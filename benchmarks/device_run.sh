@@ -15,7 +15,8 @@
 # (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 16 and 64 sequences) and serveprof (the same at 16 and 64,
 # each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
 # benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and cmdbuf
-# (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and probe
+# (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and wall
+# (benchmarks/load.py's whole `imp-jax generate` beside llama-completion on the Q4_K_M file; builds llama.cpp too) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
 # (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
@@ -76,11 +77,16 @@ want serving && step serving 260 python3 benchmarks/serving.py --models qwen3-8b
     --json "$R/serving.json"
 want serveprof && step serveprof 300 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 16,64 \
     --decode-steps 8 --profile 16,64 --json "$R/serveprof.json"
-if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file (carry .llama: the llama.cpp tree and wheels)
+if want serve || want wall; then  # both need the llama.cpp build (carry .llama: its tree, the wheels, the tokenizer)
     [[ -f /tmp/g/q4_k_m.gguf ]] || step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b \
         --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
     [[ -f /tmp/llama-build.rc ]] || bash benchmarks/device_llamacpp.sh start
     step llama_build 400 bash benchmarks/device_llamacpp.sh wait 390
+fi
+# the whole `imp-jax generate -n 32` in a new process, cold and cached compile cache, beside llama-completion
+want wall && step wall 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf \
+    --llama-completion /tmp/llama-build/bin/llama-completion --json "$R/wall.json"
+if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file
     step serve 420 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
         --concurrency 1,16,64 --requests 64 --time-limit 40
 fi
@@ -91,8 +97,8 @@ want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwe
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want quickload || want serving || want serveprof || want serve || want cmdbuf || want probe || want decode \
-    || want tp && pack
+want load || want quickload || want serving || want serveprof || want serve || want wall || want cmdbuf || want probe \
+    || want decode || want tp && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -117,6 +123,7 @@ tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
 want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
+want wall && { echo "=== wall"; tail -5 "$R/wall.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
 want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
 want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }

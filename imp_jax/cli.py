@@ -102,7 +102,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         max_context=args.context,
         progress=not args.quiet,
-        compile_cache=compile_cache_setting(),
+        compile_cache=args.compile_cache,
         kernels=args.kernels,
         devices=args.tp,
         debug=args.debug,
@@ -272,7 +272,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     _check_listen(args.host, args.port)
     model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
                          device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
-                         debug=args.debug, compile_cache=compile_cache_setting())  # fmt: skip
+                         debug=args.debug, compile_cache=args.compile_cache)  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
                               max_queue=args.max_queue, max_seqs=args.parallel,
@@ -446,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.kernels = kernels_setting()
     args.debug = debug_setting()
+    args.compile_cache = compile_cache_setting()
     try:
         set_threads(getattr(args, "threads", None))
         args.run(args)

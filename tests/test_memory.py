@@ -141,6 +141,22 @@ def test_fitted_context_is_the_largest_that_fits_in_few_plans(tinycoder, monkeyp
     assert counts[True] <= counts[False] <= 8
 
 
+def test_a_repeated_plan_reads_its_statistics_back(tinycoder, tmp_path, monkeypatch):
+    """``plan_memory`` keeps each step's statistics in the compile-cache folder, as ``load`` does: the same plan
+    again (a ``--context auto`` search's candidates, or ``imp-jax plan`` before ``load``) compiles nothing; with
+    the cache off it compiles every time."""
+    from imp_jax.planning import memory
+
+    path, _ = tinycoder
+    compiles = []
+    real = memory._compile_all
+    monkeypatch.setattr(memory, "_compile_all", lambda *lowered: compiles.append(len(lowered)) or real(*lowered))
+    plans = [plan_memory(path, max_context=CTX, device_memory="1GiB", compile_cache=tmp_path) for _ in range(2)]
+    assert compiles == [2] and plans[0].steps == plans[1].steps
+    plan_memory(path, max_context=CTX, device_memory="1GiB", compile_cache=False)
+    assert compiles == [2, 2]
+
+
 def test_context_candidates():
     assert context_candidates(1000) == [16, 32, 64, 128, 256, 512, 768]
     assert context_candidates(40) == [16, 32]

@@ -27,5 +27,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--tp", type=int, default=1, help="devices to split the model over (tensor parallel), planned per device"
     )
-    p.set_defaults(run=_run, kernels="auto")  # the CLI sets it from IMP_JAX_KERNELS
+    # the CLI sets both from IMP_JAX_KERNELS and IMP_JAX_COMPILE_CACHE
+    p.set_defaults(run=_run, kernels="auto", compile_cache=True)
     return p

@@ -197,6 +197,22 @@ def test_auto_path_takes_the_fallback_only_when_it_fits(tiny_q8):
     assert tight.path == "packed" and tight.fits
 
 
+def test_auto_context_on_the_auto_path_is_the_longest_either_path_fits(tiny_q8):
+    """``max_context="auto"`` with ``path="auto"``: the longest context at which the path ``auto`` would pick
+    fits, the fallback where both paths fit it (a CPU runs it faster), for budgets across the range."""
+    _, packed, fallback = tiny_q8
+    cands = context_candidates(packed.config.context_length)
+    need = {(p.path, c): replan(p, max_context=c).needed_bytes for p in (packed, fallback) for c in cands}
+    low, high = min(need.values()), max(need.values())
+    for frac in (0.0, 0.2, 0.5, 0.8, 1.0):
+        budget = _budget(int(low + frac * (high - low)), packed.headroom_bytes)
+        fits = {key for key, n in need.items() if n <= budget.available_bytes}
+        got = replan(packed, max_context="auto", path="auto", budget=budget)
+        longest = max(c for _, c in fits)
+        assert got.fits and got.max_context == longest, (frac, got.max_context, fits)
+        assert got.path == ("fallback" if ("fallback", longest) in fits else "packed"), frac
+
+
 def test_forced_fallback_warns_with_the_numbers(tiny_q8):
     _, _, fallback = tiny_q8
     forced = replan(fallback, budget=_budget(fallback.weights_bytes // 2))

@@ -678,15 +678,31 @@ def auto_context(
 ) -> MemoryPlan:
     """The plan at the largest context that fits; if none does, the plan at the smallest candidate context (it
     says how far even that is from fitting). The smallest is planned first: when it does not fit, nothing does,
-    and that answer costs one plan instead of a bisection from the full context down."""
-    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, path=path, kernels=kernels, store=store)
-    smallest = plan_specs(specs, config, max_context=context_candidates(config.context_length)[0], **args)
+    and that answer costs one plan instead of a bisection from the full context down.
+
+    With ``path="auto"`` the search runs on the path the smallest context takes (the dequantized fallback where it
+    fits, the faster one on a CPU), as ``plan_specs`` would choose at any context. The packed path's smaller
+    weights can leave room for a longer context than the fallback's: it is searched only when it fits the next
+    candidate above the fallback's answer, so the answer is the longest context either path fits (the fallback's
+    on a tie) for one extra plan in the usual case."""
+    args = dict(label=label, batch=batch, dtype=dtype, budget=budget, kernels=kernels, store=store)
+    smallest = plan_specs(specs, config, max_context=context_candidates(config.context_length)[0], path=path, **args)
     if not smallest.fits:
         return smallest
-    full = plan_specs(specs, config, max_context=config.context_length, **args)
+    best = _largest_fitting(specs, config, smallest, args)
+    above = [c for c in context_candidates(config.context_length) if c > best.max_context]
+    if path != "auto" or smallest.path != "fallback" or not above:
+        return best
+    packed = plan_specs(specs, config, max_context=above[0], path="packed", **args)
+    return _largest_fitting(specs, config, packed, args) if packed.fits else best
+
+
+def _largest_fitting(specs, config: ModelConfig, known: MemoryPlan, args: dict) -> MemoryPlan:
+    """The plan at the largest context that fits on ``known``'s path, given ``known``, a plan on it that fits."""
+    full = plan_specs(specs, config, max_context=config.context_length, path=known.path, **args)
     if full.fits:
         return full
-    return fit_context(full, smallest=smallest) or smallest
+    return fit_context(full, smallest=known) or known
 
 
 def check_fits(plan: MemoryPlan, *, path_label: str | None = None, force: bool = False) -> None:

@@ -21,12 +21,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imp_jax import bench
 from imp_jax.ops.policy import KernelPolicy, resolve_kernels
-from imp_jax.runtime import sampling, steps
-from imp_jax.runtime.cache import init_cache
+from imp_jax.runtime import steps
 
 # setting -> XLA debug options (DebugOptions fields) for the compile: XLA's own default, command buffers off, loops
 # and conditionals captured too, and that with graphs of any size.
@@ -62,13 +60,7 @@ def programs(cfg, kernels: KernelPolicy, loop: int):
 
 def time_program(compiled, params, cfg, dtype, tokens: int, per_call: int, kernels: KernelPolicy) -> float:
     """Seconds for ``tokens`` decode steps (``tokens / per_call`` calls) after a one-token prompt."""
-    cache = init_cache(cfg, 1, tokens + 16, dtype)
-    one = jnp.ones((1,), jnp.int32)
-    prompt = jnp.zeros((1, 1), jnp.int32)
-    logits, cache = steps.prefill_step(params, cfg, prompt, one, cache, kernels=kernels)
-    p = sampling.SamplingParams().arrays()
-    state = steps.first_token(logits, steps.decode_state(np.zeros((1,), np.int32)), p, greedy=True, penalty=False)
-    jax.block_until_ready((state, cache))
+    cache, state, p = bench.primed_decode(params, cfg, dtype, 1, 1, tokens, kernels)
     t0 = time.perf_counter()
     for _ in range(tokens // per_call):
         state, cache = compiled(params, cache, state, p)
@@ -80,9 +72,7 @@ def measure(shape: str, quant: str, tokens: int, loop: int, reps: int, settings:
     kernels = resolve_kernels()
     dtype = jnp.bfloat16
     params, cfg, _, _ = bench.synthetic_model(shape, quant, "bfloat16", kernels=kernels)
-    cache = init_cache(cfg, 1, tokens + 16, dtype)
-    p = sampling.SamplingParams().arrays()
-    state = steps.decode_state(np.zeros((1,), np.int32))
+    cache, state, p = bench.primed_decode(params, cfg, dtype, 1, 1, tokens, kernels)  # the shapes to compile for
     rows = []
     for name, fn, per_call in programs(cfg, kernels, loop):
         base = None

@@ -31,14 +31,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imp_jax import bench
 from imp_jax.models.config import ModelConfig
 from imp_jax.ops.policy import KernelPolicy, resolve_kernels
-from imp_jax.runtime import sampling
-from imp_jax.runtime.cache import init_cache
-from imp_jax.runtime.steps import decode_state, decode_step, first_token, prefill_step
+from imp_jax.runtime.steps import decode_step
 
 # (label, regex on the kernel name, case-insensitive); the first match wins, unmatched names go to OTHER.
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -58,14 +55,7 @@ def time_decode(params, cfg: ModelConfig, steps: int, dtype, batch: int, context
     """Seconds for ``steps`` greedy decode steps of ``batch`` sequences after a ``context``-token prompt.
 
     ``bench.time_decode`` with a prompt length: the prefill and first sample are outside the timed loop."""
-    cache = init_cache(cfg, batch, -(-(context + steps + 1) // 8) * 8, dtype)
-    prompt = jnp.asarray((np.arange(context)[None, :] % cfg.vocab_size).repeat(batch, 0), jnp.int32)
-    lengths = jnp.full((batch,), context, jnp.int32)
-    logits, cache = prefill_step(params, cfg, prompt, lengths, cache, kernels=kernels)
-    p = sampling.SamplingParams().arrays()
-    state = decode_state(np.full((batch,), context - 1, np.int32))
-    state = first_token(logits, state, p, greedy=True, penalty=False)
-    jax.block_until_ready(state)
+    cache, state, p = bench.primed_decode(params, cfg, dtype, batch, context, steps, kernels)
     t0 = time.perf_counter()
     for _ in range(steps):
         state, cache = decode_step(params, cfg, cache, state, p, greedy=True, penalty=False, kernels=kernels)

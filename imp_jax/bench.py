@@ -60,15 +60,22 @@ def time_prefill(params, cfg: ModelConfig, n: int, dtype, batch: int, kernels: K
     return time.perf_counter() - t0
 
 
+def primed_decode(params, cfg: ModelConfig, dtype, batch: int, context: int, n: int, kernels: KernelPolicy):
+    """What a timed greedy decode loop of ``n`` steps starts from: the cache after a ``context``-token prompt of
+    ``batch`` rows (room for the n steps), the state holding the first sampled token, and the sampling arrays."""
+    cache = init_cache(cfg, batch, -(-(context + n + 1) // 8) * 8, dtype)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    logits, cache = steps.prefill_step(params, cfg, _prompt(cfg, batch, context), lengths, cache, kernels=kernels)
+    p = sampling.SamplingParams().arrays()
+    state = steps.decode_state(np.full((batch,), context - 1, np.int32))
+    state = steps.first_token(logits, state, p, greedy=True, penalty=False)
+    jax.block_until_ready((state, cache))
+    return cache, state, p
+
+
 def time_decode(params, cfg: ModelConfig, n: int, dtype, batch: int, kernels: KernelPolicy) -> float:
     """Seconds for n greedy decode steps of batch sequences after a one-token prompt."""
-    cache = init_cache(cfg, batch, n + 8 - (n % 8), dtype)
-    one = jnp.ones((batch,), jnp.int32)
-    logits, cache = steps.prefill_step(params, cfg, _prompt(cfg, batch, 1), one, cache, kernels=kernels)
-    p = sampling.SamplingParams().arrays()
-    state = steps.decode_state(np.zeros((batch,), np.int32))
-    state = steps.first_token(logits, state, p, greedy=True, penalty=False)
-    jax.block_until_ready(state)
+    cache, state, p = primed_decode(params, cfg, dtype, batch, 1, n, kernels)
     t0 = time.perf_counter()
     for _ in range(n):
         state, cache = steps.decode_step(params, cfg, cache, state, p, greedy=True, penalty=False, kernels=kernels)

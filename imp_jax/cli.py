@@ -257,7 +257,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.model, dtype=dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch, kernels=kernels
         )
         s = summarize(model.file)
-        params, cfg = model.params, model.config
+        params, cfg, kernels = model.params, model.config, model.kernels  # the policy load resolved
         name, quant, size, n_params = model.path.name, next(iter(s.bytes_by_qtype)), s.file_bytes, s.n_params
     rows = bench.run(params, cfg, name=name, quant=quant, size_bytes=size, n_params=n_params, dtype=dtype,
                      pp=args.pp, tg=args.tg, reps=args.reps, batch=args.batch, kernels=kernels)  # fmt: skip

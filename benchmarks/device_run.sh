@@ -12,7 +12,7 @@
 # PARTS (comma-separated, default all): tests,memory,gptoss,8b,profile,shapes,bf16,xla,torch; and, asked for by
 # name only, load (the Qwen3-8B-shape Q4_K_M file written here, then benchmarks/load.py cold and cached with
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
-# (benchmarks/serving.py, synthetic Qwen3-8B MXFP4 at 1, 16 and 64 sequences) and serveprof (the same at 16 and 64,
+# (benchmarks/serving.py, synthetic Qwen3-8B and Qwen3-30B-A3B MXFP4 at 1, 4, 16 and 64 sequences) and serveprof (the same at 16 and 64,
 # each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
 # benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and cmdbuf
 # (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and wall
@@ -73,8 +73,8 @@ want quickload && step load 150 python3 benchmarks/load.py --models /tmp/g/q4_k_
     --profile "$R/load_profile.txt" --json "$R/load.json"
 want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
-want serving && step serving 260 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 1,16,64 --decode-steps 8 \
-    --json "$R/serving.json"
+want serving && step serving 400 python3 benchmarks/serving.py --models qwen3-8b:mxfp4,qwen3-30b-a3b:mxfp4 \
+    --concurrency 1,4,16,64 --decode-steps 8 --json "$R/serving.json"
 want serveprof && step serveprof 300 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 16,64 \
     --decode-steps 8 --profile 16,64 --json "$R/serveprof.json"
 if want serve || want wall; then  # both need the llama.cpp build (carry .llama: its tree, the wheels, the tokenizer)
@@ -125,7 +125,7 @@ want probe && { echo "=== probe"; cat "$R/probe.json"; }
 want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want wall && { echo "=== wall"; tail -5 "$R/wall.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }
-want serving && { echo "=== serving"; tail -8 "$R/serving.log"; }
+want serving && { echo "=== serving"; tail -14 "$R/serving.log"; }
 want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }
 want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
 want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }

@@ -18,7 +18,9 @@
 # (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and wall
 # (benchmarks/load.py's whole `imp-jax generate` beside llama-completion on the Q4_K_M file; builds llama.cpp too) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
-# (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh). The random_gguf tokenizer
+# (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh) and kgpu (the matmul kernels' GPU
+# tests) and kernels_ab / e2e_ab (benchmarks/kernels.py's decode rows / e2e.py's Qwen3-8B Q4_K_M, before and after a
+# change: carry .baseline, see below). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
 # qwen3-8b two quants + torch over 190 s; the kernel GPU tests ~150 s. Seen alone on the card: all 103 gpu-marked
@@ -90,6 +92,15 @@ if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file
     step serve 420 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
         --concurrency 1,16,64 --requests 64 --time-limit 40
 fi
+# before/after a kernel change in one call: the previous commit's pallas/ and imp_jax/ carried in .baseline/
+# (`git archive REV pallas imp_jax | tar -x -C .baseline`, ignored), timed by this tree's scripts
+want kgpu && step kernel_gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py
+for tree in before:.baseline after:.; do
+    want kernels_ab && PYTHONPATH=/tmp/site:${tree#*:} step "kernels_${tree%%:*}" 200 python3 benchmarks/kernels.py \
+        --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0 --models qwen3-8b --out "$R/kernels_${tree%%:*}"
+    want e2e_ab && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 150 python3 benchmarks/e2e.py --shapes qwen3-8b \
+        --quants q4_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
+done
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py
 want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwen3-8b --quant mxfp4 \
@@ -98,7 +109,7 @@ want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py -
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
 want load || want quickload || want serving || want serveprof || want serve || want wall || want cmdbuf || want probe \
-    || want decode || want tp && pack
+    || want decode || want tp || want kgpu || want kernels_ab || want e2e_ab && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
 want 8b && step e2e_8b 190 python3 benchmarks/e2e.py --shapes qwen3-8b --quants mxfp4,q8_0 --pp 512,4096 --batches 1,8 \
@@ -130,6 +141,9 @@ want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/servepro
 want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
 want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
+want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
+want kernels_ab && for t in before after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log"; done
+want e2e_ab && for t in before after; do echo "=== e2e $t"; grep -h "^| imp-jax\|copy bandwidth" "$R/e2e_$t.log"; done
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"
 echo "=== e2e"; grep -h "^| imp-jax\|^| torch" "$R"/e2e_*.log

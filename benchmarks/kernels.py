@@ -48,7 +48,9 @@ MATMUL_SHAPES = {  # (N, K) of y = x @ W.T
     "qwen3.5-9b": [(8192, 4096)],  # its FFN and GDN in-projection are 12288 x 4096, as Qwen3-8B's
     "gpt-oss-20b": [(2880, 2880), (4096, 2880)],
 }
-QTYPES = {"mxfp4": GGMLQuantizationType.MXFP4, "q8_0": GGMLQuantizationType.Q8_0, "q4_k": GGMLQuantizationType.Q4_K}
+_T = GGMLQuantizationType
+QTYPES = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "q5_k": _T.Q5_K, "q6_k": _T.Q6_K}
+F16_FIELDS = {_T.Q8_0: (0,), _T.Q4_K: (0, 2), _T.Q5_K: (0, 2), _T.Q6_K: (208,)}  # byte offsets of f16 scales
 
 
 @dataclasses.dataclass
@@ -93,13 +95,11 @@ def ceilings() -> dict:
 def random_qtensor(rng, qtype, n, k) -> QTensor:
     block, type_size = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
-    f16 = lambda lo, hi: rng.uniform(lo, hi, b.shape[:-1]).astype(np.float16).view(np.uint8).reshape(*b.shape[:-1], 2)  # noqa: E731
-    if qtype == GGMLQuantizationType.MXFP4:
+    if qtype == _T.MXFP4:
         b[..., 0] = rng.integers(112, 132, b.shape[:-1])
-    elif qtype == GGMLQuantizationType.Q8_0:
-        b[..., 0:2] = f16(-0.02, 0.02)
-    else:
-        b[..., 0:2], b[..., 2:4] = f16(1e-4, 2e-3), f16(1e-4, 2e-3)
+    for at in F16_FIELDS.get(qtype, ()):
+        f16 = rng.uniform(1e-4, 2e-3, b.shape[:-1]).astype(np.float16)
+        b[..., at : at + 2] = f16.view(np.uint8).reshape(*b.shape[:-1], 2)
     return QTensor(data=jnp.asarray(b.reshape(n, -1)), scale=None, qtype=int(qtype), shape=(n, k))
 
 
@@ -130,7 +130,7 @@ def bench_matmul(ceil: dict, ms: tuple[int, ...], formats: set[str], models: set
                         print(f"FAILED {qname} M={m} N={n} K={k}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                         continue
                     t_xla = median_time_us(xla, x, qts, per_call=copies)
-                    gbps = pw.nbytes / t / 1e3
+                    gbps, gguf_gbps = pw.nbytes / t / 1e3, w.data.nbytes / t / 1e3
                     tflops = 2 * m * n * k / t / 1e6
                     rows.append(
                         Row(
@@ -143,7 +143,8 @@ def bench_matmul(ceil: dict, ms: tuple[int, ...], formats: set[str], models: set
                             100 * gbps / ceil["hbm_gbps"],
                             100 * tflops / ceil["bf16_tflops"],
                             t_xla,
-                            f"err {err:.1e}; kernel alone {t_kernel:.1f} us",
+                            f"err {err:.1e}; kernel alone {t_kernel:.1f} us; GGUF bytes {gguf_gbps:.0f} GB/s "
+                            f"({100 * gguf_gbps / ceil['hbm_gbps']:.0f}%)",
                         )
                     )
                     print(_fmt(rows[-1]), flush=True)
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write(out: str, dev, ceil: dict, rows: list[Row]) -> None:
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "kernels.json"), "w") as f:
         json.dump(
             {

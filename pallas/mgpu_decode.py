@@ -11,7 +11,7 @@ These decoders work on 32-bit words instead: each thread loads its 4 code bytes 
   ``mul.bf16x2`` by ``2**(E - 33)`` applies the E8M0 scale; the kernel multiplies the f32 result by 2**32. Exact
   for scale bytes E in [34, 160] (block scales 2**-93 .. 2**33), which covers any real checkpoint.
 - Q4_K: ``0x4300 | q`` is the bf16 number 128 + q; subtract 128, then one ``fma.bf16x2`` by the sub-block's
-  ``d * sc`` and ``-dmin * m``.
+  ``d * sc`` and ``-dmin * m``, precomputed as bf16 planes at repack.
 - Q8_0: the int8 -> bf16 pair trick of Mosaic GPU's own ``astype`` (a ``prmt`` into 0x43xx, two masks, one
   ``sub.bf16x2``), then one ``mul.bf16x2`` by ``d``.
 
@@ -81,19 +81,6 @@ def _load(ref, block: int, row):
     return memref.load(ref, [arith.constant(ir.IndexType.get(), block), row])
 
 
-def _to_f32(x, dtype: str):
-    """A scalar scale loaded from SMEM (u8, i8 or f16: MLIR's integers are signless, ``dtype`` says which) as
-    f32."""
-    f32 = ir.F32Type.get()
-    if isinstance(x.type, ir.IntegerType):
-        return arith.sitofp(f32, x) if dtype == "int8" else arith.uitofp(f32, x)
-    return arith.extf(f32, x)
-
-
-def _splat_bf16(x_f32):
-    return vector.broadcast(_bf16x2(), arith.truncf(ir.BF16Type.get(), x_f32))
-
-
 def _pair(bits):
     return mgpu_utils.bitcast(bits, _bf16x2())
 
@@ -130,8 +117,8 @@ def _decode_mxfp4(codes, scale_refs, tn, chunk, n_chunks):
 
 
 def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
-    """Every format but MXFP4: ``(code - bias) * scale (+ offset)`` per pair, with the block's scale and offset
-    formed once per (row, 16-byte group) from the planes its ``Spec`` names, in f32, then rounded to bf16.
+    """Every format but MXFP4: ``(code - bias) * scale (+ offset)`` per pair, with the block's bf16 scale (and
+    offset) loaded once per (row, 16-byte group) and splat into a pair: no conversion, no scale arithmetic.
 
     4-bit codes: ``0x4300 | q`` is the bf16 number 128 + q; subtracting ``128 + bias`` gives ``q - bias``.
     8-bit codes: the int8 -> bf16 pair trick of Mosaic GPU's own ``astype`` (a ``prmt`` into 0x43xx, two masks,
@@ -140,13 +127,6 @@ def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
     spec = fmt.spec
     per_group = 128 // spec.bits  # elements per 16-byte group of codes
     magic = _pair(_const(0x43004300 + spec.bias * 0x10001))
-
-    def plane_product(idx, row, group):
-        out = None
-        for i in idx:
-            v = _to_f32(_load(scale_refs[i], group * per_group // spec.blocks[i], row), spec.dtypes[i])
-            out = v if out is None else arith.mulf(out, v)
-        return out
 
     def values(w):
         if spec.bits == 4:
@@ -162,12 +142,9 @@ def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
 
     pairs = {}
     for row, group, half, rt, w in _words(codes):
-        scale2 = _splat_bf16(plane_product(spec.scale, row, group))
-        offset2 = None
-        if spec.offset:
-            offset = plane_product(spec.offset, row, group)
-            offset2 = _splat_bf16(arith.negf(offset) if spec.negate_offset else offset)
+        block = group * per_group // spec.block
+        scale2, *offset2 = (vector.broadcast(_bf16x2(), _load(ref, block, row)) for ref in scale_refs)
         for j, q in values(w):
             key = (rt, group * per_group // 8 + j, half)
-            pairs[key] = arith.mulf(q, scale2) if offset2 is None else math.fma(q, scale2, offset2)
+            pairs[key] = math.fma(q, scale2, offset2[0]) if offset2 else arith.mulf(q, scale2)
     return _assemble(pairs, tn, chunk, n_chunks)

@@ -36,37 +36,41 @@ _T = GGMLQuantizationType
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """How a kernel format's values come out of its codes and scale planes:
-    ``w = (code - bias) * prod(planes[scale]) + sign * prod(planes[offset])``, planes broadcast over their blocks.
+    ``w = (code - bias) * scale + offset``, with one ``scale`` (and, where ``offset`` is set, one ``offset``) per
+    ``block`` K elements of a row. 4-bit codes are unsigned nibbles, 8-bit codes are int8.
 
-    ``blocks`` are the K elements per row of each plane (``repack``'s order), ``dtypes`` their element types
-    (signedness matters to the register decoder). 4-bit codes are unsigned nibbles, 8-bit codes are int8.
+    The planes are bf16, the block's whole scale precomputed at repack (Q4_K's ``d * sc`` and ``-dmin * m``), so
+    the register decoder splats a loaded pair and spends no conversion or multiply on scales: I2F/F2F run at a
+    quarter of the integer rate on Hopper, and Q4_K's four planes cost ~4 of them per 8 weights, which held its
+    decode at 40-49% of bandwidth (pallas/NOTES.md). The kernel always rounded each block's scale to bf16; the
+    planes now hold exactly what it used. MXFP4's one plane is its E8M0 exponent byte (its own decoder).
     """
 
     bits: int
-    blocks: tuple[int, ...] = ()
-    dtypes: tuple[str, ...] = ()
-    scale: tuple[int, ...] = ()
-    offset: tuple[int, ...] = ()
-    negate_offset: bool = False
+    block: int = 32
+    offset: bool = False
     bias: int = 0
+    plane_dtype: str = "bfloat16"
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """K elements per row of each plane, in the order ``repack`` emits them (scale, then offset)."""
+        return (self.block,) * (0 if self.bits == 16 else 1 + self.offset)
 
-_F16, _U8, _I8 = "float16", "uint8", "int8"
-_K_MIN = dict(blocks=(256, 256, 32, 32), dtypes=(_F16, _F16, _U8, _U8), scale=(0, 2), offset=(1, 3))
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return (self.plane_dtype,) * len(self.blocks)
 
 
 class Fmt(enum.Enum):
     """A kernel weight format (one register decoder each; ``SOURCES`` says which GGUF types transcode to it)."""
 
-    MXFP4 = Spec(4, (32,), (_U8,))  # E2M1 nibbles, E8M0 scale byte per 32 (its own decoder)
-    Q8_0 = Spec(8, (32,), (_F16,), scale=(0,))  # int8 * d per 32
-    Q4_K = Spec(4, **_K_MIN, negate_offset=True)  # q * (d * sc) - dmin * m, d/dmin per 256, sc/m per 32
-    Q5_K = Spec(8, **_K_MIN, negate_offset=True)  # the same with 8-bit codes (5-bit values widened)
-    Q6_K = Spec(8, (256, 16), (_F16, _I8), scale=(0, 1))  # int8 * d * sc, d per 256, int8 sc per 16
-    IQ4_XS = Spec(8, (256, 32), (_F16, _I8), scale=(0, 1))  # the same with sc per 32 (codebook values widened)
-    Q4_0 = Spec(4, (32,), (_F16,), scale=(0,), bias=8)  # (q - 8) * d per 32
-    Q4_1 = Spec(4, (32, 32), (_F16, _F16), scale=(0,), offset=(1,))  # q * d + m per 32
-    Q5_1 = Spec(8, (32, 32), (_F16, _F16), scale=(0,), offset=(1,))  # the same with 8-bit codes
+    MXFP4 = Spec(4, plane_dtype="uint8")  # E2M1 nibbles, E8M0 scale byte per 32 (its own decoder)
+    Q8_0 = Spec(8)  # int8 * scale per 32 (also Q5_0, IQ4_NL, IQ4_XS)
+    Q6_K = Spec(8, block=16)  # int8 * scale per 16
+    Q5_K = Spec(8, offset=True)  # int8 * scale + offset per 32 (also Q5_1)
+    Q4_K = Spec(4, offset=True)  # nibble * scale + offset per 32 (also Q4_1)
+    Q4_0 = Spec(4, bias=8)  # (nibble - 8) * scale per 32
     BF16 = Spec(16)  # a plain bf16 weight, read by the MMA straight from shared memory (``dense_weight``)
 
     @property
@@ -116,7 +120,7 @@ class PackedWeight:
         return sum(a.size * a.dtype.itemsize for a in (self.qs, *self.scales))
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The logical ``[*stack, N, K]`` weight (jnp reference of this layout; exact in f32)."""
+        """The logical ``[*stack, N, K]`` weight (jnp reference of this layout: the values the kernel reads)."""
         n, k = self.shape
         dense = dequantize_packed
         for _ in self.stack_shape:
@@ -142,9 +146,10 @@ def kernel_format(qtype: int) -> Fmt | None:
 def repack(w) -> PackedWeight:
     """QTensor (``imp_jax.gguf.QTensor``, 2-D) -> PackedWeight. Pure jnp; run once at load, on any device.
 
-    Types without a decoder of their own are transcoded into a kernel format that holds their values exactly
-    (``SOURCES``). Called eagerly (as at load) it also checks that MXFP4 scales fit the kernel's decode (always
-    true of real checkpoints: 2**33 is far above any weight scale); under ``jit`` that check is skipped.
+    Types without a decoder of their own are transcoded into a kernel format that holds their codes exactly
+    (``SOURCES``); every block's scale (and offset) is stored as the bf16 the kernel multiplies by. Called
+    eagerly (as at load) it also checks that MXFP4 scales fit the kernel's decode (always true of real
+    checkpoints: 2**33 is far above any weight scale); under ``jit`` that check is skipped.
     """
     qtype = GGMLQuantizationType(int(w.qtype))
     if not can_repack(qtype, tuple(w.shape), tuple(w.stack_shape)) or w.scale is not None:
@@ -197,7 +202,8 @@ def dense_weight(w: jax.Array) -> PackedWeight:
 
 
 # --- per-GGUF-type split of blocks into element codes [N, nb, block] (uint8; int8 bytes for 8-bit formats) and
-# scale planes [N, nb(, per block)] in the kernel format's plane order and dtypes (offsets as in gguf.quants).
+# the kernel format's planes [N, nb(, per block)]: the block scale (and offset, signed) as exact f32 products,
+# which ``repack`` rounds to the planes' bf16 once (offsets as in gguf.quants).
 
 
 def _f16_at(b: jax.Array, offset: int) -> jax.Array:
@@ -236,60 +242,68 @@ def _q5_bits(b: jax.Array, qh_at: int) -> jax.Array:
     return _fields(b[..., qh_at + 4 :], 4) | (_fields(b[..., qh_at : qh_at + 4], 1, byte_major=True) << 4)
 
 
+def _f32_at(b: jax.Array, offset: int) -> jax.Array:
+    return _f16_at(b, offset).astype(jnp.float32)
+
+
 def _split_mxfp4(b):
     return _fields(b[..., 1:], 4), (b[..., 0],)
 
 
 def _split_q8_0(b):
-    return b[..., 2:], (_f16_at(b, 0),)
+    return b[..., 2:], (_f32_at(b, 0),)
 
 
 def _split_q5_0(b):
-    return _int8_bytes(_q5_bits(b, 2).astype(jnp.int32) - 16), (_f16_at(b, 0),)
+    return _int8_bytes(_q5_bits(b, 2).astype(jnp.int32) - 16), (_f32_at(b, 0),)
 
 
 def _split_q5_1(b):
-    return _q5_bits(b, 4), (_f16_at(b, 0), _f16_at(b, 2))
+    return _q5_bits(b, 4), (_f32_at(b, 0), _f32_at(b, 2))
 
 
 def _split_q4_0(b):
-    return _fields(b[..., 2:], 4), (_f16_at(b, 0),)
+    return _fields(b[..., 2:], 4), (_f32_at(b, 0),)
 
 
 def _split_q4_1(b):
-    return _fields(b[..., 4:], 4), (_f16_at(b, 0), _f16_at(b, 2))
+    return _fields(b[..., 4:], 4), (_f32_at(b, 0), _f32_at(b, 2))
 
 
 def _split_iq4_nl(b):
-    return _iq4_values(_fields(b[..., 2:], 4)), (_f16_at(b, 0),)
+    return _iq4_values(_fields(b[..., 2:], 4)), (_f32_at(b, 0),)
+
+
+def _k_planes(b):
+    """Q4_K/Q5_K's per-32 ``d * sc`` and ``-dmin * m``."""
+    sc, mn = _k_scale_min(b[..., 4:16])
+    return _f32_at(b, 0)[..., None] * sc, -(_f32_at(b, 2)[..., None] * mn)
 
 
 def _split_q4_k(b):
-    sc, mn = _k_scale_min(b[..., 4:16])
-    return _fields(b[..., 16:], 4, groups=4), (_f16_at(b, 0), _f16_at(b, 2), sc, mn)
+    return _fields(b[..., 16:], 4, groups=4), _k_planes(b)
 
 
 def _split_q5_k(b):
-    sc, mn = _k_scale_min(b[..., 4:16])
     q = _fields(b[..., 48:], 4, groups=4) | (_fields(b[..., 16:48], 1) << 4)
-    return q, (_f16_at(b, 0), _f16_at(b, 2), sc, mn)
+    return q, _k_planes(b)
 
 
 def _split_q6_k(b):
     q = _fields(b[..., :128], 4, groups=2) | (_fields(b[..., 128:192], 2, groups=2) << 4)
     sc = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8)
-    return _int8_bytes(q.astype(jnp.int32) - 32), (_f16_at(b, 208), sc)
+    return _int8_bytes(q.astype(jnp.int32) - 32), (_f32_at(b, 208)[..., None] * sc,)
 
 
 def _split_iq4_xs(b):
     low, high = _fields(b[..., 4:8], 4, byte_major=True), _fields(b[..., 2:4], 2, byte_major=True)
-    sc = ((low | (high << 4)).astype(jnp.int32) - 32).astype(jnp.int8)
-    return _iq4_values(_fields(b[..., 8:], 4, groups=8)), (_f16_at(b, 0), sc)
+    sc = (low | (high << 4)).astype(jnp.int32) - 32
+    return _iq4_values(_fields(b[..., 8:], 4, groups=8)), (_f32_at(b, 0)[..., None] * sc,)
 
 
-# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (Q5_0, IQ4_NL -> Q8_0's
-# int8 codes; Q5_K, Q6_K, IQ4_XS, Q5_1 -> 8-bit codes with their own scale planes) hold the values exactly;
-# their cost in bytes per weight is in pallas/NOTES.md.
+# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (Q5_0, IQ4_NL, IQ4_XS ->
+# Q8_0's int8 codes; Q5_K, Q5_1 -> int8 codes with an offset; Q4_1 -> Q4_K) hold the codes exactly; their cost in
+# bytes per weight is in pallas/NOTES.md.
 SOURCES = {
     _T.MXFP4: (Fmt.MXFP4, _split_mxfp4),
     _T.Q8_0: (Fmt.Q8_0, _split_q8_0),
@@ -297,11 +311,11 @@ SOURCES = {
     _T.Q5_K: (Fmt.Q5_K, _split_q5_k),
     _T.Q6_K: (Fmt.Q6_K, _split_q6_k),
     _T.Q4_0: (Fmt.Q4_0, _split_q4_0),
-    _T.Q4_1: (Fmt.Q4_1, _split_q4_1),
+    _T.Q4_1: (Fmt.Q4_K, _split_q4_1),
     _T.Q5_0: (Fmt.Q8_0, _split_q5_0),
-    _T.Q5_1: (Fmt.Q5_1, _split_q5_1),
+    _T.Q5_1: (Fmt.Q5_K, _split_q5_1),
     _T.IQ4_NL: (Fmt.Q8_0, _split_iq4_nl),
-    _T.IQ4_XS: (Fmt.IQ4_XS, _split_iq4_xs),
+    _T.IQ4_XS: (Fmt.Q8_0, _split_iq4_xs),
 }
 
 
@@ -347,32 +361,23 @@ def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
 
 
 def decode_values(codes: jax.Array, scales: tuple[jax.Array, ...], fmt: Fmt) -> jax.Array:
-    """Element codes ``[rows, K]`` and row-major scale planes ``[rows, K / block]`` -> f32 weights, by the
-    format's ``Spec`` (exact in f32: every product of an f16 scale and integer factors is).
+    """Element codes ``[rows, K]`` and row-major planes ``[rows, K / block]`` -> f32 weights, by the format's
+    ``Spec``: the values the kernel's register decoder forms (it rounds each one to bf16 once more).
 
     MXFP4 values come out times ``2**-32`` (``fmt.out_scale`` undoes it), as the kernel decodes them.
     """
     k = codes.shape[1]
-    spec = fmt.spec
 
     def per_block(s: jax.Array) -> jax.Array:
         return jnp.repeat(s.astype(jnp.float32), k // s.shape[1], axis=1)
-
-    def product(idx: tuple[int, ...]) -> jax.Array:
-        out = per_block(scales[idx[0]])
-        for i in idx[1:]:
-            out = out * per_block(scales[i])
-        return out
 
     if fmt is Fmt.BF16:
         return codes.astype(jnp.float32)
     if fmt is Fmt.MXFP4:
         return jnp.ldexp(_e2m1_doubled(codes), per_block(scales[0]).astype(jnp.int32) - 128 - 32)
-    q = jax.lax.bitcast_convert_type(codes, jnp.int8) if spec.bits == 8 else codes
-    w = (q.astype(jnp.float32) - spec.bias) * product(spec.scale)
-    if spec.offset:
-        w = w - product(spec.offset) if spec.negate_offset else w + product(spec.offset)
-    return w
+    q = jax.lax.bitcast_convert_type(codes, jnp.int8) if fmt.bits == 8 else codes
+    w = (q.astype(jnp.float32) - fmt.spec.bias) * per_block(scales[0])
+    return w + per_block(scales[1]) if fmt.spec.offset else w
 
 
 def _e2m1_doubled(codes: jax.Array) -> jax.Array:
@@ -393,5 +398,11 @@ def check_shape(w: PackedWeight) -> None:
     """Raise KernelError when a leaf's arrays disagree with its static metadata (a hand-built leaf)."""
     n_pad, k_pad = w.padded_shape
     n, k = w.shape
+    planes = tuple(str(jnp.dtype(s.dtype)) for s in w.scales)
     if n_pad % N_ALIGN or k_pad % w.fmt.k_align or n_pad < n or k_pad < k or math.prod(w.qs.shape) == 0:
         raise KernelError(f"pallas: inconsistent PackedWeight {w.fmt.name} shape {w.shape} qs {w.qs.shape}")
+    if planes != w.fmt.spec.dtypes:
+        raise KernelError(
+            f"pallas: PackedWeight {w.fmt.name} {w.shape} has scale planes of {planes}; the format reads "
+            f"{w.fmt.spec.dtypes} (make it with pallas.repack)"
+        )

@@ -94,12 +94,14 @@ if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file
 fi
 # before/after a kernel change in one call: the previous commit's pallas/ and imp_jax/ carried in .baseline/
 # (`git archive REV pallas imp_jax | tar -x -C .baseline`, ignored), timed by this tree's scripts
-want kgpu && step kernel_gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py
-for tree in before:.baseline after:.; do
+want kgpu && step kernel_gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py \
+    -k "(test_kernel_gpu and 4096-4096) or (test_expert_kernel_gpu and (Q4_K or Q5_K or Q6_K or Q5_0)) or bf16"
+for tree in before:.baseline mid:.mid after:.; do  # .mid (optional): a commit between the two
+    [[ -d ${tree#*:} ]] || continue
     want kernels_ab && PYTHONPATH=/tmp/site:${tree#*:} step "kernels_${tree%%:*}" 200 python3 benchmarks/kernels.py \
         --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0 --models qwen3-8b --out "$R/kernels_${tree%%:*}"
-    want e2e_ab && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 150 python3 benchmarks/e2e.py --shapes qwen3-8b \
-        --quants q4_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
+    want e2e_ab && [[ ${tree%%:*} != mid ]] && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 \
+        benchmarks/e2e.py --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
 done
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py
@@ -142,8 +144,8 @@ want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
 want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
-want kernels_ab && for t in before after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log"; done
-want e2e_ab && for t in before after; do echo "=== e2e $t"; grep -h "^| imp-jax\|copy bandwidth" "$R/e2e_$t.log"; done
+want kernels_ab && for t in before mid after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log" | cut -c1-230; done
+want e2e_ab && for t in before after; do echo "=== e2e $t"; grep -h "^| imp-jax\|copy bandwidth\|Error" "$R/e2e_$t.log"; done
 echo "=== gpu tests"; tail -5 "$R/gpu_tests.log"
 echo "=== memory"; tail -9 "$R/memory.log"
 echo "=== e2e"; grep -h "^| imp-jax\|^| torch" "$R"/e2e_*.log

@@ -14,6 +14,8 @@ These decoders work on 32-bit words instead: each thread loads its 4 code bytes 
   ``d * sc`` and ``-dmin * m``, precomputed as bf16 planes at repack.
 - Q8_0: the int8 -> bf16 pair trick of Mosaic GPU's own ``astype`` (a ``prmt`` into 0x43xx, two masks, one
   ``sub.bf16x2``), then one ``mul.bf16x2`` by ``d``.
+- Q5_K and Q6_K (5 and 6 bits): the Q4_K nibble decode, with the code's high bits ORed in beside the nibble from
+  a second word (one shift and one mask per pair, ``qformats._pack_split``): 6 and 7 bits a weight instead of 8.
 
 Scales are read per (row, block) from the shared-memory scale tiles. This code cannot run in interpret mode;
 ``qmatmul`` decodes with the jnp reference there, and the GPU tests check this file against the same reference.
@@ -118,33 +120,67 @@ def _decode_mxfp4(codes, scale_refs, tn, chunk, n_chunks):
 
 def _decode_affine(fmt: Fmt, codes, scale_refs, tn, chunk, n_chunks):
     """Every format but MXFP4: ``(code - bias) * scale (+ offset)`` per pair, with the block's bf16 scale (and
-    offset) loaded once per (row, 16-byte group) and splat into a pair: no conversion, no scale arithmetic.
+    offset) loaded once per (row, block) and splat into a pair: no conversion, no scale arithmetic.
 
-    4-bit codes: ``0x4300 | q`` is the bf16 number 128 + q; subtracting ``128 + bias`` gives ``q - bias``.
-    8-bit codes: the int8 -> bf16 pair trick of Mosaic GPU's own ``astype`` (a ``prmt`` into 0x43xx, two masks,
-    one ``sub.bf16x2``). Then one ``mul.bf16x2`` by the scale, or one ``fma.bf16x2`` with the offset.
+    Unsigned codes (4, 5, 6 bits): ``0x4300 | code`` is the bf16 number 128 + code (exact below 128);
+    subtracting ``128 + bias`` gives ``code - bias``. 8-bit codes: the int8 -> bf16 pair trick of Mosaic GPU's own
+    ``astype`` (a ``prmt`` into 0x43xx, two masks, one ``sub.bf16x2``). Then one ``mul.bf16x2`` by the scale, or
+    one ``fma.bf16x2`` with the offset.
     """
     spec = fmt.spec
-    per_group = 128 // spec.bits  # elements per 16-byte group of codes
-    magic = _pair(_const(0x43004300 + spec.bias * 0x10001))
-
-    def values(w):
-        if spec.bits == 4:
-            for g in range(4):
-                t = arith.shrui(w, _const(4 * g)) if g else w
-                yield g, arith.subf(_pair(arith.ori(arith.andi(t, _const(0x000F000F)), _const(0x43004300))), magic)
-            return
-        for p, sel in enumerate((0x4140, 0x4342)):
-            s0 = mgpu_utils.prmt(w, _const(0x43), _const(sel))
-            low = arith.andi(s0, _const(0xFF7FFF7F))
-            high = arith.andi(s0, _const(0xFF80FF80))
-            yield p, arith.subf(_pair(low), _pair(high))
-
+    planes = {}
     pairs = {}
-    for row, group, half, rt, w in _words(codes):
-        block = group * per_group // spec.block
-        scale2, *offset2 = (vector.broadcast(_bf16x2(), _load(ref, block, row)) for ref in scale_refs)
-        for j, q in values(w):
-            key = (rt, group * per_group // 8 + j, half)
-            pairs[key] = math.fma(q, scale2, offset2[0]) if offset2 else arith.mulf(q, scale2)
+    for key, row, q in _code_pairs(spec, codes):
+        at = (key[0], key[2], key[1] * 8 // spec.block)  # (rt, half, block): one row's block
+        if at not in planes:
+            planes[at] = [vector.broadcast(_bf16x2(), _load(ref, at[2], row)) for ref in scale_refs]
+        scale2, *offset2 = planes[at]
+        pairs[key] = math.fma(q, scale2, offset2[0]) if offset2 else arith.mulf(q, scale2)
     return _assemble(pairs, tn, chunk, n_chunks)
+
+
+def _code_pairs(spec, codes):
+    """Yield ``((rt, global 8-column group, half), row, bf16x2 of code - bias)`` for every pair a thread holds."""
+    if spec.bits == 8:
+        for row, group, half, rt, w in _words(codes):
+            for p, sel in enumerate((0x4140, 0x4342)):
+                s0 = mgpu_utils.prmt(w, _const(0x43), _const(sel))
+                low = arith.andi(s0, _const(0xFF7FFF7F))
+                high = arith.andi(s0, _const(0xFF80FF80))
+                yield (rt, 2 * group + p, half), row, arith.subf(_pair(low), _pair(high))
+        return
+    magic = _pair(_const(0x43004300 + spec.bias * 0x10001))
+    high_mask = (((1 << (spec.bits - 4)) - 1) << 4) * 0x10001  # a code's high bits, above its nibble, per half
+
+    def nibble_pairs(w, high, shift):
+        """The 4 pairs of a nibble word; ``high(g)``: the pair's high bits already at bits 4.. of each half."""
+        for g in range(4):
+            t = arith.shrui(w, _const(4 * g)) if g else w
+            bits = arith.ori(arith.andi(t, _const(0x000F000F)), _const(0x43004300))
+            if high is not None:
+                bits = arith.ori(bits, arith.andi(_shift(high, shift + 4 * g - 4), _const(high_mask)))
+            yield g, arith.subf(_pair(bits), magic)
+
+    if spec.bits == 4:
+        for row, group, half, rt, w in _words(codes):
+            for g, q in nibble_pairs(w, None, 0):
+                yield (rt, 4 * group + g, half), row, q
+        return
+    # 5/6 bits (``qformats._pack_split``): per 256 elements, 8 nibble groups then the groups of high bits
+    hb, s_count, unit = spec.bits - 4, 4 // (spec.bits - 4), 2 * spec.bits  # unit: 16-byte groups per 256
+    words = {(rt, group, half): (row, w) for row, group, half, rt, w in _words(codes)}
+    for (rt, group, half), (row, w) in words.items():
+        u, nibble_group = divmod(group, unit)
+        if nibble_group >= 8:
+            continue
+        h, s = divmod(nibble_group, s_count)
+        high = words[(rt, u * unit + 8 + h, half)][1]
+        for g, q in nibble_pairs(w, high, hb * s):
+            yield (rt, 32 * u + 4 * nibble_group + g, half), row, q
+
+
+def _shift(x, n: int):
+    """``x >> n`` (logical), or ``x << -n`` for negative n."""
+    if n > 0:
+        return arith.shrui(x, _const(n))
+    return arith.shli(x, _const(-n)) if n < 0 else x

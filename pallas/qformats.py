@@ -7,7 +7,8 @@ or 16-byte load can stride over. ``repack`` splits each format once, at load, in
   bytes are permuted so that the 4 bytes one thread reads from the wgmma register layout (``WGMMA_8BIT``: row
   ``r``, bytes ``4q .. 4q+3``) decode with shifts and masks straight into that thread's bf16 operand registers
   (``WGMMA``: row ``r``, columns ``8g + 2q, 8g + 2q + 1``) in logical K order. The decoders in
-  ``mgpu_decode.py`` rely on exactly this permutation (see ``_pack4`` / ``_pack8``).
+  ``mgpu_decode.py`` rely on exactly this permutation (see ``_pack4`` / ``_pack8``; 5- and 6-bit codes are a
+  nibble plane plus a plane of high bits per 256 elements, ``_pack_split``).
 - ``scales``: the per-block scale planes, K-major (``[K_pad / block, N_pad]``) so a kernel tile of them is one
   TMA box of ``tn`` contiguous bytes per block row.
 
@@ -37,7 +38,7 @@ _T = GGMLQuantizationType
 class Spec:
     """How a kernel format's values come out of its codes and scale planes:
     ``w = (code - bias) * scale + offset``, with one ``scale`` (and, where ``offset`` is set, one ``offset``) per
-    ``block`` K elements of a row. 4-bit codes are unsigned nibbles, 8-bit codes are int8.
+    ``block`` K elements of a row. 8-bit codes are int8, the others unsigned.
 
     The planes are bf16, the block's whole scale precomputed at repack (Q4_K's ``d * sc`` and ``-dmin * m``), so
     the register decoder splats a loaded pair and spends no conversion or multiply on scales: I2F/F2F run at a
@@ -46,7 +47,7 @@ class Spec:
     planes now hold exactly what it used. MXFP4's one plane is its E8M0 exponent byte (its own decoder).
     """
 
-    bits: int
+    bits: int  # 4, 8, or 5 and 6: a nibble plus 1 or 2 high bits (``_pack_split``)
     block: int = 32
     offset: bool = False
     bias: int = 0
@@ -66,9 +67,10 @@ class Fmt(enum.Enum):
     """A kernel weight format (one register decoder each; ``SOURCES`` says which GGUF types transcode to it)."""
 
     MXFP4 = Spec(4, plane_dtype="uint8")  # E2M1 nibbles, E8M0 scale byte per 32 (its own decoder)
-    Q8_0 = Spec(8)  # int8 * scale per 32 (also Q5_0, IQ4_NL, IQ4_XS)
-    Q6_K = Spec(8, block=16)  # int8 * scale per 16
-    Q5_K = Spec(8, offset=True)  # int8 * scale + offset per 32 (also Q5_1)
+    Q8_0 = Spec(8)  # int8 * scale per 32 (also IQ4_NL, IQ4_XS)
+    Q6_K = Spec(6, block=16, bias=32)  # (6-bit code - 32) * scale per 16
+    Q5_K = Spec(5, offset=True)  # 5-bit code * scale + offset per 32 (also Q5_1)
+    Q5_0 = Spec(5, bias=16)  # (5-bit code - 16) * scale per 32
     Q4_K = Spec(4, offset=True)  # nibble * scale + offset per 32 (also Q4_1)
     Q4_0 = Spec(4, bias=8)  # (nibble - 8) * scale per 32
     BF16 = Spec(16)  # a plain bf16 weight, read by the MMA straight from shared memory (``dense_weight``)
@@ -175,7 +177,7 @@ def repack(w) -> PackedWeight:
         jnp.pad(s.reshape(n, -1).astype(dt), ((0, n_pad - n), (0, k_pad // blk - k // blk))).T
         for s, blk, dt in zip(scales, fmt.spec.blocks, fmt.spec.dtypes, strict=True)
     )
-    qs = _pack4(codes) if fmt.bits == 4 else _pack8(codes)
+    qs = _PACK[fmt.bits](codes)
     return PackedWeight(qs=qs, scales=scales, fmt=fmt, shape=(n, k))
 
 
@@ -255,7 +257,7 @@ def _split_q8_0(b):
 
 
 def _split_q5_0(b):
-    return _int8_bytes(_q5_bits(b, 2).astype(jnp.int32) - 16), (_f32_at(b, 0),)
+    return _q5_bits(b, 2), (_f32_at(b, 0),)
 
 
 def _split_q5_1(b):
@@ -292,7 +294,7 @@ def _split_q5_k(b):
 def _split_q6_k(b):
     q = _fields(b[..., :128], 4, groups=2) | (_fields(b[..., 128:192], 2, groups=2) << 4)
     sc = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8)
-    return _int8_bytes(q.astype(jnp.int32) - 32), (_f32_at(b, 208)[..., None] * sc,)
+    return q, (_f32_at(b, 208)[..., None] * sc,)
 
 
 def _split_iq4_xs(b):
@@ -301,9 +303,9 @@ def _split_iq4_xs(b):
     return _iq4_values(_fields(b[..., 8:], 4, groups=8)), (_f32_at(b, 0)[..., None] * sc,)
 
 
-# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (Q5_0, IQ4_NL, IQ4_XS ->
-# Q8_0's int8 codes; Q5_K, Q5_1 -> int8 codes with an offset; Q4_1 -> Q4_K) hold the codes exactly; their cost in
-# bytes per weight is in pallas/NOTES.md.
+# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (IQ4_NL, IQ4_XS -> Q8_0's
+# int8 codebook values; Q5_1 -> Q5_K; Q4_1 -> Q4_K) hold the codes exactly; their cost in bytes per weight is
+# in pallas/NOTES.md.
 SOURCES = {
     _T.MXFP4: (Fmt.MXFP4, _split_mxfp4),
     _T.Q8_0: (Fmt.Q8_0, _split_q8_0),
@@ -312,7 +314,7 @@ SOURCES = {
     _T.Q6_K: (Fmt.Q6_K, _split_q6_k),
     _T.Q4_0: (Fmt.Q4_0, _split_q4_0),
     _T.Q4_1: (Fmt.Q4_K, _split_q4_1),
-    _T.Q5_0: (Fmt.Q8_0, _split_q5_0),
+    _T.Q5_0: (Fmt.Q5_0, _split_q5_0),
     _T.Q5_1: (Fmt.Q5_K, _split_q5_1),
     _T.IQ4_NL: (Fmt.Q8_0, _split_iq4_nl),
     _T.IQ4_XS: (Fmt.Q8_0, _split_iq4_xs),
@@ -349,12 +351,58 @@ def _unpack8(qs: jax.Array) -> jax.Array:
     return qs.reshape(n, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(n, k)
 
 
+# 5 and 6 bits: every 256 elements (one K-quant super-block; every K step and K shard is a multiple) take 128 bytes
+# of low nibbles in the 4-bit order, then 16-byte groups of high bits (hb = 1 or 2 per element), each serving
+# S = 4 / hb nibble groups: in the 4 bytes thread q reads, bit 16t + 4g + hb*s (+ the code's bit 4 + i at i) is
+# the high part of element 8g + 2q + t of nibble group S*h + s. A thread's high word thus holds, for each of its
+# nibble words, the bits of exactly the pairs that word decodes, where one shift and one mask put them beside
+# the nibble (``mgpu_decode``).
+
+
+def _pack_split(codes: jax.Array, bits: int) -> jax.Array:
+    n, k = codes.shape
+    hb, s_count = bits - 4, 4 // (bits - 4)
+    low = _pack4(codes & 0x0F).reshape(n, k // 256, 128)
+    high = (codes >> 4).astype(jnp.uint32).reshape(n, k // 256, 8 // s_count, s_count, 4, 4, 2)  # [h s g q t]
+    s, g, t = np.ix_(range(s_count), range(4), range(2))
+    shift = jnp.asarray((16 * t + 4 * g + hb * s)[:, :, None, :], jnp.uint32)  # [s, g, 1, t]
+    words = (high << shift).sum(axis=(3, 4, 6), dtype=jnp.uint32)  # [n, unit, h, q]
+    high_bytes = (words[..., None] >> jnp.arange(0, 32, 8, dtype=jnp.uint32)) & 0xFF
+    return jnp.concatenate([low, high_bytes.astype(jnp.uint8).reshape(n, k // 256, -1)], axis=-1).reshape(n, -1)
+
+
+def _unpack_split(qs: jax.Array, bits: int) -> jax.Array:
+    """Inverse of ``_pack_split``; shifts by Python ints (a kernel in interpret mode runs it and may not close
+    over array constants)."""
+    n, kb = qs.shape
+    k, hb, s_count = kb * 8 // bits, bits - 4, 4 // (bits - 4)
+    units = qs.reshape(n, k // 256, 32 * bits)
+    low = _unpack4(units[..., :128].reshape(n, -1))
+    b = units[..., 128:].reshape(n, k // 256, 8 // s_count, 4, 4).astype(jnp.uint32)  # [n, unit, h, q, byte]
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # [n, unit, h, q]
+    high = jnp.stack(  # [n, unit, h, s, g, q, t]
+        [
+            jnp.stack(
+                [jnp.stack([words >> (16 * t + 4 * g + hb * s) for t in range(2)], axis=-1) for g in range(4)],
+                axis=3,
+            )
+            for s in range(s_count)
+        ],
+        axis=3,
+    ) & ((1 << hb) - 1)
+    return low | (high.astype(jnp.uint8).reshape(n, k) << 4)
+
+
+_PACK = {4: _pack4, 8: _pack8, 5: lambda c: _pack_split(c, 5), 6: lambda c: _pack_split(c, 6)}
+_UNPACK = {4: _unpack4, 8: _unpack8, 5: lambda q: _unpack_split(q, 5), 6: lambda q: _unpack_split(q, 6)}
+
+
 def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
     """Kernel-order code bytes ``[rows, bytes]`` -> element codes ``[rows, K]`` (uint8) in logical order (a
     BF16 tile is already its values)."""
     if fmt is Fmt.BF16:
         return qs
-    return _unpack4(qs) if fmt.bits == 4 else _unpack8(qs)
+    return _UNPACK[fmt.bits](qs)
 
 
 # --- values ----------------------------------------------------------------------------------------------------

@@ -268,13 +268,14 @@ def test_bf16_kernel_gpu(n, k, m):
         assert rel_err(f(x, w), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 70], ids=["decode", "prefill"])
+@pytest.mark.parametrize(("m", "n"), [(1, 256), (1, 8192), (70, 256)], ids=["decode", "decode-wide", "prefill"])
 @pytest.mark.parametrize("fmt", [f for f in pallas.Fmt if f is not pallas.Fmt.BF16], ids=lambda f: f.name)
-def test_kernel_lowers_for_cuda(fmt, m):
+def test_kernel_lowers_for_cuda(fmt, m, n):
     """The whole Pallas -> Mosaic GPU lowering (register decoders included) of every format, on the CPU box:
-    what interpret mode cannot run. PTX and numerics are left to the GPU tests."""
+    what interpret mode cannot run, for each K step the tilings take (256; 512 for wide decode). PTX and numerics
+    are left to the GPU tests."""
     sds = jax.ShapeDtypeStruct
-    n, k = 256, 512
+    k = 512
     spec = fmt.spec
     w = pallas.PackedWeight(
         qs=sds((n, k * fmt.bits // 8), jnp.uint8),

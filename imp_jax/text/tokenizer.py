@@ -38,7 +38,7 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from imp_jax.errors import GGUFError, ImpError, UnsupportedModel
-from imp_jax.gguf.metadata_checks import check_vocabulary, split_merge
+from imp_jax.gguf.metadata_checks import check_merges, check_vocabulary, split_merge
 
 _K = Keys.Tokenizer
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = (
@@ -253,7 +253,7 @@ class Tokenizer:
         self.eos_ids = _end_of_generation(metadata, tokens, ids, types, self.eos_id)
         self._tokens = tokens
         self._ids = ids
-        try:  # the checks above leave nothing known for `tokenizers` to reject; anything else is named here
+        try:  # what `tokenizers` rejects is named here (a bad merge by check_merges)
             if model == "llama":
                 scores = np.asarray(metadata.get(_K.SCORES, np.zeros(n)), dtype=np.float32)
                 self._hf = _spm_model(tokens, ids, scores)
@@ -262,6 +262,7 @@ class Tokenizer:
         except ImpError:
             raise
         except Exception as e:  # `tokenizers` raises bare Exception
+            check_merges(metadata, source)  # names the merge at fault, when one is
             raise GGUFError(source, f"the tokenizers library rejects this vocabulary: {e}") from e
         self._pieces = [_token_bytes(model, t, k) for t, k in zip(tokens, types.tolist(), strict=True)]
         self._hidden = frozenset(np.flatnonzero((types == _CONTROL) | (types == _UNKNOWN)).tolist())

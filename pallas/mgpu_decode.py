@@ -18,7 +18,8 @@ These decoders work on 32-bit words instead: each thread loads its 4 code bytes 
   a second word (one shift and one mask per pair, ``qformats._pack_split``): 6 and 7 bits a weight instead of 8.
 
 Scales are read per (row, block) from the shared-memory scale tiles. This code cannot run in interpret mode;
-``qmatmul`` decodes with the jnp reference there, and the GPU tests check this file against the same reference.
+``qmatmul`` decodes with the jnp reference there, and the GPU tests check this file against the same reference
+(on the CPU, ``tests/test_mgpu_decode_emulated.py`` runs it with its MLIR ops emulated).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas.qformats import Fmt
+from pallas.qformats import IQ4_VALUES, Fmt
 
 
 def scale_blocks(fmt: Fmt) -> tuple[int, ...]:
@@ -144,11 +144,20 @@ def _code_pairs(spec, codes):
     """Yield ``((rt, global 8-column group, half), row, bf16x2 of code - bias)`` for every pair a thread holds."""
     if spec.bits == 8:
         for row, group, half, rt, w in _words(codes):
-            for p, sel in enumerate((0x4140, 0x4342)):
-                s0 = mgpu_utils.prmt(w, _const(0x43), _const(sel))
-                low = arith.andi(s0, _const(0xFF7FFF7F))
-                high = arith.andi(s0, _const(0xFF80FF80))
-                yield (rt, 2 * group + p, half), row, arith.subf(_pair(low), _pair(high))
+            for p, q in enumerate(_int8_pairs(w)):
+                yield (rt, 2 * group + p, half), row, q
+        return
+    if spec.codebook:  # each 16-bit half of the word selects its 4 int8 values from the 16-byte table
+        table_bytes = bytes(v & 0xFF for v in IQ4_VALUES)
+        table = [_const(int.from_bytes(table_bytes[i : i + 4], "little")) for i in (0, 4, 8, 12)]
+        for row, group, half, rt, w in _words(codes):
+            for h, sel in enumerate((w, arith.shrui(w, _const(16)))):
+                index = arith.andi(sel, _const(0x7777))  # a selector's bit 3 would replicate the sign
+                upper = arith.ori(arith.shrui(arith.andi(sel, _const(0x8888)), _const(1)), _const(0x3210))
+                low_half = mgpu_utils.prmt(table[0], table[1], index)
+                high_half = mgpu_utils.prmt(table[2], table[3], index)
+                for p, q in enumerate(_int8_pairs(mgpu_utils.prmt(low_half, high_half, upper))):
+                    yield (rt, 4 * group + 2 * h + p, half), row, q
         return
     magic = _pair(_const(0x43004300 + spec.bias * 0x10001))
     high_mask = (((1 << (spec.bits - 4)) - 1) << 4) * 0x10001  # a code's high bits, above its nibble, per half
@@ -178,6 +187,15 @@ def _code_pairs(spec, codes):
         high = words[(rt, u * unit + 8 + h, half)][1]
         for g, q in nibble_pairs(w, high, hb * s):
             yield (rt, 32 * u + 4 * nibble_group + g, half), row, q
+
+
+def _int8_pairs(w):
+    """The two bf16 pairs of a word's 4 int8 bytes (bytes 0, 1 and 2, 3): Mosaic GPU's own int8 -> bf16 trick."""
+    for sel in (0x4140, 0x4342):
+        s0 = mgpu_utils.prmt(w, _const(0x43), _const(sel))
+        low = arith.andi(s0, _const(0xFF7FFF7F))
+        high = arith.andi(s0, _const(0xFF80FF80))
+        yield arith.subf(_pair(low), _pair(high))
 
 
 def _shift(x, n: int):

@@ -52,6 +52,7 @@ class Spec:
     offset: bool = False
     bias: int = 0
     plane_dtype: str = "bfloat16"
+    codebook: bool = False  # a nibble indexes IQ4's 16 int8 values (``IQ4_VALUES``) instead of being the value
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -67,7 +68,8 @@ class Fmt(enum.Enum):
     """A kernel weight format (one register decoder each; ``SOURCES`` says which GGUF types transcode to it)."""
 
     MXFP4 = Spec(4, plane_dtype="uint8")  # E2M1 nibbles, E8M0 scale byte per 32 (its own decoder)
-    Q8_0 = Spec(8)  # int8 * scale per 32 (also IQ4_NL, IQ4_XS)
+    Q8_0 = Spec(8)  # int8 * scale per 32
+    IQ4_NL = Spec(4, codebook=True)  # IQ4_VALUES[nibble] * scale per 32 (also IQ4_XS)
     Q6_K = Spec(6, block=16, bias=32)  # (6-bit code - 32) * scale per 16
     Q5_K = Spec(5, offset=True)  # 5-bit code * scale + offset per 32 (also Q5_1)
     Q5_0 = Spec(5, bias=16)  # (5-bit code - 16) * scale per 32
@@ -177,7 +179,7 @@ def repack(w) -> PackedWeight:
         jnp.pad(s.reshape(n, -1).astype(dt), ((0, n_pad - n), (0, k_pad // blk - k // blk))).T
         for s, blk, dt in zip(scales, fmt.spec.blocks, fmt.spec.dtypes, strict=True)
     )
-    qs = _PACK[fmt.bits](codes)
+    qs = _pack_codes(codes, fmt)
     return PackedWeight(qs=qs, scales=scales, fmt=fmt, shape=(n, k))
 
 
@@ -220,15 +222,7 @@ def _fields(x: jax.Array, width: int, groups: int = 1, byte_major: bool = False)
     return (f & ((1 << width) - 1)).reshape(*x.shape[:-1], -1)
 
 
-def _int8_bytes(v: jax.Array) -> jax.Array:
-    """Signed values in [-128, 127] as their int8 bytes (uint8), the 8-bit formats' code bytes."""
-    return jax.lax.bitcast_convert_type(v.astype(jnp.int8), jnp.uint8)
-
-
-def _iq4_values(idx: jax.Array) -> jax.Array:
-    """IQ4_NL/IQ4_XS 4-bit indices -> their int8 codebook values (gguf's ``kvalues``) as int8 bytes."""
-    table = jnp.asarray(np.asarray(gguf_quants.IQ4_NL.kvalues, np.int8).view(np.uint8))
-    return jnp.take(table, idx.astype(jnp.int32))
+IQ4_VALUES = tuple(int(v) for v in gguf_quants.IQ4_NL.kvalues)  # IQ4_NL/IQ4_XS's codebook (int8)
 
 
 def _k_scale_min(s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -273,7 +267,7 @@ def _split_q4_1(b):
 
 
 def _split_iq4_nl(b):
-    return _iq4_values(_fields(b[..., 2:], 4)), (_f32_at(b, 0),)
+    return _fields(b[..., 2:], 4), (_f32_at(b, 0),)
 
 
 def _k_planes(b):
@@ -300,11 +294,11 @@ def _split_q6_k(b):
 def _split_iq4_xs(b):
     low, high = _fields(b[..., 4:8], 4, byte_major=True), _fields(b[..., 2:4], 2, byte_major=True)
     sc = (low | (high << 4)).astype(jnp.int32) - 32
-    return _iq4_values(_fields(b[..., 8:], 4, groups=8)), (_f32_at(b, 0)[..., None] * sc,)
+    return _fields(b[..., 8:], 4, groups=8), (_f32_at(b, 0)[..., None] * sc,)
 
 
-# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (IQ4_NL, IQ4_XS -> Q8_0's
-# int8 codebook values; Q5_1 -> Q5_K; Q4_1 -> Q4_K) hold the codes exactly; their cost in bytes per weight is
+# Every GGUF type a kernel reads: its kernel format and its split. The transcodings (IQ4_XS -> IQ4_NL;
+# Q5_1 -> Q5_K; Q4_1 -> Q4_K) hold the codes exactly; their cost in bytes per weight is
 # in pallas/NOTES.md.
 SOURCES = {
     _T.MXFP4: (Fmt.MXFP4, _split_mxfp4),
@@ -316,8 +310,8 @@ SOURCES = {
     _T.Q4_1: (Fmt.Q4_K, _split_q4_1),
     _T.Q5_0: (Fmt.Q5_0, _split_q5_0),
     _T.Q5_1: (Fmt.Q5_K, _split_q5_1),
-    _T.IQ4_NL: (Fmt.Q8_0, _split_iq4_nl),
-    _T.IQ4_XS: (Fmt.Q8_0, _split_iq4_xs),
+    _T.IQ4_NL: (Fmt.IQ4_NL, _split_iq4_nl),
+    _T.IQ4_XS: (Fmt.IQ4_NL, _split_iq4_xs),
 }
 
 
@@ -393,8 +387,30 @@ def _unpack_split(qs: jax.Array, bits: int) -> jax.Array:
     return low | (high.astype(jnp.uint8).reshape(n, k) << 4)
 
 
+# Codebook nibbles (IQ4): a thread's word holds its 8 elements in the order of the int8 bytes the lookup makes,
+# two nibbles per byte: byte 4q+g of each 16-byte group carries element 8g+2q in its low nibble and 8g+2q+1 in its
+# high nibble, so the word's low and high 16 bits are ``prmt`` selectors for the 4 bytes of pairs g = 0, 1 and 2, 3.
+
+
+def _pack4_lookup(codes: jax.Array) -> jax.Array:
+    n, k = codes.shape
+    c = codes.reshape(n, k // 32, 4, 4, 2).transpose(0, 1, 3, 2, 4)  # [n, block, q, g, nibble]
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(n, k // 2)
+
+
+def _unpack4_lookup(qs: jax.Array) -> jax.Array:
+    n, kb = qs.shape
+    b = qs.reshape(n, kb // 16, 4, 4)  # [n, block, q, g]
+    c = jnp.stack([b & 0x0F, b >> 4], axis=-1)  # [n, block, q, g, nibble]
+    return c.transpose(0, 1, 3, 2, 4).reshape(n, kb * 2)
+
+
 _PACK = {4: _pack4, 8: _pack8, 5: lambda c: _pack_split(c, 5), 6: lambda c: _pack_split(c, 6)}
 _UNPACK = {4: _unpack4, 8: _unpack8, 5: lambda q: _unpack_split(q, 5), 6: lambda q: _unpack_split(q, 6)}
+
+
+def _pack_codes(codes: jax.Array, fmt: Fmt) -> jax.Array:
+    return _pack4_lookup(codes) if fmt.spec.codebook else _PACK[fmt.bits](codes)
 
 
 def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
@@ -402,7 +418,7 @@ def unpack_codes(qs: jax.Array, fmt: Fmt) -> jax.Array:
     BF16 tile is already its values)."""
     if fmt is Fmt.BF16:
         return qs
-    return _UNPACK[fmt.bits](qs)
+    return _unpack4_lookup(qs) if fmt.spec.codebook else _UNPACK[fmt.bits](qs)
 
 
 # --- values ----------------------------------------------------------------------------------------------------
@@ -424,6 +440,8 @@ def decode_values(codes: jax.Array, scales: tuple[jax.Array, ...], fmt: Fmt) -> 
     if fmt is Fmt.MXFP4:
         return jnp.ldexp(_e2m1_doubled(codes), per_block(scales[0]).astype(jnp.int32) - 128 - 32)
     q = jax.lax.bitcast_convert_type(codes, jnp.int8) if fmt.bits == 8 else codes
+    if fmt.spec.codebook:  # compares against scalars: a kernel in interpret mode may not close over a table
+        q = sum(jnp.where(codes == i, v, 0) for i, v in enumerate(IQ4_VALUES))
     w = (q.astype(jnp.float32) - fmt.spec.bias) * per_block(scales[0])
     return w + per_block(scales[1]) if fmt.spec.offset else w
 

@@ -72,6 +72,8 @@ def assert_only_scales_rounded(pw: pallas.PackedWeight, want) -> None:
     (n, k), spec = pw.shape, pw.fmt.spec
     codes = np.asarray(pallas.qformats.unpack_codes(pw.qs, pw.fmt))[:n, :k]
     q = (codes.view(np.int8) if spec.bits == 8 else codes).astype(np.float64) - spec.bias
+    if spec.codebook:
+        q = np.asarray(pallas.qformats.IQ4_VALUES, np.float64)[codes]
     planes = [
         np.repeat(np.asarray(p.astype(jnp.float32), np.float64).T[:n, : k // b], b, axis=1)
         for p, b in zip(pw.scales, spec.blocks, strict=True)

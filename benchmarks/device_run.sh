@@ -95,11 +95,11 @@ fi
 # before/after a kernel change in one call: the previous commit's pallas/ and imp_jax/ carried in .baseline/
 # (`git archive REV pallas imp_jax | tar -x -C .baseline`, ignored), timed by this tree's scripts
 want kgpu && step kernel_gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py \
-    -k "(test_kernel_gpu and 4096-4096) or (test_expert_kernel_gpu and (Q4_K or Q5_K or Q6_K or Q5_0)) or bf16"
+    -k "(test_kernel_gpu and 4096-4096) or (test_expert_kernel_gpu and (Q4_K or Q5_K or Q6_K or IQ4)) or bf16"
 for tree in before:.baseline mid:.mid after:.; do  # .mid (optional): a commit between the two
     [[ -d ${tree#*:} ]] || continue
     want kernels_ab && PYTHONPATH=/tmp/site:${tree#*:} step "kernels_${tree%%:*}" 200 python3 benchmarks/kernels.py \
-        --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0 --models qwen3-8b --out "$R/kernels_${tree%%:*}"
+        --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0,iq4_xs --models qwen3-8b --out "$R/kernels_${tree%%:*}"
     want e2e_ab && [[ ${tree%%:*} != mid ]] && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 \
         benchmarks/e2e.py --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
 done

@@ -49,8 +49,8 @@ MATMUL_SHAPES = {  # (N, K) of y = x @ W.T
     "gpt-oss-20b": [(2880, 2880), (4096, 2880)],
 }
 _T = GGMLQuantizationType
-QTYPES = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "q5_k": _T.Q5_K, "q6_k": _T.Q6_K}
-F16_FIELDS = {_T.Q8_0: (0,), _T.Q4_K: (0, 2), _T.Q5_K: (0, 2), _T.Q6_K: (208,)}  # byte offsets of f16 scales
+QTYPES = {"mxfp4": _T.MXFP4, "q8_0": _T.Q8_0, "q4_k": _T.Q4_K, "q5_k": _T.Q5_K, "q6_k": _T.Q6_K, "iq4_xs": _T.IQ4_XS}
+F16_FIELDS = {_T.Q8_0: (0,), _T.Q4_K: (0, 2), _T.Q5_K: (0, 2), _T.Q6_K: (208,), _T.IQ4_XS: (0,)}  # f16 scales at
 
 
 @dataclasses.dataclass

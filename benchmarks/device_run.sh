@@ -97,11 +97,13 @@ fi
 want kgpu && step kernel_gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py \
     -k "(test_kernel_gpu and 4096-4096) or (test_expert_kernel_gpu and (Q4_K or Q5_K or Q6_K or IQ4)) or bf16"
 for tree in before:.baseline mid:.mid after:.; do  # .mid (optional): a commit between the two
-    [[ -d ${tree#*:} ]] || continue
-    want kernels_ab && PYTHONPATH=/tmp/site:${tree#*:} step "kernels_${tree%%:*}" 200 python3 benchmarks/kernels.py \
-        --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0,iq4_xs --models qwen3-8b --out "$R/kernels_${tree%%:*}"
-    want e2e_ab && [[ ${tree%%:*} != mid ]] && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 \
-        benchmarks/e2e.py --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
+    [[ -d ${tree#*:} ]] && want kernels_ab && PYTHONPATH=/tmp/site:${tree#*:} step "kernels_${tree%%:*}" 200 python3 \
+        benchmarks/kernels.py --only matmul --m 1 --formats q4_k,q5_k,q6_k,q8_0,iq4_xs --models qwen3-8b \
+        --out "$R/kernels_${tree%%:*}"
+done
+for tree in after:. before:.baseline; do
+    want e2e_ab && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 benchmarks/e2e.py \
+        --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
 done
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py

@@ -174,8 +174,12 @@ def load(
     phase("engine")
     on_bytes = _progress(mf, plan, show)
     loader_programs = CompiledSteps(store)  # the loader's own programs, kept in the same store as the steps
-    model.params = load_params(mf, config, plan.specs, policy, on_bytes=on_bytes, programs=loader_programs)
-    jax.block_until_ready(model.params)
+    try:
+        model.params = load_params(mf, config, plan.specs, policy, on_bytes=on_bytes, programs=loader_programs)
+        jax.block_until_ready(model.params)
+    except BaseException:
+        model.programs.stop()  # nothing goes on compiling for, or holding, a load that failed
+        raise
     phase("weights")
     model.load_timings = timings
     if debug:

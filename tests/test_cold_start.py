@@ -322,3 +322,34 @@ def test_only_what_xla_compiles_here_counts_as_new(_private_compile_cache):
     x = jnp.arange(7.0)
     assert compile_cache.compile_new(f.lower(x))[1]
     assert not compile_cache.compile_new(f.lower(x))[1]
+
+
+def test_stopping_the_compiles_ahead_waits_for_the_one_in_flight_and_drops_the_rest():
+    """What a failed load does (``CompiledSteps.stop``): the compile in flight finishes, the ones not begun are
+    forgotten (a later call of their signature compiles afresh), and no worker is left running."""
+    import threading
+
+    import numpy as np
+
+    tracing, release = threading.Event(), threading.Event()
+
+    @jax.jit
+    def slow(x):
+        tracing.set()
+        release.wait()
+        return x + 1
+
+    steps = CompiledSteps()
+    sds = jax.ShapeDtypeStruct
+    steps.ahead(slow, [((sds((2,), np.float32),), {}), ((sds((3,), np.float32),), {})])
+    assert tracing.wait(30)
+    stopper = threading.Thread(target=steps.stop)
+    stopper.start()
+    while not steps._stopped.is_set():
+        stopper.join(0.01)
+    release.set()
+    stopper.join(30)
+    assert not stopper.is_alive() and not any(w.is_alive() for w in steps._workers)
+    assert len(steps.compiled) == 1
+    np.testing.assert_array_equal(steps.call(slow, (np.zeros(3, np.float32),), {}), np.ones(3, np.float32))
+    assert len(steps.compiled) == 2

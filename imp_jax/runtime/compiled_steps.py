@@ -50,16 +50,29 @@ class CompiledSteps:
         self._lock = threading.Lock()
         self._programs: dict[tuple, concurrent.futures.Future] = {}
         self.compiled: list[tuple] = []
+        self._workers: list[threading.Thread] = []
+        self._stopped = threading.Event()
 
     def ahead(self, fn: Callable, calls: Sequence[Call]) -> None:
         """Compile ``fn`` for each call (arguments may be ShapeDtypeStructs) on a worker thread, in order."""
         todo = []
         for args, statics in calls:
-            future, new = self._claim(signature(fn, args, statics))
+            key = signature(fn, args, statics)
+            future, new = self._claim(key)
             if new:
-                todo.append((future, args, statics))
+                todo.append((key, future, args, statics))
         if todo:
-            threading.Thread(target=self._compile_all, args=(fn, todo), name="imp-jax-compile-ahead").start()
+            worker = threading.Thread(target=self._compile_all, args=(fn, todo), name="imp-jax-compile-ahead")
+            self._workers.append(worker)
+            worker.start()
+
+    def stop(self) -> None:
+        """Drop the compiles ahead not yet begun and wait for the one in flight. A load that fails calls this, so
+        no worker goes on compiling for it, or holding what the compile refers to (the half-made model's
+        arrays), after the error is raised."""
+        self._stopped.set()
+        for worker in self._workers:
+            worker.join()
 
     def call(self, fn: Callable, args: tuple, statics: dict[str, Hashable]) -> Any:
         """``fn(*args, **statics)`` through the executable of its signature (compiled now if it is new)."""
@@ -77,7 +90,13 @@ class CompiledSteps:
             return future, True
 
     def _compile_all(self, fn: Callable, todo: list) -> None:
-        for future, args, statics in todo:
+        for key, future, args, statics in todo:
+            if self._stopped.is_set():  # forgotten: a later call of this signature compiles it afresh
+                with self._lock:
+                    self._programs.pop(key, None)
+                    self.compiled.remove(key)
+                future.cancel()
+                continue
             self._compile(future, fn, args, statics)
 
     def _compile(self, future: concurrent.futures.Future, fn: Callable, args: tuple, statics: dict) -> None:

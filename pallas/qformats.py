@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
@@ -211,7 +210,8 @@ def dense_weight(w: jax.Array) -> PackedWeight:
 
 
 def _f16_at(b: jax.Array, offset: int) -> jax.Array:
-    return jax.lax.bitcast_convert_type(b[..., offset : offset + 2], jnp.float16)
+    """The f16 field at ``offset`` of each block, as f32 (the planes' products are formed exact in f32)."""
+    return jax.lax.bitcast_convert_type(b[..., offset : offset + 2], jnp.float16).astype(jnp.float32)
 
 
 def _fields(x: jax.Array, width: int, groups: int = 1, byte_major: bool = False) -> jax.Array:
@@ -238,42 +238,38 @@ def _q5_bits(b: jax.Array, qh_at: int) -> jax.Array:
     return _fields(b[..., qh_at + 4 :], 4) | (_fields(b[..., qh_at : qh_at + 4], 1, byte_major=True) << 4)
 
 
-def _f32_at(b: jax.Array, offset: int) -> jax.Array:
-    return _f16_at(b, offset).astype(jnp.float32)
-
-
 def _split_mxfp4(b):
     return _fields(b[..., 1:], 4), (b[..., 0],)
 
 
 def _split_q8_0(b):
-    return b[..., 2:], (_f32_at(b, 0),)
+    return b[..., 2:], (_f16_at(b, 0),)
 
 
 def _split_q5_0(b):
-    return _q5_bits(b, 2), (_f32_at(b, 0),)
+    return _q5_bits(b, 2), (_f16_at(b, 0),)
 
 
 def _split_q5_1(b):
-    return _q5_bits(b, 4), (_f32_at(b, 0), _f32_at(b, 2))
+    return _q5_bits(b, 4), (_f16_at(b, 0), _f16_at(b, 2))
 
 
 def _split_q4_0(b):
-    return _fields(b[..., 2:], 4), (_f32_at(b, 0),)
+    return _fields(b[..., 2:], 4), (_f16_at(b, 0),)
 
 
 def _split_q4_1(b):
-    return _fields(b[..., 4:], 4), (_f32_at(b, 0), _f32_at(b, 2))
+    return _fields(b[..., 4:], 4), (_f16_at(b, 0), _f16_at(b, 2))
 
 
 def _split_iq4_nl(b):
-    return _fields(b[..., 2:], 4), (_f32_at(b, 0),)
+    return _fields(b[..., 2:], 4), (_f16_at(b, 0),)
 
 
 def _k_planes(b):
     """Q4_K/Q5_K's per-32 ``d * sc`` and ``-dmin * m``."""
     sc, mn = _k_scale_min(b[..., 4:16])
-    return _f32_at(b, 0)[..., None] * sc, -(_f32_at(b, 2)[..., None] * mn)
+    return _f16_at(b, 0)[..., None] * sc, -(_f16_at(b, 2)[..., None] * mn)
 
 
 def _split_q4_k(b):
@@ -288,13 +284,13 @@ def _split_q5_k(b):
 def _split_q6_k(b):
     q = _fields(b[..., :128], 4, groups=2) | (_fields(b[..., 128:192], 2, groups=2) << 4)
     sc = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8)
-    return q, (_f32_at(b, 208)[..., None] * sc,)
+    return q, (_f16_at(b, 208)[..., None] * sc,)
 
 
 def _split_iq4_xs(b):
     low, high = _fields(b[..., 4:8], 4, byte_major=True), _fields(b[..., 2:4], 2, byte_major=True)
     sc = (low | (high << 4)).astype(jnp.int32) - 32
-    return _fields(b[..., 8:], 4, groups=8), (_f32_at(b, 0)[..., None] * sc,)
+    return _fields(b[..., 8:], 4, groups=8), (_f16_at(b, 0)[..., None] * sc,)
 
 
 # Every GGUF type a kernel reads: its kernel format and its split. The transcodings (IQ4_XS -> IQ4_NL;
@@ -353,37 +349,33 @@ def _unpack8(qs: jax.Array) -> jax.Array:
 # the nibble (``mgpu_decode``).
 
 
+def _high_shifts(bits: int) -> list[tuple[int, int, int, int]]:
+    """``(s, g, t, bit)``: where in a thread's high word element ``8g + 2q + t`` of nibble group ``S*h + s`` keeps
+    its high bits (Python ints: a kernel in interpret mode unpacks too, and may not close over array constants)."""
+    hb = bits - 4
+    return [(s, g, t, 16 * t + 4 * g + hb * s) for s in range(4 // hb) for g in range(4) for t in range(2)]
+
+
 def _pack_split(codes: jax.Array, bits: int) -> jax.Array:
     n, k = codes.shape
-    hb, s_count = bits - 4, 4 // (bits - 4)
+    s_count = 4 // (bits - 4)
     low = _pack4(codes & 0x0F).reshape(n, k // 256, 128)
     high = (codes >> 4).astype(jnp.uint32).reshape(n, k // 256, 8 // s_count, s_count, 4, 4, 2)  # [h s g q t]
-    s, g, t = np.ix_(range(s_count), range(4), range(2))
-    shift = jnp.asarray((16 * t + 4 * g + hb * s)[:, :, None, :], jnp.uint32)  # [s, g, 1, t]
-    words = (high << shift).sum(axis=(3, 4, 6), dtype=jnp.uint32)  # [n, unit, h, q]
-    high_bytes = (words[..., None] >> jnp.arange(0, 32, 8, dtype=jnp.uint32)) & 0xFF
+    words = sum(high[:, :, :, s, g, :, t] << bit for s, g, t, bit in _high_shifts(bits))  # [n, unit, h, q]
+    high_bytes = jnp.stack([(words >> shift) & 0xFF for shift in (0, 8, 16, 24)], axis=-1)
     return jnp.concatenate([low, high_bytes.astype(jnp.uint8).reshape(n, k // 256, -1)], axis=-1).reshape(n, -1)
 
 
 def _unpack_split(qs: jax.Array, bits: int) -> jax.Array:
-    """Inverse of ``_pack_split``; shifts by Python ints (a kernel in interpret mode runs it and may not close
-    over array constants)."""
+    """Inverse of ``_pack_split``."""
     n, kb = qs.shape
-    k, hb, s_count = kb * 8 // bits, bits - 4, 4 // (bits - 4)
+    k, s_count = kb * 8 // bits, 4 // (bits - 4)
     units = qs.reshape(n, k // 256, 32 * bits)
     low = _unpack4(units[..., :128].reshape(n, -1))
     b = units[..., 128:].reshape(n, k // 256, 8 // s_count, 4, 4).astype(jnp.uint32)  # [n, unit, h, q, byte]
     words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # [n, unit, h, q]
-    high = jnp.stack(  # [n, unit, h, s, g, q, t]
-        [
-            jnp.stack(
-                [jnp.stack([words >> (16 * t + 4 * g + hb * s) for t in range(2)], axis=-1) for g in range(4)],
-                axis=3,
-            )
-            for s in range(s_count)
-        ],
-        axis=3,
-    ) & ((1 << hb) - 1)
+    high = jnp.stack([words >> bit for *_, bit in _high_shifts(bits)], axis=-1) & ((1 << (bits - 4)) - 1)
+    high = high.reshape(*words.shape, s_count, 4, 2).transpose(0, 1, 2, 4, 5, 3, 6)  # [n, unit, h, s, g, q, t]
     return low | (high.astype(jnp.uint8).reshape(n, k) << 4)
 
 

@@ -324,6 +324,23 @@ def test_only_what_xla_compiles_here_counts_as_new(_private_compile_cache):
     assert not compile_cache.compile_new(f.lower(x))[1]
 
 
+def test_a_new_version_stores_the_steps_jax_already_cached(_private_compile_cache, tmp_path):
+    """After an upgrade (a new fingerprint) that leaves a step's program as it was, JAX's cache still holds the old
+    version's executable. Were that a hit, the store would never get the step and every later process would trace
+    it again; the store's compile options make it a miss, so the new version compiles the step once and keeps it."""
+    import jax.numpy as jnp
+
+    compile_cache.enable(_private_compile_cache)
+    unique = float(time.time_ns() % 10**6)
+    f = jax.jit(lambda x: x * unique + 2)
+    x = jnp.arange(5.0)
+    for version in ("imp-jax 1", "imp-jax 2"):
+        CompiledSteps(compile_cache.Store(tmp_path, version)).call(f, (x,), {})
+    assert len(list((tmp_path / "steps").iterdir())) == 2
+    fresh = CompiledSteps(compile_cache.Store(tmp_path, "imp-jax 2"))
+    assert float(fresh.call(f, (x,), {})[1]) == unique + 2  # read back from the store, and it runs
+
+
 def test_stopping_the_compiles_ahead_waits_for_the_one_in_flight_and_drops_the_rest():
     """What a failed load does (``CompiledSteps.stop``): the compile in flight finishes, the ones not begun are
     forgotten (a later call of their signature compiles afresh), and no worker is left running."""

@@ -24,7 +24,10 @@ entry that does not read back is ignored and replaced.
 Only an executable XLA compiled in the process is stored: one JAX read back from its own cache serializes again
 into bytes that load but fail to run on XLA:CPU ("Function ... not found"), and so does one JAX still holds in
 memory from such a read, so ``compile_new`` says which it was, from JAX's compile and cache-hit events in the
-compiling thread.
+compiling thread. A store's programs are therefore compiled with ``Store.compile_options``, which tie JAX's key
+to the store's fingerprint: after an upgrade of imp-jax that leaves a step's HLO as it was, JAX's entry from the
+old version would otherwise be a hit every time, the store would never get the step, and every process would
+trace it again.
 """
 
 from __future__ import annotations
@@ -128,12 +131,12 @@ jax.monitoring.register_event_listener(_on_event)
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
-def compile_new(lowered) -> tuple[Any, bool]:
-    """``lowered.compile()``, and whether XLA compiled it in this call: False when JAX read it back from its
+def compile_new(lowered, options: dict | None = None) -> tuple[Any, bool]:
+    """``lowered.compile(options)``, and whether XLA compiled it in this call: False when JAX read it back from its
     persistent cache (a cache-hit event) or handed back an executable it already held in memory (no compile event
     at all: JAX keeps each program it compiled or read back, per process)."""
     before = (getattr(_compiling, "compiles", 0), getattr(_compiling, "hits", 0))
-    compiled = lowered.compile()
+    compiled = lowered.compile(options)
     compiles, hits = getattr(_compiling, "compiles", 0) - before[0], getattr(_compiling, "hits", 0) - before[1]
     return compiled, compiles > 0 and hits == 0
 
@@ -216,6 +219,14 @@ class Store:
         folder = self.directory / kind
         folder.mkdir(parents=True, exist_ok=True)
         return folder / digest
+
+    @property
+    def compile_options(self) -> dict[str, int]:
+        """What the store's programs are compiled with: a debug setting that changes no program (how many buffers
+        XLA's buffer-assignment dumps list) set from the fingerprint, so JAX's key of a program differs between
+        two fingerprints and a new version compiles (and stores) what an old one left in JAX's cache."""
+        salt = int(hashlib.sha256(self.fingerprint.encode()).hexdigest()[:7], 16)
+        return {"xla_debug_buffer_assignment_show_max": 16 + salt}
 
     def executable(self, description: str) -> Any | None:
         """The executable stored under ``description``, loaded onto the devices; None when there is none or it

@@ -114,7 +114,7 @@ class CompiledSteps:
         key = program_key(fn, args, statics)
         compiled = self.store.executable(key)
         if compiled is None:
-            compiled, new = compile_new(fn.lower(*args, **statics))
+            compiled, new = compile_new(fn.lower(*args, **statics), self.store.compile_options)
             if new:  # (one JAX's cache gave back would not run once stored: compile_cache)
                 self.store.put_executable(key, compiled)
         return compiled

@@ -606,9 +606,11 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
     and attention scores, ``a + d*c**2`` to a good approximation (XLA's buffers for T x T scores dominate long
     contexts). Through the two plans nearest the answer (the largest known to fit, the smallest known not to;
     at first only the plan itself, with ``a = 0``), that curve predicts the largest candidate that fits, and
-    that candidate is planned next. A probe that does not halve the open interval is followed by a bisection
-    step, so a poor model costs at most twice a bisection's probes. ``smallest`` (``auto_context`` has it)
-    is one more known plan. The answer is always a real plan.
+    that candidate is planned next, then its neighbour on the other side of the predicted boundary: when the
+    model is right, as it is for the quadratic workspaces of real models, those two plans are the answer. When
+    the neighbour says the model was wrong, the rest of the search halves the interval, so a poor model costs
+    two probes more than a bisection. ``smallest`` (``auto_context`` has it) is one more known plan. The answer
+    is always a real plan.
     """
     limit = min(limit or plan.max_context, plan.config.context_length)
     per_token = plan.kv_cache_bytes / plan.max_context
@@ -631,15 +633,23 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
 
     lo, hi = index_of(True, max), index_of(False, min)
     lo, hi = -1 if lo is None else lo, len(cands) if hi is None else hi
-    bisect_next = False
-    while hi - lo > 1:
-        probe = (lo + hi) // 2 if bisect_next else _predicted_probe(known, cands, lo, hi, need, room)
-        before = hi - lo
+    if hi - lo > 1:  # the model's answer, then its neighbour across the boundary it predicts
+        probe = _predicted_probe(known, cands, lo, hi, need, room)
+        if planned(probe).fits:
+            lo, neighbour = probe, probe + 1
+        else:
+            hi, neighbour = probe, probe - 1
+        if lo < neighbour < hi:
+            if planned(neighbour).fits:
+                lo = neighbour
+            else:
+                hi = neighbour
+    while hi - lo > 1:  # the model missed: halve what is left
+        probe = (lo + hi) // 2
         if planned(probe).fits:
             lo = probe
         else:
             hi = probe
-        bisect_next = not bisect_next and (hi - lo) * 2 > before
     return planned(lo) if lo >= 0 else None
 
 

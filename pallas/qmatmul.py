@@ -29,7 +29,8 @@ from pallas.errors import KernelError
 from pallas.qformats import Fmt, PackedWeight, check_shape, decode_values, unpack_codes
 
 CHUNK = 64  # K elements per wgmma: one 128-byte swizzled row of bf16 activations
-SMEM_BUDGET = 192 * 1024  # pipeline buffers; the H100 gives a CTA 227 KiB, the output tile takes the rest
+SMEM_BUDGET = 192 * 1024  # decode's pipeline buffers; the H100 gives a CTA 227 KiB, the output tile takes the rest
+SMEM_LIMIT = 227 * 1024 - 1024  # every pipeline buffer of a prefill tile (its output tile reuses them), less barriers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +57,26 @@ def pick_config(fmt: Fmt, n_pad: int, k_pad: int, m: int, num_sms: int = 132, gr
     if m > 64:
         if fmt is Fmt.BF16:
             return MatmulConfig(tn=128, tm=128, tk=64, stages=4)
-        if fmt.bits == 8:
-            return MatmulConfig(tn=128, tm=64, tk=256, stages=3)
-        return MatmulConfig(tn=64, tm=128, tk=256, stages=3)
+        narrow = MatmulConfig(tn=64, tm=128, tk=256, stages=3)
+        if fmt.bits < 8 and narrow.stages * stage_bytes(fmt, narrow) <= SMEM_LIMIT:
+            return narrow
+        return MatmulConfig(tn=128, tm=64, tk=256, stages=3)  # 8-bit codes; and 5/6-bit with 16-wide planes
     n_tiles = n_pad // 64 * groups
     tm = _round_up(max(m, 1), 8)
     tk = 512 if n_tiles > 64 and k_pad % 512 == 0 and tm <= 16 and fmt is not Fmt.BF16 else 256
     k_steps = k_pad // tk
     want = max(4 if groups == 1 else 1, -(-num_sms // n_tiles))  # a CTA for every SM
     splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
-    stage_bytes = 64 * tk * fmt.bits // 8 + tm * tk * 2 + 64 * tk // 8  # codes, activations, scales (bound)
-    stages = max(2, min(6 if tk == 256 else 4, SMEM_BUDGET // stage_bytes))
+    per_stage = stage_bytes(fmt, MatmulConfig(tn=64, tm=tm, tk=tk))
+    stages = max(2, min(6 if tk == 256 else 4, SMEM_BUDGET // per_stage))
     return MatmulConfig(tn=64, tm=tm, tk=tk, splits=splits, stages=stages)
+
+
+def stage_bytes(fmt: Fmt, cfg: MatmulConfig) -> int:
+    """Shared memory of one pipeline buffer: one K step's codes, scale planes and activations."""
+    spec = fmt.spec
+    planes = sum(cfg.tk // b * cfg.tn * jnp.dtype(dt).itemsize for b, dt in zip(spec.blocks, spec.dtypes, strict=True))
+    return cfg.tn * cfg.tk * fmt.bits // 8 + planes + cfg.tm * cfg.tk * 2
 
 
 def _round_up(x: int, m: int) -> int:

@@ -70,48 +70,56 @@ EMULATED = dict(
 )
 
 
+def _row(rt: int, warp: int, half: int, lane: int) -> int:
+    """The weight row a thread holds in row tile ``rt`` (64 rows each) of the WGMMA layouts."""
+    return 64 * rt + 16 * warp + 8 * half + lane // 4
+
+
 def _thread_words(qs: np.ndarray, warp: int, lane: int):
     """``_words``' yield for one thread: (row, 16-byte group, half, row tile, little-endian i32 word)."""
-    for half in range(2):
-        row = 16 * warp + 8 * half + lane // 4
-        for group in range(qs.shape[1] // 16):
-            b = qs[row, 16 * group + 4 * (lane % 4) :][:4].astype(np.uint32)
-            yield row, group, half, 0, int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+    for rt in range(qs.shape[0] // 64):
+        for half in range(2):
+            row = _row(rt, warp, half, lane)
+            for group in range(qs.shape[1] // 16):
+                b = qs[row, 16 * group + 4 * (lane % 4) :][:4].astype(np.uint32)
+                yield row, group, half, rt, int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
 
 
 def emulated_tile(fmt: Fmt, qs: np.ndarray, planes: list[np.ndarray]) -> np.ndarray:
-    """The ``[64, K]`` tile the decoder hands the MMA, from kernel-order codes ``qs`` [64, bytes] and K-major
-    planes ``[K / block, 64]``: every thread's pairs put back at their (row, column)."""
-    k = qs.shape[1] * 8 // fmt.bits
-    out = np.full((64, k), np.nan)
+    """The ``[tn, K]`` tile the decoder hands the MMA, from kernel-order codes ``qs`` [tn, bytes] and K-major
+    planes ``[K / block, tn]`` (tn 64, as decode tiles, or 128, as prefill tiles of wider codes): every thread's
+    pairs put back at their (row, column)."""
+    tn, k = qs.shape[0], qs.shape[1] * 8 // fmt.bits
+    out = np.full((tn, k), np.nan)
     for warp in range(4):
         for lane in range(32):
             words = list(_thread_words(qs, warp, lane))
             with mock.patch.multiple(mgpu_decode, _words=lambda _codes, w=words: iter(w), **EMULATED):
                 if fmt is Fmt.MXFP4:
-                    pairs = mgpu_decode._decode_mxfp4(None, planes, 64, 64, k // 64)
+                    pairs = mgpu_decode._decode_mxfp4(None, planes, tn, 64, k // 64)
                 else:
-                    pairs = mgpu_decode._decode_affine(fmt, None, planes, 64, 64, k // 64)
-            for (_, col8, half), pair in pairs.items():
-                row = 16 * warp + 8 * half + lane // 4
-                out[row, 8 * col8 + 2 * (lane % 4) : 8 * col8 + 2 * (lane % 4) + 2] = pair
+                    pairs = mgpu_decode._decode_affine(fmt, None, planes, tn, 64, k // 64)
+            for (rt, col8, half), pair in pairs.items():
+                out[_row(rt, warp, half, lane), 8 * col8 + 2 * (lane % 4) : 8 * col8 + 2 * (lane % 4) + 2] = pair
     return out * fmt.out_scale
 
 
 _T = GGMLQuantizationType
 
 
+@pytest.mark.parametrize("tn", [64, 128])
 @pytest.mark.parametrize("qtype", list(pallas.qformats.SOURCES), ids=lambda t: t.name)
-def test_register_decoder_matches_the_reference(qtype):
+def test_register_decoder_matches_the_reference(qtype, tn):
     """Each GGUF type's kernel format, through its register decoder, gives the jnp reference's weights (to the
-    bf16 rounding the decoder's pair arithmetic does): the bit order of repack and decoder agree."""
+    bf16 rounding the decoder's pair arithmetic does): the bit order of repack and decoder agree, for the row
+    tiles of decode (64 rows) and of the prefill tiles that hold 128."""
     rng = np.random.default_rng(int(qtype))
-    pw = pallas.repack(random_qtensor(rng, qtype, 64, 512))
-    qs = np.asarray(pw.qs)[:64]
-    planes = [np.asarray(p)[:, :64] for p in pw.scales]
+    pw = pallas.repack(random_qtensor(rng, qtype, tn, 512))
+    qs = np.asarray(pw.qs)[:tn]
+    planes = [np.asarray(p)[:, :tn] for p in pw.scales]
     want = np.asarray(
         decode_values(unpack_codes(pw.qs, pw.fmt), tuple(p.T for p in pw.scales), pw.fmt) * pw.fmt.out_scale
-    )[:64]
+    )[:tn]
     got = emulated_tile(pw.fmt, qs, planes)
     assert not np.isnan(got).any(), "a column no thread decoded"
     np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-30)

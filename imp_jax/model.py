@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from imp_jax import feedback, user_input
 from imp_jax.debug import check_prefill
+from imp_jax.environment import Environment
 from imp_jax.errors import ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
@@ -142,7 +143,8 @@ def load(
     user_input.load_options(max_context=max_context, batch=batch)
     on = make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=tp_size(on))
-    store = compile_cache_mod.configure(compile_cache)
+    env = Environment.read()  # the one read of the environment for this load
+    store = compile_cache_mod.configure(compile_cache, env)
     show = os.isatty(2) if progress is None else progress
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
@@ -152,7 +154,7 @@ def load(
         timings[name + "_s"] = now - clock[0]
         clock[0] = now
 
-    mf = open_model_file(path_or_name, progress=show)
+    mf = open_model_file(path_or_name, progress=show, root=env.cache_dir)
     phase("open")
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")

@@ -51,6 +51,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from imp_jax.environment import Environment
 from imp_jax.errors import RegistryError
 
 _CHUNK = 1 << 22
@@ -149,13 +150,9 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
-    """The cache root the environment names. Each public call of this module (and the CLI) resolves it once, or
-    takes the ``root`` its caller resolved, and passes it down: nothing below reads the environment."""
-    if root := os.environ.get("IMP_JAX_CACHE"):
-        return Path(root).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "imp-jax"
-    return Path.home() / ".cache" / "imp-jax"
+    """The cache root the environment names (``Environment``). Each public call of this module resolves it once,
+    or takes the ``root`` its caller resolved, and passes it down."""
+    return Environment.read().cache_dir
 
 
 def model_path(entry: ModelEntry, root: Path) -> Path:
@@ -444,10 +441,11 @@ def remove(name: str, root: Path | None = None) -> bool:
     return True
 
 
-def resolve(path_or_name: str | os.PathLike[str], *, progress: bool = True) -> Path:
-    """A registry name fetches that model; an existing file is used as it is; anything else is an error."""
+def resolve(path_or_name: str | os.PathLike[str], *, progress: bool = True, root: Path | None = None) -> Path:
+    """A registry name fetches that model (into ``root``, default ``cache_dir()``); an existing file is used as it
+    is; anything else is an error."""
     if isinstance(path_or_name, str) and path_or_name in MODELS:
-        return fetch(path_or_name, progress=progress)
+        return fetch(path_or_name, progress=progress, root=root)
     path = Path(path_or_name).expanduser()
     if path.is_file():
         return path

@@ -38,10 +38,10 @@ def _private_compile_cache(tmp_path_factory):
     from imp_jax.runtime import compile_cache
 
     folder = tmp_path_factory.mktemp("xla")
-    original = compile_cache.default_dir
-    compile_cache.default_dir = lambda: folder
+    original = compile_cache.configure
+    compile_cache.configure = lambda setting, env: original(folder if setting is True else setting, env)
     yield folder
-    compile_cache.default_dir = original
+    compile_cache.configure = original
 
 
 @pytest.fixture(scope="session")

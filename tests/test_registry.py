@@ -253,8 +253,9 @@ def test_resolve(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(RegistryError, match="known names"):
         registry.fetch("no-such-model")
     fetched = []
-    monkeypatch.setattr(registry, "fetch", lambda name, progress: fetched.append(name) or f)
-    assert registry.resolve("tinycoder", progress=False) == f and fetched == ["tinycoder"]
+    monkeypatch.setattr(registry, "fetch", lambda name, progress, root: fetched.append((name, root)) or f)
+    assert registry.resolve("tinycoder", progress=False) == f and fetched == [("tinycoder", None)]
+    assert registry.resolve("tinycoder", root=tmp_path) == f and fetched[-1] == ("tinycoder", tmp_path)
 
 
 @pytest.mark.parametrize("sdist", [False, True])

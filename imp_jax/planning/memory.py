@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
 from imp_jax import ops, user_input
+from imp_jax.environment import Environment
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
@@ -323,8 +324,9 @@ def plan_memory(
     search of gemma3-270m: seven candidate plans).
     """
     dtype = _check_dtype(dtype)
-    store = compile_cache_mod.configure(compile_cache)
-    mf = open_model_file(path_or_name)
+    env = Environment.read()  # the one read of the environment for this plan
+    store = compile_cache_mod.configure(compile_cache, env)
+    mf = open_model_file(path_or_name, root=env.cache_dir)
     on = sharding.make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=sharding.tp_size(on))
     config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)

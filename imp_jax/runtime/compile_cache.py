@@ -4,7 +4,7 @@ cache, and imp-jax's own store of whole executables and plan statistics.
 A new process pays for every XLA compile of the model's steps (seconds to tens of seconds for an 8B model on a
 GPU, most of a cold CLI run). JAX can keep compiled executables on disk keyed by everything that changes the
 program: the HLO (so kernel choices, dtypes and bucket shapes), the compile options, the jaxlib version, the
-backend and the device kind. ``enable`` points it at ``<cache>/xla`` (``registry.cache_dir``) and caches every
+backend and the device kind. ``configure`` points it at ``<cache>/xla`` (``Environment.cache_dir``) and caches every
 program, however quickly it compiled: the loader's small programs add up too.
 
 JAX writes an entry with one ``write_bytes``; a process killed in the middle of it leaves a truncated entry that
@@ -50,7 +50,7 @@ from jax._src import compilation_cache as _jax_cache
 from jax._src import lru_cache as _jax_lru
 from jax.experimental import serialize_executable
 
-from imp_jax import registry
+from imp_jax.environment import Environment
 
 _SUFFIX = "-cache"  # the name suffix of JAX's cache entries (jax._src.lru_cache)
 
@@ -82,16 +82,12 @@ def _file_cache(path: str):
     return AtomicCache(path, max_size=jax.config.jax_compilation_cache_max_size), path
 
 
-def default_dir() -> Path:
-    return registry.cache_dir() / "xla"
-
-
-def enable(directory: str | os.PathLike[str] | None = None) -> Path:
-    """Turn the persistent cache on in ``directory`` (default ``<imp-jax cache>/xla``) for this process.
+def enable(directory: str | os.PathLike[str]) -> Path:
+    """Turn the persistent cache on in ``directory`` for this process.
 
     Safe to call again: a process that compiled before the cache was configured gets it from then on.
     """
-    path = Path(directory) if directory is not None else default_dir()
+    path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     if jax.config.jax_compilation_cache_dir == str(path) and _jax_cache._cache is not None:
         return path
@@ -141,14 +137,14 @@ def compile_new(lowered, options: dict | None = None) -> tuple[Any, bool]:
     return compiled, compiles > 0 and hits == 0
 
 
-def configure(setting: bool | str | os.PathLike[str]) -> Store | None:
-    """The one place a load's ``compile_cache`` setting is applied: True (the default folder), False (off), or a
-    folder. Returns the store of executables and plans in that folder (None when off)."""
+def configure(setting: bool | str | os.PathLike[str], env: Environment) -> Store | None:
+    """The one place a load's ``compile_cache`` setting is applied: True (``<env.cache_dir>/xla``), False (off),
+    or a folder. Returns the store of executables and plans in that folder (None when off), fingerprinted with the
+    XLA flags the environment gave the backend."""
     if setting is False:
         disable()
         return None
-    # XLA reads XLA_FLAGS itself when the backend starts; the fingerprint takes them as they are for this process
-    return Store(enable(None if setting is True else setting), fingerprint(os.environ.get("XLA_FLAGS", "")))
+    return Store(enable(env.cache_dir / "xla" if setting is True else setting), fingerprint(env.xla_flags))
 
 
 def entries(directory: str | os.PathLike[str]) -> set[str]:

@@ -31,14 +31,14 @@ def _version() -> str:
 def _cmd_pull(args: argparse.Namespace) -> None:
     from imp_jax import registry
 
-    print(registry.fetch(args.name, progress=True))
+    print(registry.fetch(args.name, progress=True, root=args.cache_dir))
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
     from imp_jax import registry
     from imp_jax.feedback import size_words
 
-    root = registry.cache_dir()
+    root = args.cache_dir
     rows = [("name", "size", "cached", "description")]
     for name, entry in registry.MODELS.items():
         default = " (default)" if name == registry.DEFAULT_MODEL else ""
@@ -53,9 +53,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
 def _cmd_rm(args: argparse.Namespace) -> None:
     from imp_jax import registry
 
-    root = registry.cache_dir()
     for name in args.names:
-        removed = registry.remove(name, root)
+        removed = registry.remove(name, args.cache_dir)
         print(f"removed {name}" if removed else f"{name} was not cached")
 
 
@@ -64,7 +63,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from imp_jax.ops.policy import resolve_dtype
     from imp_jax.weights.files import open_model_file
 
-    rows = summarize(open_model_file(args.model)).rows()
+    rows = summarize(open_model_file(args.model, root=args.cache_dir)).rows()
     rows.append(("compute dtype", f"{resolve_dtype('auto')} (the default, dtype 'auto', on this backend)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -106,6 +105,7 @@ def _load(args: argparse.Namespace):
         kernels=args.kernels,
         devices=args.tp,
         debug=args.debug,
+        cache_dir=args.cache_dir,
     )
     args.load_s = time.perf_counter() - t0
     if model.max_context < args.context:
@@ -227,7 +227,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     import imp_jax
-    from imp_jax import registry
     from imp_jax.cli_chat import run_chat
 
     _check_sampling(args)
@@ -236,7 +235,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     def reply(ids: list[int]):
         return imp_jax.generate(model, ids, stream=True, **_sampling(args, _budget(args, model, len(ids))))
 
-    history = None if args.no_history else registry.cache_dir() / "chat_history"
+    history = None if args.no_history else args.cache_dir / "chat_history"
     run_chat(model, reply, system=args.system, history=history, summary=_summary(args))
 
 
@@ -254,8 +253,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         from imp_jax.inspect import summarize
 
         model = imp_jax.load(
-            args.model, dtype=dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch, kernels=kernels
-        )
+            args.model, dtype=dtype, max_context=max(args.pp, args.tg) + 8, batch=args.batch, kernels=kernels,
+            cache_dir=args.cache_dir,
+        )  # fmt: skip
         s = summarize(model.file)
         params, cfg, kernels = model.params, model.config, model.kernels  # the policy load resolved
         name, quant, size, n_params = model.path.name, next(iter(s.bytes_by_qtype)), s.file_bytes, s.n_params
@@ -272,7 +272,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     _check_listen(args.host, args.port)
     model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
                          device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
-                         debug=args.debug, compile_cache=args.compile_cache)  # fmt: skip
+                         debug=args.debug, compile_cache=args.compile_cache, cache_dir=args.cache_dir)  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
                               max_queue=args.max_queue, max_seqs=args.parallel,
@@ -299,7 +299,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from imp_jax.weights.quantize import quantize_file
 
     out = _output_path(args.output)
-    mf = open_model_file(args.input, progress=not args.quiet)
+    mf = open_model_file(args.input, progress=not args.quiet, root=args.cache_dir)
     with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task(f"quantizing to {args.type}", total=len(mf.tensors))
         try:
@@ -447,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.kernels = kernels_setting()
     args.debug = debug_setting()
     args.compile_cache = compile_cache_setting()
+    from imp_jax import registry
+
+    args.cache_dir = registry.cache_dir(os.environ)  # the cache root every command passes down
     try:
         set_threads(getattr(args, "threads", None))
         args.run(args)

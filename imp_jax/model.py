@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from imp_jax import feedback, user_input
+from imp_jax import feedback, registry, user_input
 from imp_jax.debug import check_prefill
-from imp_jax.environment import Environment
 from imp_jax.errors import ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
@@ -121,6 +120,7 @@ def load(
     kernels: str | KernelPolicy = "auto",
     devices: int = 1,
     mesh: Mesh | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Model:
     """Open, validate and plan a model, then put its weights on the device.
 
@@ -132,7 +132,8 @@ def load(
     exist, the dequantized fallback only where it fits); ``force`` loads past the budget with a warning.
     ``debug`` runs a checked forward that names the first non-finite layer and op (the CLI: IMP_JAX_DEBUG_NANS=1).
     ``compile_cache`` keeps compiled steps on disk for the next process (``runtime.compile_cache``): True for the
-    imp-jax cache folder, a folder of your own, or False.
+    imp-jax cache folder, a folder of your own, or False. ``cache_dir`` is that cache folder, where registry
+    models are fetched to as well (default ``~/.cache/imp-jax``; the CLI passes ``IMP_JAX_CACHE``'s).
     ``kernels`` picks the Pallas kernels ("auto": those that beat XLA on this GPU, "off": the XLA reference path,
     "all": every kernel, or a KernelPolicy); it is resolved here once and passed to every step as static config.
     ``progress`` (default: when stderr is a terminal) prints the loading line, the plan's choices and progress.
@@ -143,8 +144,8 @@ def load(
     user_input.load_options(max_context=max_context, batch=batch)
     on = make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=tp_size(on))
-    env = Environment.read()  # the one read of the environment for this load
-    store = compile_cache_mod.configure(compile_cache, env)
+    root = registry.cache_root(cache_dir)
+    store = compile_cache_mod.configure(compile_cache, root)
     show = os.isatty(2) if progress is None else progress
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
@@ -154,7 +155,7 @@ def load(
         timings[name + "_s"] = now - clock[0]
         clock[0] = now
 
-    mf = open_model_file(path_or_name, progress=show, root=env.cache_dir)
+    mf = open_model_file(path_or_name, progress=show, root=root)
     phase("open")
     if show:
         feedback.say(f"loading {mf.path.name} ({feedback.size_words(mf.path.stat().st_size)}, {mf.path}) ...")

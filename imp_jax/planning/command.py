@@ -27,6 +27,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--tp", type=int, default=1, help="devices to split the model over (tensor parallel), planned per device"
     )
-    # the CLI sets both from IMP_JAX_KERNELS and IMP_JAX_COMPILE_CACHE
-    p.set_defaults(run=_run, kernels="auto", compile_cache=True)
+    # the CLI sets these from IMP_JAX_KERNELS, IMP_JAX_COMPILE_CACHE and IMP_JAX_CACHE
+    p.set_defaults(run=_run, kernels="auto", compile_cache=True, cache_dir=None)
     return p

@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
-from imp_jax import ops, user_input
-from imp_jax.environment import Environment
+from imp_jax import ops, registry, user_input
 from imp_jax.errors import ImpError, ModelTooLarge, gib
 from imp_jax.gguf.qtensor import QTensor
 from imp_jax.models.config import ModelConfig, config_from_gguf
@@ -312,6 +311,7 @@ def plan_memory(
     devices: int = 1,
     mesh=None,
     compile_cache: bool | str | os.PathLike[str] = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> MemoryPlan:
     """Plan a GGUF model (path or registry name) without moving any weight to the device.
 
@@ -324,9 +324,9 @@ def plan_memory(
     search of gemma3-270m: seven candidate plans).
     """
     dtype = _check_dtype(dtype)
-    env = Environment.read()  # the one read of the environment for this plan
-    store = compile_cache_mod.configure(compile_cache, env)
-    mf = open_model_file(path_or_name, root=env.cache_dir)
+    root = registry.cache_root(cache_dir)
+    store = compile_cache_mod.configure(compile_cache, root)
+    mf = open_model_file(path_or_name, root=root)
     on = sharding.make_mesh(devices, mesh)
     policy = resolve_kernels(kernels, devices=sharding.tp_size(on))
     config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)
@@ -835,6 +835,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         kernels=args.kernels,
         devices=args.tp,
         compile_cache=args.compile_cache,
+        cache_dir=args.cache_dir,
     )
     print(plan.report())
     if context != "auto" and plan.max_context < context:

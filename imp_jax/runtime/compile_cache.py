@@ -4,7 +4,7 @@ cache, and imp-jax's own store of whole executables and plan statistics.
 A new process pays for every XLA compile of the model's steps (seconds to tens of seconds for an 8B model on a
 GPU, most of a cold CLI run). JAX can keep compiled executables on disk keyed by everything that changes the
 program: the HLO (so kernel choices, dtypes and bucket shapes), the compile options, the jaxlib version, the
-backend and the device kind. ``configure`` points it at ``<cache>/xla`` (``Environment.cache_dir``) and caches every
+backend and the device kind. ``configure`` points it at ``<cache root>/xla`` and caches every
 program, however quickly it compiled: the loader's small programs add up too.
 
 JAX writes an entry with one ``write_bytes``; a process killed in the middle of it leaves a truncated entry that
@@ -46,11 +46,10 @@ from typing import Any
 
 import jax
 import jaxlib
+from jax._src import cache_key as _jax_cache_key
 from jax._src import compilation_cache as _jax_cache
 from jax._src import lru_cache as _jax_lru
 from jax.experimental import serialize_executable
-
-from imp_jax.environment import Environment
 
 _SUFFIX = "-cache"  # the name suffix of JAX's cache entries (jax._src.lru_cache)
 
@@ -137,14 +136,13 @@ def compile_new(lowered, options: dict | None = None) -> tuple[Any, bool]:
     return compiled, compiles > 0 and hits == 0
 
 
-def configure(setting: bool | str | os.PathLike[str], env: Environment) -> Store | None:
-    """The one place a load's ``compile_cache`` setting is applied: True (``<env.cache_dir>/xla``), False (off),
-    or a folder. Returns the store of executables and plans in that folder (None when off), fingerprinted with the
-    XLA flags the environment gave the backend."""
+def configure(setting: bool | str | os.PathLike[str], root: Path) -> Store | None:
+    """The one place a load's ``compile_cache`` setting is applied: True (``<root>/xla``, the imp-jax cache
+    root), False (off), or a folder. Returns the store of executables and plans in that folder (None when off)."""
     if setting is False:
         disable()
         return None
-    return Store(enable(env.cache_dir / "xla" if setting is True else setting), fingerprint(env.xla_flags))
+    return Store(enable(root / "xla" if setting is True else setting), fingerprint())
 
 
 def entries(directory: str | os.PathLike[str]) -> set[str]:
@@ -165,10 +163,12 @@ _JAX_SETTINGS = (
 )
 
 
-def fingerprint(xla_flags: str) -> str:
-    """What, besides a program's own arguments, decides what it compiles to on this machine with ``xla_flags``
-    (the process's XLA_FLAGS)."""
+def fingerprint() -> str:
+    """What, besides a program's own arguments, decides what it compiles to on this machine: the imp-jax source,
+    the versions, the devices, the jax settings, and the XLA flags the backend runs with, hashed as JAX's own
+    compilation cache hashes them (it is JAX that reads them from the process)."""
     h = hashlib.sha256()
+    _jax_cache_key._hash_xla_flags(h, _jax_cache_key.get_flag_prefixes())
     for package in ("imp_jax", "pallas"):
         root = Path(importlib.util.find_spec(package).origin).parent
         for f in sorted(root.rglob("*.py")):
@@ -181,7 +181,6 @@ def fingerprint(xla_flags: str) -> str:
                 jax.__version__,
                 jaxlib.__version__,
                 [(d.platform, d.device_kind) for d in devices],
-                xla_flags,
                 [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS],
             )
         ).encode()

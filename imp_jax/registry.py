@@ -308,7 +308,13 @@ def _copy(src: BinaryIO, dst: BinaryIO, display: _Display, hasher: Callable[[byt
 def _locked(key: str, display: _Display, root: Path) -> Iterator[None]:
     """Hold an exclusive flock for `key` (released by the OS too if the process dies), saying so if we wait."""
     locks = root / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegistryError(
+            f"cannot use {root} as the model cache: {e.strerror or e}; point IMP_JAX_CACHE (or cache_dir=) at a "
+            "writable folder"
+        ) from None
     with open(locks / f"{key}.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -67,6 +67,20 @@ def test_version_list_and_rm(tmp_path: Path) -> None:
     _one_error_line(cli("rm", "no-such-model", IMP_JAX_CACHE=cache), "unknown model name 'no-such-model'")
 
 
+def test_a_cache_root_that_cannot_be_a_folder_is_one_error_line(tiny: str, tmp_path: Path) -> None:
+    """IMP_JAX_CACHE naming a file: pulling a model and loading one (whose compile cache lives there too) each
+    say which folder cannot be used, without a traceback."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    _one_error_line(
+        cli("pull", "tinycoder", IMP_JAX_CACHE=str(not_a_folder)), f"cannot use {not_a_folder} as the model cache"
+    )
+    _one_error_line(
+        cli("generate", "hi", "-m", tiny, "-n", "1", IMP_JAX_CACHE=str(not_a_folder)),
+        f"cannot use {not_a_folder / 'xla'} as the compile cache folder",
+    )
+
+
 def test_quantize_paths_are_checked_and_registry_names_work(tiny: str, tmp_path: Path) -> None:
     _one_error_line(cli("quantize", tiny, "/nonexistent-dir/out.gguf", "--type", "q8_0"), "does not exist")
     folder = tmp_path / "some_directory.gguf"

@@ -154,6 +154,17 @@ def cache_root(folder: str | os.PathLike[str] | None = None) -> Path:
     return Path.home() / ".cache" / "imp-jax" if folder is None else Path(folder).expanduser()
 
 
+def cache_folder(path: Path, what: str) -> Path:
+    """``path``, made a folder of the imp-jax cache (``what`` it holds), or one line saying why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegistryError(
+            f"cannot use {path} as {what}: {e.strerror or e}; point IMP_JAX_CACHE (or cache_dir=) at a writable folder"
+        ) from None
+    return path
+
+
 def cache_dir(environ: Mapping[str, str]) -> Path:
     """The cache root an environment names: ``IMP_JAX_CACHE``, else ``$XDG_CACHE_HOME/imp-jax``, else the default.
     The CLI calls it with the process environment and passes the root to every call; the library reads none."""
@@ -307,14 +318,8 @@ def _copy(src: BinaryIO, dst: BinaryIO, display: _Display, hasher: Callable[[byt
 @contextlib.contextmanager
 def _locked(key: str, display: _Display, root: Path) -> Iterator[None]:
     """Hold an exclusive flock for `key` (released by the OS too if the process dies), saying so if we wait."""
-    locks = root / "locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RegistryError(
-            f"cannot use {root} as the model cache: {e.strerror or e}; point IMP_JAX_CACHE (or cache_dir=) at a "
-            "writable folder"
-        ) from None
+    locks = cache_folder(root, "the model cache") / "locks"
+    locks.mkdir(exist_ok=True)
     with open(locks / f"{key}.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -51,7 +51,7 @@ from jax._src import compilation_cache as _jax_cache
 from jax._src import lru_cache as _jax_lru
 from jax.experimental import serialize_executable
 
-from imp_jax.errors import ImpError
+from imp_jax import registry
 
 _SUFFIX = "-cache"  # the name suffix of JAX's cache entries (jax._src.lru_cache)
 
@@ -88,14 +88,7 @@ def enable(directory: str | os.PathLike[str]) -> Path:
 
     Safe to call again: a process that compiled before the cache was configured gets it from then on.
     """
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ImpError(
-            f"cannot use {path} as the compile cache folder: {e.strerror or e}; "
-            "point IMP_JAX_CACHE (or cache_dir=) at a writable folder, or turn the compile cache off"
-        ) from None
+    path = registry.cache_folder(Path(directory), "the compile cache folder")
     if jax.config.jax_compilation_cache_dir == str(path) and _jax_cache._cache is not None:
         return path
     _jax_cache.get_file_cache = _file_cache

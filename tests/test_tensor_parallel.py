@@ -93,7 +93,8 @@ def test_batched_serving_at_tp_2(results):
 
 def test_command_line_takes_tp(results):
     r = _ok(results, "cli")
-    assert r["texts"]["2"] == r["texts"]["1"]
+    assert r["texts"]["2"] == r["texts"]["1-stored"] == r["texts"]["1"]
+    assert r["stored_steps"] > 0
     assert r["texts"]["1"][0] == 0 and r["texts"]["1"][1].strip()
     assert r["serve_tp"] == 2
 

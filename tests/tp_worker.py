@@ -344,18 +344,22 @@ def batched(path: Path) -> dict:
     return out
 
 
-def command_line(path: Path) -> dict:
-    """``imp-jax generate --tp N`` as a user runs it (stdout: the continuation), and ``serve`` taking ``--tp``."""
+def command_line(path: Path, cache: Path) -> dict:
+    """``imp-jax generate --tp N`` as a user runs it (stdout: the continuation), and ``serve`` taking ``--tp``.
+    Its compile cache is a new folder: the first run at tp 1 stores the loader's programs and the second reads
+    them back, on one device of the four (a stored executable loaded onto all four asked for four arguments)."""
     from imp_jax import cli
 
+    os.environ["IMP_JAX_CACHE"] = str(cache)
     texts = {}
-    for tp in (1, 2):
+    for run, tp in (("1", 1), ("1-stored", 1), ("2", 2)):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = cli.main(["generate", "--model", str(path), "--tp", str(tp), "-n", "6", "--quiet", "hello"])
-        texts[tp] = (code, out.getvalue())
+        texts[run] = (code, out.getvalue())
     serve_tp = cli.build_parser().parse_args(["serve", "--model", str(path), "--tp", "2"]).tp
-    return {"texts": texts, "serve_tp": serve_tp}
+    steps = sum(1 for _ in (cache / "xla" / "steps").iterdir())
+    return {"texts": texts, "serve_tp": serve_tp, "stored_steps": steps}
 
 
 def main(folder: str) -> None:
@@ -373,7 +377,7 @@ def main(folder: str) -> None:
         "plan": lambda: planned(q8),
         "too-large": lambda: too_large(q8),
         "batched": lambda: batched(q8),
-        "cli": lambda: command_line(q8),
+        "cli": lambda: command_line(q8, folder_path / "cli-cache"),
         "kernel-dense-q8_0": lambda: kernel_logits("tiny", "q8_0"),
         "kernel-gpt-oss-mxfp4": lambda: kernel_logits("tiny-gpt-oss", "mxfp4"),
         "kernel-hybrid-q8_0": lambda: kernel_logits("tiny-hybrid", "q8_0"),

@@ -202,6 +202,11 @@ def program_key(fn: Callable, args: tuple, statics: dict[str, Hashable]) -> str:
     return repr((name, sorted(statics.items(), key=lambda kv: kv[0]), str(tree), avals))
 
 
+def _on(description: str, device: jax.Device) -> str:
+    """A one-device program's description with its device: a stored executable names the device it runs on."""
+    return f"{description} on device {device.id}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Store:
     """Whole executables (``steps/``) and plan statistics (``plans/``) in ``directory``, under ``fingerprint``."""
@@ -224,28 +229,29 @@ class Store:
         salt = int(hashlib.sha256(self.fingerprint.encode()).hexdigest()[:7], 16)
         return {"xla_debug_buffer_assignment_show_max": 16 + salt}
 
-    def executable(self, description: str) -> Any | None:
-        """The executable stored under ``description``, loaded onto the devices; None when there is none or it
-        does not read back (it is then removed)."""
-        path = self._path("steps", description)
+    def executable(self, description: str, device: jax.Device) -> Any | None:
+        """The executable stored under ``description`` for ``device``, loaded onto it; None when there is none or
+        it does not read back (it is then removed). Without the device, JAX would load it onto every device of
+        the backend, and on a machine of several it would then ask for an argument on each."""
+        path = self._path("steps", _on(description, device))
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return serialize_executable.deserialize_and_load(*pickle.loads(blob))
+            return serialize_executable.deserialize_and_load(*pickle.loads(blob), execution_devices=[device])
         except Exception:
             path.unlink(missing_ok=True)
             return None
 
-    def put_executable(self, description: str, compiled) -> None:
-        """Keep ``compiled`` for the next process; an executable the backend cannot serialize is not kept (the
-        next process compiles it again, as without a store)."""
+    def put_executable(self, description: str, device: jax.Device, compiled) -> None:
+        """Keep ``compiled`` (a program of ``device``) for the next process; an executable the backend cannot
+        serialize is not kept (the next process compiles it again, as without a store)."""
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled))
         except Exception:
             return
-        _write_whole(self._path("steps", description), blob)
+        _write_whole(self._path("steps", _on(description, device)), blob)
 
     def record(self, description: str) -> dict | None:
         """The JSON record stored under ``description`` (plan statistics), or None."""

@@ -42,6 +42,16 @@ def _spread(x) -> Hashable:
     return None if sharding is None or len(sharding.device_set) == 1 else sharding
 
 
+def _device(leaves: list) -> jax.Device:
+    """The one device a call runs on: its arguments' (JAX's default device when none is placed yet)."""
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None:
+            return next(iter(sharding.device_set))
+    default = jax.config.jax_default_device
+    return default if isinstance(default, jax.Device) else jax.devices()[0]
+
+
 class CompiledSteps:
     """The executables of one model's jitted steps (functions whose static arguments are keyword-only)."""
 
@@ -111,10 +121,10 @@ class CompiledSteps:
         leaves = jax.tree.leaves(args)
         if self.store is None or any(_spread(x) is not None for x in leaves):
             return fn.lower(*args, **statics).compile()
-        key = program_key(fn, args, statics)
-        compiled = self.store.executable(key)
+        key, device = program_key(fn, args, statics), _device(leaves)
+        compiled = self.store.executable(key, device)
         if compiled is None:
             compiled, new = compile_new(fn.lower(*args, **statics), self.store.compile_options)
             if new:  # (one JAX's cache gave back would not run once stored: compile_cache)
-                self.store.put_executable(key, compiled)
+                self.store.put_executable(key, device, compiled)
         return compiled

@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import shutil
 import sys
 import time
 from types import ModuleType
@@ -262,3 +263,31 @@ def test_command_buffer_benchmark_tiny_on_cpu(tmp_path):
         ("4-step loop", "xla-default"), ("4-step loop", "with-loops"),
     ]  # fmt: skip
     assert all("error" not in r and r["tok_s"] > 0 for r in rows)
+
+
+def _has_avx512() -> bool:
+    try:
+        return "avx512f" in pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None or not _has_avx512(), reason="the native GEMV prototype needs g++ and AVX-512"
+)
+def test_native_cpu_gemv_prototype_matches_xla(tmp_path):
+    """The prototype behind cpu_native_gemv.py's table computes what XLA's dot of the dequantized matrix does,
+    for one row and several, with a row count that is not a multiple of the vector width."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    script = load_script("cpu_native_gemv")
+    script.register(tmp_path)
+    rng = np.random.default_rng(1)
+    w = script.blocks(rng, 77, 256)
+    for m in (1, 3):
+        x = jnp.asarray(rng.standard_normal((m, 256)).astype(np.float32))
+        want = script.xla_matmul(x, script.dense(*w))
+        got = jax.jit(script.native_matmul)(x, *w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

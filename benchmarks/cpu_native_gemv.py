@@ -1,6 +1,6 @@
 """What a native CPU matmul would gain over XLA:CPU's f32 GEMV, on the decode step's weight reads (issue 21).
 
-Usage: python benchmarks/cpu_native_gemv.py [--model smollm2-135m|qwen2.5-0.5b|qwen2.5-1.5b] [--threads 1,2]
+Usage: OMP_NUM_THREADS=2 python benchmarks/cpu_native_gemv.py [--model smollm2-135m|qwen2.5-0.5b|qwen2.5-1.5b]
 
 XLA:CPU reads f32 weights at memory bandwidth but has no faster product for a narrower weight: a bf16 or int8
 matrix converted inside the dot is compute-bound at about the f32 time (docs/BENCHMARKS.md, CPU). This builds

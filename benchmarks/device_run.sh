@@ -19,7 +19,11 @@
 # (benchmarks/load.py's whole `imp-jax generate` beside llama-completion on the Q4_K_M file; builds llama.cpp too) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
 # (tests/test_gpu_sharded.py: the kernels per shard under shard_map on a one-GPU mesh) and kgpu (the matmul kernels' GPU
-# tests) and kernels_ab / e2e_ab (benchmarks/kernels.py's decode rows / e2e.py's Qwen3-8B Q4_K_M, before and after a
+# tests) and q4file (only the Q4_K_M file) and ncu (Nsight Compute's speed-of-light, scheduler and warp-state
+# sections of the first Q4_K and Q8_0 decode-matmul launches of benchmarks/kernels.py) and gpue2e (the end-to-end and
+# loader GPU tests) and vsprep (waits for the llama.cpp build, then starts vs_llamacpp.py --prepare-only for VS_FILES
+# under setsid, nice 19, from a copy of the tree, so it runs on into the next call) and vs (vs_llamacpp.py --files
+# VS_FILES, default q4_k_m,q5_k_m,mxfp4) and kernels_ab / e2e_ab (benchmarks/kernels.py's decode rows / e2e.py's Qwen3-8B Q4_K_M, before and after a
 # change: carry .baseline, see below). The random_gguf tokenizer
 # comes from .llama/ (benchmarks/random_gguf.py tokenizer), so carry it too.
 # Seen on an H200 beside the background track: gpt-oss-20b alone ~120 s (build, compiles, pp512, tg b=1 and 8);
@@ -73,6 +77,22 @@ want quickload && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write -
     --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
 want quickload && step load 150 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf --no-wall \
     --profile "$R/load_profile.txt" --json "$R/load.json"
+want q4file && [[ ! -f /tmp/g/q4_k_m.gguf ]] && step write_q4_k_m 60 python3 benchmarks/random_gguf.py write \
+    --shape qwen3-8b --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
+want ncu && step ncu 150 ncu --clock-control none -k regex:qmatmul -c 6 --section SpeedOfLight --section SchedulerStats \
+    --section WarpStateStats --section Occupancy --section LaunchStats python3 benchmarks/kernels.py --only matmul --m 1 \
+    --formats q4_k,q8_0 --models qwen3-8b --out "$R/ncu_kernels"
+want gpue2e && XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step gpu_e2e 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_gpu_e2e.py tests/test_gpu_load.py
+VS_FILES=${VS_FILES:-q4_k_m,q5_k_m,mxfp4}
+if want vsprep; then  # the files of vs_llamacpp.py, made in the background from a copy of the tree (the next call replaces it)
+    step llama_build "$(($(left) - 20))" bash benchmarks/device_llamacpp.sh wait "$(($(left) - 25))"
+    rm -rf /tmp/vsrepo && cp -r . /tmp/vsrepo
+    (cd /tmp/vsrepo && setsid nice -n 19 python3 benchmarks/vs_llamacpp.py --prepare-only --files "$VS_FILES" \
+        </dev/null >/tmp/vsprep.log 2>&1 &)
+    echo "vsprep started" | tee -a "$R/steps.txt"
+fi
+want vs && step vs "$(($(left) - 20))" python3 benchmarks/vs_llamacpp.py --files "$VS_FILES" --out "$R/vs.json"
 want decode && step decode 150 python3 benchmarks/e2e.py --shapes qwen3-8b --quants bf16,q4_k_m --pp 512 \
     --batches 1 --out "$R/decode.json"
 want serving && step serving 400 python3 benchmarks/serving.py --models qwen3-8b:mxfp4,qwen3-30b-a3b:mxfp4 \
@@ -85,13 +105,13 @@ if want serve || want wall; then  # both need the llama.cpp build (carry .llama:
     [[ -f /tmp/llama-build.rc ]] || bash benchmarks/device_llamacpp.sh start
     step llama_build 400 bash benchmarks/device_llamacpp.sh wait 390
 fi
-# the whole `imp-jax generate -n 32` in a new process, cold and cached compile cache, beside llama-completion
-want wall && step wall 300 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf \
-    --llama-completion /tmp/llama-build/bin/llama-completion --json "$R/wall.json"
 if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file
-    step serve 420 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
+    step serve 330 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
         --concurrency 1,16,64 --requests 64 --time-limit 40
 fi
+# the whole `imp-jax generate -n 32` in a new process, cold and cached compile cache, beside llama-completion
+want wall && step wall 240 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf \
+    --llama-completion /tmp/llama-build/bin/llama-completion --json "$R/wall.json"
 # before/after a kernel change in one call: the previous commit's pallas/ and imp_jax/ carried in .baseline/
 # (`git archive REV pallas imp_jax | tar -x -C .baseline`, ignored), timed by this tree's scripts
 want kgpu && step kernel_gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_qmatmul.py \
@@ -112,7 +132,7 @@ want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwe
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want load || want quickload || want serving || want serveprof || want serve || want wall || want cmdbuf || want probe \
+want q4file || want ncu || want gpue2e || want vsprep || want vs || want load || want quickload || want serving || want serveprof || want serve || want wall || want cmdbuf || want probe \
     || want decode || want tp || want kgpu || want kernels_ab || want e2e_ab && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
@@ -137,6 +157,10 @@ pack
 tar -C "$R" -czf "$OUT/trace.tgz" trace 2>/dev/null
 echo "=== steps"; cat "$R/steps.txt"
 want probe && { echo "=== probe"; cat "$R/probe.json"; }
+want ncu && { echo "=== ncu"; grep -E "qmatmul|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Issued Ipc|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Shared Memory Config|Grid Size|Block Size" "$R/ncu.log" | head -80; tail -3 "$R/ncu.log"; }
+want gpue2e && { echo "=== gpu e2e"; tail -6 "$R/gpu_e2e.log"; }
+want vsprep && { echo "=== vsprep"; tail -3 /tmp/vsprep.log; }
+want vs && { echo "=== vs"; grep -h "^|\|copy bandwidth\|Error\|failed" "$R/vs.log"; }
 want load || want quickload && { echo "=== load"; tail -8 "$R/load.log"; }
 want wall && { echo "=== wall"; tail -5 "$R/wall.log"; }
 want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.log"; tail -3 "$R/decode.log"; }

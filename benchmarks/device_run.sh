@@ -102,13 +102,15 @@ want serveprof && step serveprof 300 python3 benchmarks/serving.py --models qwen
 if want serve || want wall; then  # both need the llama.cpp build (carry .llama: its tree, the wheels, the tokenizer)
     [[ -f /tmp/g/q4_k_m.gguf ]] || step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b \
         --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
-    [[ -f /tmp/llama-build.rc ]] || bash benchmarks/device_llamacpp.sh start
-    step llama_build 400 bash benchmarks/device_llamacpp.sh wait 390
+    [[ -f /tmp/llama-build.rc ]] || pgrep -f "ninja -C /tmp/llama-build" >/dev/null || bash benchmarks/device_llamacpp.sh start
 fi
-if want serve; then  # imp-jax serve, then llama-server, on the Q4_K_M file
-    step serve 330 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf /tmp/llama-build/bin/llama-server "$R/serve" \
-        --concurrency 1,16,64 --requests 64 --time-limit 40
-fi
+SERVE_ARGS=(--concurrency 1,16,64 --requests 64 --time-limit 40)
+# imp-jax serve (while llama.cpp builds), then llama-server, on the Q4_K_M file
+want serve && ONLY=imp-jax step serve_imp 300 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf \
+    /tmp/llama-build/bin/llama-server "$R/serve" "${SERVE_ARGS[@]}"
+want serve || want wall && step llama_build 450 bash benchmarks/device_llamacpp.sh wait 440
+want serve && ONLY=llama-server step serve_llama 150 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf \
+    /tmp/llama-build/bin/llama-server "$R/serve" "${SERVE_ARGS[@]}"
 # the whole `imp-jax generate -n 32` in a new process, cold and cached compile cache, beside llama-completion
 want wall && step wall 240 python3 benchmarks/load.py --models /tmp/g/q4_k_m.gguf \
     --llama-completion /tmp/llama-build/bin/llama-completion --json "$R/wall.json"
@@ -167,7 +169,7 @@ want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.
 want serving && { echo "=== serving"; tail -14 "$R/serving.log"; }
 want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }
 want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
-want serve && { echo "=== serve"; grep -h "^|" "$R/serve.log" | head -20; tail -3 "$R/serve/imp-jax-serve.log"; }
+want serve && { echo "=== serve"; grep -h "^|\|^##" "$R/serve_imp.log" "$R/serve_llama.log" | head -24; tail -3 "$R/serve/imp-jax-serve.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
 want kernels_ab && for t in before mid after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log" | cut -c1-230; done

@@ -1,28 +1,29 @@
-"""What a native CPU matmul would gain over XLA:CPU's f32 GEMV, on the decode step's weight reads (issue 21).
+"""The native CPU matmul (``imp_jax.ops.native_cpu``) against XLA:CPU's f32 GEMV, on a decode step's weight reads.
 
-Usage: OMP_NUM_THREADS=2 python benchmarks/cpu_native_gemv.py [--model smollm2-135m|qwen2.5-0.5b|qwen2.5-1.5b]
+Usage: python benchmarks/cpu_native_gemv.py [--model smollm2-135m|qwen2.5-0.5b|qwen2.5-1.5b]
 
 XLA:CPU reads f32 weights at memory bandwidth but has no faster product for a narrower weight: a bf16 or int8
-matrix converted inside the dot is compute-bound at about the f32 time (docs/BENCHMARKS.md, CPU). This builds
-``cpu_native_gemv.cc`` (g++, AVX-512, OpenMP) into a jax.ffi target and times, in one process, a decode step's chain
-of layer matrices and the output head of the model's shape (random weights: int8 codes with a scale and an offset
-per 32, the form every GGUF block format decodes to): XLA's einsum over the dequantized f32 matrices, then the
-native kernel over the codes. It checks the two agree before timing them.
+matrix converted inside the dot is compute-bound at about the f32 time (docs/BENCHMARKS.md, CPU). This times, in
+one process, a decode step's chain of layer matrices and the output head of the model's shape (random weights:
+int8 codes with a scale and an offset per 32, the form the GGUF block formats decode to): XLA's einsum over the
+dequantized f32 matrices, then the native kernel over the codes (built into a temporary folder). It checks the two
+agree before timing them.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import subprocess
 import tempfile
-import timeit
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf import GGMLQuantizationType
+
+from imp_jax.ops import native_cpu
 
 BLOCK = 32
 # hidden, kv width, intermediate, layers, vocabulary
@@ -33,39 +34,16 @@ SHAPES = {
 }
 
 
-def build(folder: Path) -> Path:
-    """Compile the kernel against jaxlib's FFI headers."""
-    lib = folder / "libcpu_native_gemv.so"
-    source = Path(__file__).with_name("cpu_native_gemv.cc")
-    cmd = ["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w"]
-    subprocess.run([*cmd, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(lib)], check=True)
-    return lib
-
-
-def register(folder: Path) -> None:
-    """Build the kernel in ``folder`` and register it as the jax.ffi target ``native_matmul`` calls."""
-    lib = ctypes.cdll.LoadLibrary(str(build(folder)))
-    jax.ffi.register_ffi_target("cpu_native_gemv", jax.ffi.pycapsule(lib.AffineGemv), platform="cpu")
-
-
-def native_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((*x.shape[:-1], codes.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call("cpu_native_gemv", out)(x, codes, scale, offset)
-
-
 def xla_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
 
 
-def blocks(rng: np.random.Generator, n: int, k: int) -> tuple[jax.Array, ...]:
+def blocks(rng: np.random.Generator, n: int, k: int) -> native_cpu.AffineBlocks:
+    """A random [n, k] matrix as 4-bit codes with a scale and an offset per 32 (Q4_0's form)."""
     scale = rng.uniform(0.5, 1.5, (n, k // BLOCK)).astype(np.float32) / np.sqrt(k) / 4
-    return jnp.asarray(rng.integers(0, 16, (n, k), dtype=np.int8)), jnp.asarray(scale), jnp.asarray(-8 * scale)
-
-
-def dense(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    n, k = codes.shape
-    q = codes.reshape(n, k // BLOCK, BLOCK).astype(jnp.float32)
-    return (scale[..., None] * q + offset[..., None]).reshape(n, k)
+    codes = rng.integers(0, 16, (n, k), dtype=np.int8)
+    parts = (jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(-8 * scale))
+    return native_cpu.AffineBlocks.from_parts(*parts, int(GGMLQuantizationType.Q4_0))
 
 
 def layer_chain(matmul):
@@ -87,46 +65,53 @@ def layer_chain(matmul):
 
 def median_s(fn, *args, reps: int = 30) -> float:
     jax.block_until_ready(fn(*args))
-    return float(np.median(timeit.repeat(lambda: jax.block_until_ready(fn(*args)), number=1, repeat=reps)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(SHAPES))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     hidden, kv, inter, n_layers, vocab = SHAPES[args.model]
     with tempfile.TemporaryDirectory() as tmp:
-        register(Path(tmp))
+        if not native_cpu.enable(Path(tmp)):
+            print("the native CPU kernel does not build here (it needs g++ and AVX-512)")
+            return 1
     rng = np.random.default_rng(0)
     shapes = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
     packed = [[blocks(rng, n, k) for n, k in shapes] for _ in range(n_layers)]
-    f32 = [[dense(*w) for w in layer] for layer in packed]
+    f32 = [[w.dequantize() for w in layer] for layer in packed]
     head = blocks(rng, vocab, hidden)
     x = jnp.asarray(rng.standard_normal((1, hidden)).astype(np.float32))
 
     ref = layer_chain(xla_matmul)(f32, x)
-    got = layer_chain(lambda x, w: native_matmul(x, *w))(packed, x)
+    got = layer_chain(native_cpu.matmul)(packed, x)
     err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
     assert err < 1e-4, f"native and XLA products differ by {err:.2e} of their scale"
 
     rows = []
     for what, ws, xla_fn, native_fn in (
-        ("layer matrices", (f32, packed), layer_chain(xla_matmul), layer_chain(lambda x, w: native_matmul(x, *w))),
-        ("output head", (dense(*head), head), jax.jit(lambda w, x: xla_matmul(x, w)),
-         jax.jit(lambda w, x: native_matmul(x, *w))),
+        ("layer matrices", (f32, packed), layer_chain(xla_matmul), layer_chain(native_cpu.matmul)),
+        ("output head", (head.dequantize(), head), jax.jit(lambda w, x: xla_matmul(x, w)),
+         jax.jit(lambda w, x: native_cpu.matmul(x, w))),
     ):  # fmt: skip
         dense_bytes = sum(a.nbytes for a in jax.tree.leaves(ws[0]))
         packed_bytes = sum(a.nbytes for a in jax.tree.leaves(ws[1]))
         t_xla, t_native = median_s(xla_fn, ws[0], x), median_s(native_fn, ws[1], x)
         rows.append((what, dense_bytes, t_xla, packed_bytes, t_native))
-    print(f"\n{args.model} shapes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}, "
-          f"max relative difference {err:.1e}, load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    print(f"\n{args.model} shapes, max relative difference {err:.1e}, load average {os.getloadavg()[0]:.1f}\n")
     print("| what | XLA f32 MB | XLA f32 ms | GB/s | native int8 MB | native ms | GB/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for what, db, tx, pb, tn in rows:
         print(f"| {what} | {db / 1e6:.0f} | {tx * 1e3:.2f} | {db / tx / 1e9:.1f} | {pb / 1e6:.0f} | {tn * 1e3:.2f} "
               f"| {pb / tn / 1e9:.1f} | {tx / tn:.2f}x |")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -143,8 +143,8 @@ def load(
     dtype = user_input.dtype(resolve_dtype(dtype))
     user_input.load_options(max_context=max_context, batch=batch)
     on = make_mesh(devices, mesh)
-    policy = resolve_kernels(kernels, devices=tp_size(on))
     root = registry.cache_root(cache_dir)
+    policy = resolve_kernels(kernels, devices=tp_size(on), native_folder=root / "native")
     store = compile_cache_mod.configure(compile_cache, root)
     show = os.isatty(2) if progress is None else progress
     clock = [time.perf_counter()]

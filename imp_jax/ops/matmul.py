@@ -8,7 +8,8 @@ array is a plain dot (XLA's, cuBLAS on a GPU), or the same Pallas kernel reading
 the load-time ``KernelPolicy`` says it wins; ``expert_matmul`` is the same choice for a stack of MoE experts. A kernel
 that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step. A
 ``UnitArrays`` leaf (one array per unit of a layer stack, the CPU's layout) runs the product of its current unit's
-array, whichever of these that is.
+array, whichever of these that is. An ``AffineBlocks`` leaf (int8 codes, made at load on the CPU where the native
+kernel builds) runs that kernel (``native_cpu``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from gguf import GGMLQuantizationType
 
+import imp_jax.ops.native_cpu as native_cpu
 import imp_jax.ops.policy as policy
 import imp_jax.ops.sharded as sharded
 from imp_jax.errors import KernelError
@@ -64,11 +66,16 @@ class UnitArrays:
 REFERENCE = "reference"  # dequantize to the compute dtype, then jnp.dot with f32 accumulation
 PALLAS = "pallas"  # Mosaic-GPU kernel on the packed blocks
 DENSE = "dense"  # a float weight: jnp.dot
+NATIVE = "native"  # the CPU kernel on int8 codes (ops.native_cpu)
 
 
-def repacks(w: Weight, kernels: policy.KernelPolicy) -> bool:
-    """Whether ``prepare_weight`` repacks this leaf: with the matmul kernel on, QTensors of a format it reads."""
-    if not (kernels.matmul and isinstance(w, QTensor) and w.scale is None):
+def repacks(w: Weight, kernels: policy.KernelPolicy, *, gathered: bool = False) -> bool:
+    """Whether ``prepare_weight`` repacks this leaf: with the matmul kernel on, QTensors of a format it reads; with
+    the native CPU kernel on, matrices of a format it reads, the embedding table (``gathered``) included: its rows
+    are read from the codes, and a tied output head runs the kernel."""
+    if kernels.native_matmul:
+        return native_cpu.can_repack(w)
+    if gathered or not (kernels.matmul and isinstance(w, QTensor) and w.scale is None):
         return False
     import pallas
 
@@ -76,22 +83,35 @@ def repacks(w: Weight, kernels: policy.KernelPolicy) -> bool:
 
 
 def prepare_weight(
-    w: Weight, kernels: policy.KernelPolicy, *, check: bool = True, layout: sharded.ShardLayout | None = None
+    w: Weight,
+    kernels: policy.KernelPolicy,
+    *,
+    check: bool = True,
+    layout: sharded.ShardLayout | None = None,
+    gathered: bool = False,
 ) -> Weight:
-    """The leaf ``matmul`` should hold for this weight under ``kernels``: with the matmul kernel on, QTensors of
-    a format it reads are repacked (once, at load) into the kernel layout; everything else is kept as is. With a
-    ``layout`` (tensor parallelism: blocks split as it says) every device repacks its own shard.
+    """The leaf ``matmul`` should hold for this weight under ``kernels``: with a matmul kernel on, QTensors of a
+    format it reads are repacked (once, at load) into the kernel layout; everything else is kept as is. With a
+    ``layout`` (tensor parallelism: blocks split as it says) every device repacks its own shard. ``gathered``:
+    the embedding table (``repacks``).
 
     ``check`` reads the MXFP4 block scales back to the host to check the kernel's decode holds them; the loader
     passes False and checks every matrix at once at the end (``scale_bound`` / ``check_scale_bound``), so the
     transfers never wait on a device sync."""
-    if not repacks(w, kernels):
+    if not repacks(w, kernels, gathered=gathered):
         return w
+    if kernels.native_matmul:
+        return repacker(kernels)(w)
     if check and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
         bound = scale_bound(w)
         if bound is not None:
             check_scale_bound(w.full_shape, int(bound))
     return repack_weight(w) if layout is None else sharded.repack(w, layout, repack_weight)
+
+
+def repacker(kernels: policy.KernelPolicy) -> Callable[[QTensor], Weight]:
+    """The jitted program that repacks one matrix (on one device) for the matmul kernel ``kernels`` runs."""
+    return native_cpu.repack if kernels.native_matmul else repack_weight
 
 
 def scale_bound(w: QTensor) -> jax.Array | None:
@@ -133,7 +153,18 @@ def matmul_path(w, kernels: policy.KernelPolicy = policy.REFERENCE) -> str:
         return matmul_path(w.first, kernels)
     if isinstance(w, QTensor):
         return REFERENCE
+    if isinstance(w, native_cpu.AffineBlocks):
+        return NATIVE
     return PALLAS if hasattr(w, "fmt") or _bf16_kernel(w, kernels) else DENSE
+
+
+def read_format(w) -> str:
+    """The format a kernel's leaf holds, as the plan names it."""
+    if isinstance(w, UnitArrays):
+        return read_format(w.first)
+    if isinstance(w, native_cpu.AffineBlocks):
+        return f"int8 codes of {GGMLQuantizationType(w.qtype).name}"
+    return w.fmt.name
 
 
 def _bf16_kernel(w, kernels: policy.KernelPolicy) -> bool:
@@ -153,8 +184,11 @@ def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = po
     """
     if isinstance(w, UnitArrays):
         return w.apply(lambda x, one: matmul(x, one, out_dtype, kernels=kernels), x)
-    if matmul_path(w, kernels) == PALLAS:
+    path = matmul_path(w, kernels)
+    if path == PALLAS:
         return _kernel(x, w, None, out_dtype, kernels)
+    if path == NATIVE:
+        return native_cpu.matmul(x, w).astype(out_dtype or x.dtype)
     wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
@@ -197,6 +231,8 @@ def _kernel(x: jax.Array, w, expert_ids: jax.Array | None, out_dtype, kernels: p
 
 def embed(table: Weight, ids: jax.Array, dtype) -> jax.Array:
     """Rows of the embedding table for ``ids``, dequantizing only the rows gathered."""
+    if isinstance(table, native_cpu.AffineBlocks):
+        return native_cpu.rows(table, ids).astype(dtype)
     if isinstance(table, QTensor):
         rows = jnp.take(table.data, ids, axis=0)
         out = dequantize_rows(rows, table.qtype)

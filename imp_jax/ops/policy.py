@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 
@@ -41,6 +42,9 @@ class KernelPolicy:
     # A layer stack's matrices are held one array per unit (ops.UnitArrays), picked by the layer loop: XLA:CPU
     # copies a stacked layer's slice out of the stack before each dot, every step (docs/BENCHMARKS.md, CPU).
     unit_arrays: bool = False
+    # Matrices of the scale-and-offset block formats are held as int8 codes and multiplied by imp-jax's native CPU
+    # kernel (ops.native_cpu): XLA:CPU has no product for a weight narrower than f32 that beats its f32 GEMV.
+    native_matmul: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -49,21 +53,32 @@ class KernelPolicy:
     @property
     def label(self) -> str:
         """The setting in words, as a backend name shows it ("" for the reference path)."""
-        return "pallas" if self.enabled else ""
+        return "pallas" if self.enabled else "native" if self.native_matmul else ""
 
 
 REFERENCE = KernelPolicy()
 
 
 def resolve_kernels(
-    setting: str | KernelPolicy = "auto", device: jax.Device | None = None, *, devices: int = 1
+    setting: str | KernelPolicy = "auto",
+    device: jax.Device | None = None,
+    *,
+    devices: int = 1,
+    native_folder: Path | None = None,
 ) -> KernelPolicy:
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
     (compute capability 9.x); anywhere else every setting resolves to the reference path. Over ``devices`` > 1
     (tensor parallelism) the kernels run per shard (``ops.sharded``), except the bf16 kernel: a dense matrix
     carries no shard layout of its own, so XLA's dot runs it on each shard. On the CPU, "auto" and "all" on one
-    device hold the layer matrices one array per unit (``unit_arrays``); "off" keeps the stacked reference."""
+    device hold the layer matrices one array per unit (``unit_arrays``), and with a ``native_folder`` (the cache
+    folder the native CPU kernel is built into, ``ops.native_cpu``) multiply the quantized ones through that
+    kernel where it builds; "off" keeps the stacked reference."""
     if isinstance(setting, KernelPolicy):
+        if setting.native_matmul and not _native(native_folder):
+            raise ImpError(
+                "the native CPU kernel cannot be built or loaded here (it needs g++ and AVX-512); "
+                "use kernels='auto', which falls back to XLA's f32 product"
+            )
         return setting
     mode = _ALIASES.get(str(setting).lower(), str(setting).lower())
     if mode not in KERNEL_SETTINGS:
@@ -71,10 +86,17 @@ def resolve_kernels(
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
     if dev.platform == "cpu" and mode != "off" and devices == 1:
-        return KernelPolicy(unit_arrays=True)
+        return KernelPolicy(unit_arrays=True, native_matmul=_native(native_folder))
     if mode == "off" or not hopper:
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=devices == 1 and (mode == "all" or BF16_KERNEL), attention=True)
+
+
+def _native(folder: Path | None) -> bool:
+    """Whether the native CPU kernel is built (into ``folder``) and registered in this process."""
+    from imp_jax.ops import native_cpu  # (ops.native_cpu's module imports this one's package)
+
+    return folder is not None and native_cpu.enable(folder)
 
 
 @contextlib.contextmanager

@@ -328,7 +328,7 @@ def plan_memory(
     store = compile_cache_mod.configure(compile_cache, root)
     mf = open_model_file(path_or_name, root=root)
     on = sharding.make_mesh(devices, mesh)
-    policy = resolve_kernels(kernels, devices=sharding.tp_size(on))
+    policy = resolve_kernels(kernels, devices=sharding.tp_size(on), native_folder=root / "native")
     config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)
     specs = param_specs(mf, config, dtype)
     return plan_specs(
@@ -538,7 +538,7 @@ def _weight_lines(abstract: dict, kernels: KernelPolicy) -> tuple[WeightLine, ..
         layout = leaf.layout.words if isinstance(leaf, ShardedWeight) else ""
         if spec.dtype is None:
             mp = ops.matmul_path(leaf, kernels)  # a kernel names the format it reads (a transcoded type says into what)
-            key = (mp if mp == ops.REFERENCE else f"kernel:{mp} {leaf.fmt.name}", "packed")
+            key = (mp if mp == ops.REFERENCE else f"kernel:{mp} {ops.read_format(leaf)}", "packed")
         elif is_fallback(spec):
             key = ("fallback", spec.dtype)
         else:  # a float weight: XLA's dot, or the Pallas kernel reading a bf16 matrix in place

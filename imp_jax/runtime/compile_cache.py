@@ -16,10 +16,10 @@ Q4_K_M step that is seconds (its Mosaic GPU kernels lower in Python), paid again
 plan's two programs and the engine's first two. ``Store`` keeps what a repeated load would otherwise redo: the
 engine's compiled steps (``jax.experimental.serialize_executable``) and the plan's measured step memory, keyed by
 what they are compiled from (the function, its static arguments, the argument tree, every leaf's shape and dtype)
-and by a fingerprint of everything else that could change them: the source of imp_jax and pallas, the jax and
-jaxlib versions, the devices, ``XLA_FLAGS`` and the jax settings that change a program. A changed kernel policy,
-dtype, bucket or device kind is a different key. Entries are written whole (temporary file, then rename) and an
-entry that does not read back is ignored and replaced.
+and by a fingerprint of everything else that could change them: the source of imp_jax and pallas (the native CPU
+kernel's C++ included), the jax and jaxlib versions, the devices, ``XLA_FLAGS`` and the jax settings that change a
+program. A changed kernel policy, dtype, bucket or device kind is a different key. Entries are written whole
+(temporary file, then rename) and an entry that does not read back is ignored and replaced.
 
 Only an executable XLA compiled in the process is stored: one JAX read back from its own cache serializes again
 into bytes that load but fail to run on XLA:CPU ("Function ... not found"), and so does one JAX still holds in
@@ -172,7 +172,7 @@ def fingerprint() -> str:
     _jax_cache_key._hash_xla_flags(h, _jax_cache_key.get_flag_prefixes())
     for package in ("imp_jax", "pallas"):
         root = Path(importlib.util.find_spec(package).origin).parent
-        for f in sorted(root.rglob("*.py")):
+        for f in sorted(p for pattern in ("*.py", "*.cc") for p in root.rglob(pattern)):
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     devices = jax.devices()

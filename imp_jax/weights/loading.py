@@ -67,7 +67,7 @@ def abstract_leaf(spec: TensorSpec, kernels: KernelPolicy = REFERENCE, mesh: Mes
         return ops.UnitArrays(tuple(abstract_leaf(spec.unit(u), kernels, mesh) for u in range(len(spec.names))))
     if spec.dtype is None:
         stored = abstract_stored(spec)
-        return stored if spec.gathered else jax.eval_shape(lambda w: sharding.prepared(spec, w, kernels, mesh), stored)
+        return jax.eval_shape(lambda w: sharding.prepared(spec, w, kernels, mesh), stored)
     return jax.ShapeDtypeStruct(spec.stack + spec.shape, jnp.dtype(spec.dtype))
 
 
@@ -220,14 +220,14 @@ class _Loader:
         w = QTensor(data, scale, spec.qtype, spec.qshape)
         if spec.dtype is not None:  # the dequantized fallback (imp_jax.weights.fallback)
             return self._run(to_dense, w, dtype=spec.dtype)
-        if spec.gathered or not ops.repacks(w, self.kernels):
+        if not ops.repacks(w, self.kernels, gathered=spec.gathered):
             return w
         bound = ops.scale_bound(w)  # checked for every matrix at once at the end: no sync per matrix
         if bound is not None:
             self.bounds.append((w.full_shape, bound))
         if self.mesh is not None:  # every device repacks its own shard
             return sharding.prepared(spec, w, self.kernels, self.mesh, check=False)
-        return self._run(ops.repack_weight, w)
+        return self._run(ops.repacker(self.kernels), w)
 
 
 def load_params(

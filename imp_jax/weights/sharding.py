@@ -190,9 +190,9 @@ def prepared(
     spec: TensorSpec, w: QTensor, kernels: policy.KernelPolicy, mesh: Mesh | None = None, *, check: bool = True
 ):
     """The packed leaf in the layout ``kernels`` reads (``ops.prepare_weight``, ``check`` as there; over ``mesh``
-    every device repacks its own shard), unless it is gathered by row (the embedding: a tied output head then
-    takes the reference path)."""
-    return w if spec.gathered else ops.prepare_weight(w, kernels, check=check, layout=layout(spec, mesh))
+    every device repacks its own shard). A table gathered by row (the embedding) is repacked only for the native
+    CPU kernel (``ops.repacks``): with the Pallas kernels a tied output head takes the reference path."""
+    return ops.prepare_weight(w, kernels, check=check, layout=layout(spec, mesh), gathered=spec.gathered)
 
 
 def leaf_sharding(spec: TensorSpec, mesh: Mesh, leaf):

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType, quants
 from imp_jax import ops
 from imp_jax.errors import ImpError, ModelTooLarge
 from imp_jax.gguf.qtensor import QTensor
+from imp_jax.ops.policy import KernelPolicy
 from imp_jax.planning.command import add_plan_parser
 from imp_jax.planning.memory import (
     Budget,
@@ -164,10 +165,11 @@ def test_context_candidates():
 
 @pytest.fixture(scope="module")
 def tiny_q8(tmp_path_factory):
-    """A Q8_0 file and its plans on both paths (the fallback dequantizes every matrix at load)."""
+    """A Q8_0 file and its plans on both paths (the fallback dequantizes every matrix at load), under the CPU's
+    policy where the native kernel does not build (with it, a Q8_0 matrix has a kernel: no fallback)."""
     path = write_tiny_llama(tmp_path_factory.mktemp("mem") / "tiny-q8.gguf")
     # the file's own context: auto reuses it
-    packed = plan_memory(path, max_context=128, dtype="bfloat16", path="packed")
+    packed = plan_memory(path, max_context=128, dtype="bfloat16", path="packed", kernels=KernelPolicy(unit_arrays=True))
     return path, packed, replan(packed, path="fallback")
 
 

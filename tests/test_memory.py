@@ -142,6 +142,40 @@ def test_fitted_context_is_the_largest_that_fits_in_few_plans(tinycoder, monkeyp
     assert counts[True] <= counts[False] <= 8
 
 
+def test_a_missed_curve_is_drawn_again_through_the_nearest_plans(tinycoder, monkeypatch):
+    """A workspace with a large linear term beside its quadratic one (sliding windows bend real curves so: gemma3's
+    did) makes the curve through the smallest and the full context predict too short a context. The second round,
+    through the two plans nearest the boundary, finds the answer in fewer plans than halving after the miss."""
+    from imp_jax.planning import memory
+
+    _, small = tinycoder
+    top = replan(small, max_context=1024)
+    config = dataclasses.replace(top.config, context_length=32768)
+    per_token = top.kv_cache_bytes // top.max_context
+
+    def plan_at(plan, max_context):
+        workspace = 60_000 * max_context + 2 * max_context**2
+        steps = (memory.StepMemory("prefill", workspace, 0),)
+        return dataclasses.replace(plan, max_context=max_context, kv_cache_bytes=per_token * max_context, steps=steps)
+
+    calls = []
+    monkeypatch.setattr(memory, "replan", lambda plan, **kw: calls.append(kw) or plan_at(plan, **kw))
+    full = plan_at(dataclasses.replace(top, config=config, load_transient_bytes=0), 32768)
+    floor = plan_at(full, 16)
+    for frac in (0.15, 0.4):
+        budget = _budget(int(floor.needed_bytes + frac * (full.needed_bytes - floor.needed_bytes)), top.headroom_bytes)
+        want = max(c for c in context_candidates(32768) if plan_at(full, c).needed_bytes <= budget.available_bytes)
+        plans = {}
+        for rounds in (1, memory._MODEL_ROUNDS):
+            monkeypatch.setattr(memory, "_MODEL_ROUNDS", rounds)
+            calls.clear()
+            smallest = dataclasses.replace(floor, budget=budget)
+            got = fit_context(dataclasses.replace(full, budget=budget), smallest=smallest)
+            assert got.max_context == want, (frac, rounds)
+            plans[rounds] = len(calls)
+        assert plans[memory._MODEL_ROUNDS] <= 4 and plans[memory._MODEL_ROUNDS] < plans[1], (frac, plans)
+
+
 def test_a_repeated_plan_reads_its_statistics_back(tinycoder, tmp_path, monkeypatch):
     """``plan_memory`` keeps each step's statistics in the compile-cache folder, as ``load`` does: the same plan
     again (a ``--context auto`` search's candidates, or ``imp-jax plan`` before ``load``) compiles nothing; with

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from imp_jax import ops, registry, user_input
@@ -610,9 +611,11 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
     at first only the plan itself, with ``a = 0``), that curve predicts the largest candidate that fits, and
     that candidate is planned next, then its neighbour on the other side of the predicted boundary: when the
     model is right, as it is for the quadratic workspaces of real models, those two plans are the answer. When
-    the neighbour says the model was wrong, the rest of the search halves the interval, so a poor model costs
-    two probes more than a bisection. ``smallest`` (``auto_context`` has it) is one more known plan. The answer
-    is always a real plan.
+    the neighbour says the model was wrong, the curve is drawn again through the two plans now nearest the
+    boundary, which the workspace's linear terms (sliding windows, per-token buffers) bend least, and a second
+    probe and neighbour follow (gemma3-270m at 2 GiB: 10 plans by halving after the first miss, 5 this way). A
+    model wrong twice hands the rest to halving, so a poor model costs a few probes more than a bisection.
+    ``smallest`` (``auto_context`` has it) is one more known plan. The answer is always a real plan.
     """
     limit = min(limit or plan.max_context, plan.config.context_length)
     per_token = plan.kv_cache_bytes / plan.max_context
@@ -635,7 +638,9 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
 
     lo, hi = index_of(True, max), index_of(False, min)
     lo, hi = -1 if lo is None else lo, len(cands) if hi is None else hi
-    if hi - lo > 1:  # the model's answer, then its neighbour across the boundary it predicts
+    for _ in range(_MODEL_ROUNDS):  # the model's answer, then its neighbour across the boundary it predicts
+        if hi - lo <= 1:
+            break
         probe = _predicted_probe(known, cands, lo, hi, need, room)
         if planned(probe).fits:
             lo, neighbour = probe, probe + 1
@@ -646,7 +651,7 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
                 lo = neighbour
             else:
                 hi = neighbour
-    while hi - lo > 1:  # the model missed: halve what is left
+    while hi - lo > 1:  # the model missed every round: halve what is left
         probe = (lo + hi) // 2
         if planned(probe).fits:
             lo = probe
@@ -655,21 +660,34 @@ def fit_context(plan: MemoryPlan, limit: int | None = None, smallest: MemoryPlan
     return planned(lo) if lo >= 0 else None
 
 
+_MODEL_ROUNDS = 2  # rounds of (predicted probe, neighbour) before fit_context halves instead
+
+
 def _predicted_probe(known: dict, cands: list[int], lo: int, hi: int, need, room: int) -> int:
-    """The candidate in (lo, hi) the workspace curve ``a + d*c**2`` through the nearest known plans says is the
-    largest that fits (clamped into the interval)."""
+    """The candidate in (lo, hi) that the workspace curve through the known plans says is the largest that fits
+    (clamped into the interval). With three plans or more, each step's curve is ``a + b*c + d*c**2`` through the
+    three nearest the boundary: the largest that fits, the next above it, and the closest other (the linear term
+    is what sliding windows and per-token buffers add). With two, ``a + d*c**2`` through them; with one, through
+    it and the origin (a lower bound of the truth)."""
     points = sorted(known.items())
     fitting = [cp for cp in points if cp[1].fits]
     start = points.index(fitting[-1]) if fitting else 0  # the largest that fits, else the smallest that does not
-    (c1, p1), (c2, p2) = points[start], (points[start + 1] if start + 1 < len(points) else (0, None))
+    pair = points[start : start + 2]
+    rest = sorted((cp for cp in points if cp not in pair), key=lambda cp: min(abs(cp[0] - c) for c, _ in pair))
+    near = sorted(pair + rest[: 3 - len(pair)])
+    xs = np.array([c for c, _ in near], dtype=np.float64)
 
     def workspace(c: int) -> float:
-        if p2 is None:  # no plan above: the curve through this one and the origin (a lower bound of the truth)
-            return max(s.workspace_bytes * (c / c1) ** 2 for s in p1.steps)
         curves = []
-        for s1, s2 in zip(p1.steps, p2.steps, strict=True):
-            d = (s2.workspace_bytes - s1.workspace_bytes) / (c2**2 - c1**2)
-            curves.append(s1.workspace_bytes + d * (c**2 - c1**2))
+        for i in range(len(near[0][1].steps)):
+            ys = np.array([p.steps[i].workspace_bytes for _, p in near], dtype=np.float64)
+            if len(near) == 3:
+                curves.append(float(np.polyval(np.polyfit(xs, ys, 2), c)))
+            elif len(near) == 2:
+                d = (ys[1] - ys[0]) / (xs[1] ** 2 - xs[0] ** 2)
+                curves.append(ys[0] + d * (c**2 - xs[0] ** 2))
+            else:
+                curves.append(ys[0] * (c / xs[0]) ** 2)
         return max(curves)
 
     fit = [i for i in range(lo + 1, hi) if need(cands[i], workspace(cands[i])) <= room]

@@ -81,7 +81,7 @@ want q4file && [[ ! -f /tmp/g/q4_k_m.gguf ]] && step write_q4_k_m 60 python3 ben
     --shape qwen3-8b --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
 want ncu && step ncu 150 ncu --clock-control none -k regex:qmatmul -c 6 --section SpeedOfLight --section SchedulerStats \
     --section WarpStateStats --section Occupancy --section LaunchStats python3 benchmarks/kernels.py --only matmul --m 1 \
-    --formats q4_k,q8_0 --models qwen3-8b --out "$R/ncu_kernels"
+    --formats q4_k,q8_0 --models qwen3-8b --wall-clock --out "$R/ncu_kernels"
 want gpue2e && XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step gpu_e2e 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_e2e.py tests/test_gpu_load.py
 VS_FILES=${VS_FILES:-q4_k_m,q5_k_m,mxfp4}

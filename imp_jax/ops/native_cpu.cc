@@ -35,69 +35,50 @@ inline __m512 codes16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// One output row n of W against every row of x.
-void OutputRow(const float* X, const int8_t* W, const float* xsum, float* Y, int64_t n, int64_t n_out, int64_t m,
-               int64_t k, int64_t nb, int64_t row) {
+// Outputs y[r0 + r, n + i] for i < kN rows of W and r < rows (at most kM) rows of x. Every output is the same
+// sequence of FMAs in any tile: per block, t = sum over its 16-wide slices of codes * x, then acc += scale * t and
+// off += offset * sum(x over the block). kN > 1 interleaves rows of W (independent chains: one decode row alone
+// would wait on the FMA latency); kM > 1 reads each 16 codes once for several rows of x.
+template <int kN, int kM>
+void Tile(const float* X, const int8_t* W, const float* xsum, float* Y, int64_t n, int64_t r0, int64_t rows,
+          int64_t n_out, int64_t k, int64_t nb, int64_t row) {
   const int64_t bs = k / nb;
-  const int8_t* qn = W + n * row;
-  const int8_t* sn = qn + k;  // the row's scales, then its offsets (f32, unaligned)
-  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-    const int64_t rows = std::min(kRows, m - r0);
-    __m512 acc[kRows];
-    float off[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      acc[r] = _mm512_setzero_ps();
-      off[r] = 0.0f;
+  __m512 acc[kN][kM];
+  float off[kN][kM];
+  for (int i = 0; i < kN; ++i) {
+    for (int r = 0; r < kM; ++r) {
+      acc[i][r] = _mm512_setzero_ps();
+      off[i][r] = 0.0f;
     }
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512 t[kRows];
-      for (int64_t r = 0; r < kRows; ++r) t[r] = _mm512_setzero_ps();
-      for (int64_t j = b * bs; j < (b + 1) * bs; j += 16) {
-        const __m512 w = codes16(qn + j);
-        for (int64_t r = 0; r < rows; ++r) t[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(X + (r0 + r) * k + j), t[r]);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 t[kN][kM];
+    for (int i = 0; i < kN; ++i) {
+      for (int r = 0; r < kM; ++r) t[i][r] = _mm512_setzero_ps();
+    }
+    for (int64_t j = b * bs; j < (b + 1) * bs; j += 16) {
+      __m512 x[kM];
+      for (int r = 0; r < rows; ++r) x[r] = _mm512_loadu_ps(X + (r0 + r) * k + j);
+      for (int i = 0; i < kN; ++i) {
+        const __m512 w = codes16(W + (n + i) * row + j);
+        for (int r = 0; r < rows; ++r) t[i][r] = _mm512_fmadd_ps(w, x[r], t[i][r]);
       }
+    }
+    for (int i = 0; i < kN; ++i) {
+      const int8_t* sn = W + (n + i) * row + k;  // the row's scales, then its offsets (f32, unaligned)
       float sb, ob;
       __builtin_memcpy(&sb, sn + 4 * b, 4);
       __builtin_memcpy(&ob, sn + 4 * (nb + b), 4);
       const __m512 scale = _mm512_set1_ps(sb);
-      for (int64_t r = 0; r < rows; ++r) {
-        acc[r] = _mm512_fmadd_ps(scale, t[r], acc[r]);
-        off[r] = __builtin_fmaf(ob, xsum[(r0 + r) * nb + b], off[r]);
+      for (int r = 0; r < rows; ++r) {
+        acc[i][r] = _mm512_fmadd_ps(scale, t[i][r], acc[i][r]);
+        off[i][r] = __builtin_fmaf(ob, xsum[(r0 + r) * nb + b], off[i][r]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) Y[(r0 + r) * n_out + n] = _mm512_reduce_add_ps(acc[r]) + off[r];
   }
-}
-
-// Output rows n .. n + kN - 1 against the one row of x (decode): the same FMAs per output as OutputRow, the kN rows
-// interleaved so that their accumulators are independent chains (one row alone waits on the FMA latency).
-template <int kN>
-void OutputRowsOfOne(const float* X, const int8_t* W, const float* xsum, float* Y, int64_t n, int64_t k, int64_t nb,
-                     int64_t row) {
-  const int64_t bs = k / nb;
-  __m512 acc[kN];
-  float off[kN];
   for (int i = 0; i < kN; ++i) {
-    acc[i] = _mm512_setzero_ps();
-    off[i] = 0.0f;
+    for (int r = 0; r < rows; ++r) Y[(r0 + r) * n_out + n + i] = _mm512_reduce_add_ps(acc[i][r]) + off[i][r];
   }
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512 t[kN];
-    for (int i = 0; i < kN; ++i) t[i] = _mm512_setzero_ps();
-    for (int64_t j = b * bs; j < (b + 1) * bs; j += 16) {
-      const __m512 x = _mm512_loadu_ps(X + j);
-      for (int i = 0; i < kN; ++i) t[i] = _mm512_fmadd_ps(codes16(W + (n + i) * row + j), x, t[i]);
-    }
-    for (int i = 0; i < kN; ++i) {
-      const int8_t* sn = W + (n + i) * row + k;
-      float sb, ob;
-      __builtin_memcpy(&sb, sn + 4 * b, 4);
-      __builtin_memcpy(&ob, sn + 4 * (nb + b), 4);
-      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(sb), t[i], acc[i]);
-      off[i] = __builtin_fmaf(ob, xsum[b], off[i]);
-    }
-  }
-  for (int i = 0; i < kN; ++i) Y[n + i] = _mm512_reduce_add_ps(acc[i]) + off[i];
 }
 
 constexpr int kInterleave = 8;  // output rows of one decode row computed together
@@ -154,9 +135,13 @@ ffi::Error AffineMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     const int64_t end = std::min(n_out, (c + 1) * per);
     int64_t n = c * per;
     if (m == 1) {
-      for (; n + kInterleave <= end; n += kInterleave) OutputRowsOfOne<kInterleave>(X, W, XS, Y, n, k, nb, row);
+      for (; n + kInterleave <= end; n += kInterleave) Tile<kInterleave, 1>(X, W, XS, Y, n, 0, 1, n_out, k, nb, row);
     }
-    for (; n < end; ++n) OutputRow(X, W, XS, Y, n, n_out, m, k, nb, row);
+    for (; n < end; ++n) {
+      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+        Tile<1, kRows>(X, W, XS, Y, n, r0, std::min(kRows, m - r0), n_out, k, nb, row);
+      }
+    }
   };
   for (int64_t i = 1; i < std::min(threads, chunks->count); ++i) pool.Schedule([chunks] { chunks->Run(); });
   chunks->Run();

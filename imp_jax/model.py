@@ -19,6 +19,7 @@ from imp_jax.debug import check_prefill
 from imp_jax.errors import ImpError, gib
 from imp_jax.gguf.reader import ModelFile
 from imp_jax.models.config import ModelConfig, config_from_gguf
+from imp_jax.ops import native_cpu
 from imp_jax.ops.policy import REFERENCE, KernelPolicy, resolve_dtype, resolve_kernels
 from imp_jax.planning import memory
 from imp_jax.runtime import compile_cache as compile_cache_mod
@@ -144,7 +145,7 @@ def load(
     user_input.load_options(max_context=max_context, batch=batch)
     on = make_mesh(devices, mesh)
     root = registry.cache_root(cache_dir)
-    policy = resolve_kernels(kernels, devices=tp_size(on), native_folder=root / "native")
+    policy = resolve_kernels(kernels, devices=tp_size(on), native=native_cpu.in_cache(root))
     store = compile_cache_mod.configure(compile_cache, root)
     show = os.isatty(2) if progress is None else progress
     clock = [time.perf_counter()]

@@ -131,11 +131,11 @@ def test_a_model_on_the_kernel_gives_the_reference_logits(native, real_model, na
 def test_without_a_compiler_the_cpu_keeps_xla(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert not native_cpu.enable(tmp_path / "elsewhere")
-    policy = resolve_kernels("auto", jax.devices("cpu")[0], native_folder=tmp_path / "elsewhere")
+    policy = resolve_kernels("auto", jax.devices("cpu")[0], native=native_cpu.in_cache(tmp_path / "elsewhere"))
     assert policy == KernelPolicy(unit_arrays=True)
 
 
 def test_a_policy_asking_for_the_kernel_where_it_cannot_build_is_one_error(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ImpError, match="native CPU kernel"):
-        resolve_kernels(KernelPolicy(unit_arrays=True, native_matmul=True), native_folder=tmp_path / "x")
+        resolve_kernels(KernelPolicy(unit_arrays=True, native_matmul=True), native=native_cpu.in_cache(tmp_path / "x"))

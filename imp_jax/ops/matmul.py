@@ -9,7 +9,7 @@ the load-time ``KernelPolicy`` says it wins; ``expert_matmul`` is the same choic
 that cannot run raises KernelError naming op, shapes and dtypes: nothing silently falls back inside a step. A
 ``UnitArrays`` leaf (one array per unit of a layer stack, the CPU's layout) runs the product of its current unit's
 array, whichever of these that is. An ``AffineBlocks`` leaf (int8 codes, made at load on the CPU where the native
-kernel builds) runs that kernel (``native_cpu``).
+kernel builds) runs that kernel for decode rows (``native_cpu.takes``), and XLA's dot of its weights for more.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def prepare_weight(
     if not repacks(w, kernels, gathered=gathered):
         return w
     if kernels.native_matmul:
-        return repacker(kernels)(w)
+        return native_cpu.repack(w)
     if check and not isinstance(w.data, jax.core.Tracer):  # (planning traces)
         bound = scale_bound(w)
         if bound is not None:
@@ -187,9 +187,9 @@ def matmul(x: jax.Array, w, out_dtype=None, *, kernels: policy.KernelPolicy = po
     path = matmul_path(w, kernels)
     if path == PALLAS:
         return _kernel(x, w, None, out_dtype, kernels)
-    if path == NATIVE:
+    if path == NATIVE and native_cpu.takes(x):
         return native_cpu.matmul(x, w).astype(out_dtype or x.dtype)
-    wd = w.dequantize(x.dtype) if isinstance(w, QTensor) else w.astype(x.dtype)
+    wd = w.dequantize(x.dtype) if isinstance(w, (QTensor, native_cpu.AffineBlocks)) else w.astype(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 

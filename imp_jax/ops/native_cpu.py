@@ -20,10 +20,12 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -99,14 +101,16 @@ def repack(w: QTensor) -> AffineBlocks:
 KERNEL_ROWS = 8
 
 
+def takes(x: jax.Array) -> bool:
+    """Whether the kernel runs the product for activations ``x`` [..., K] (``ops.matmul`` asks; a larger product
+    takes XLA's dot of ``AffineBlocks.dequantize``, the same weights)."""
+    return math.prod(x.shape[:-1]) <= KERNEL_ROWS
+
+
 def matmul(x: jax.Array, w: AffineBlocks) -> jax.Array:
-    """``x @ W.T`` in f32 for x [..., K]: up to ``KERNEL_ROWS`` rows through the kernel (a row's result is then the
-    same in any such batch), more through XLA's product of the same weights."""
+    """``x @ W.T`` in f32 for x [..., K] through the kernel (a row's result is the same in any batch)."""
     n, k = w.shape
     rows = x.reshape(-1, k).astype(jnp.float32)
-    if rows.shape[0] > KERNEL_ROWS:
-        y = jnp.einsum("mk,nk->mn", rows, w.dequantize(jnp.float32), preferred_element_type=jnp.float32)
-        return y.reshape(*x.shape[:-1], n)
     out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
     y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(rows, w.packed)
     return y.reshape(*x.shape[:-1], n)
@@ -115,6 +119,12 @@ def matmul(x: jax.Array, w: AffineBlocks) -> jax.Array:
 def rows(w: AffineBlocks, ids: jax.Array) -> jax.Array:
     """The f32 rows ``ids`` of the matrix (the embedding's lookup, when the table is held this way)."""
     return _values(jnp.take(w.packed, ids, axis=0), w.k)
+
+
+def in_cache(cache_root: Path) -> Callable[[], bool]:
+    """The probe ``ops.policy.resolve_kernels`` asks whether the kernel is there: ``enable`` on the cache folder's
+    ``native`` subfolder."""
+    return functools.partial(enable, cache_root / "native")
 
 
 def enable(folder: Path) -> bool:

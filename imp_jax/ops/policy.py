@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -64,17 +63,17 @@ def resolve_kernels(
     device: jax.Device | None = None,
     *,
     devices: int = 1,
-    native_folder: Path | None = None,
+    native: Callable[[], bool] | None = None,
 ) -> KernelPolicy:
     """The policy for ``setting`` on ``device`` (default: the first JAX device). Kernels need a Hopper GPU
     (compute capability 9.x); anywhere else every setting resolves to the reference path. Over ``devices`` > 1
     (tensor parallelism) the kernels run per shard (``ops.sharded``), except the bf16 kernel: a dense matrix
     carries no shard layout of its own, so XLA's dot runs it on each shard. On the CPU, "auto" and "all" on one
-    device hold the layer matrices one array per unit (``unit_arrays``), and with a ``native_folder`` (the cache
-    folder the native CPU kernel is built into, ``ops.native_cpu``) multiply the quantized ones through that
-    kernel where it builds; "off" keeps the stacked reference."""
+    device hold the layer matrices one array per unit (``unit_arrays``), and multiply the quantized ones through
+    imp-jax's native CPU kernel where ``native`` (``ops.native_cpu.in_cache``: builds and registers it, asked
+    only where the kernel would run) says it is there; "off" keeps the stacked reference."""
     if isinstance(setting, KernelPolicy):
-        if setting.native_matmul and not _native(native_folder):
+        if setting.native_matmul and not (native is not None and native()):
             raise ImpError(
                 "the native CPU kernel cannot be built or loaded here (it needs g++ and AVX-512); "
                 "use kernels='auto', which falls back to XLA's f32 product"
@@ -86,17 +85,10 @@ def resolve_kernels(
     dev = device or jax.devices()[0]
     hopper = dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
     if dev.platform == "cpu" and mode != "off" and devices == 1:
-        return KernelPolicy(unit_arrays=True, native_matmul=_native(native_folder))
+        return KernelPolicy(unit_arrays=True, native_matmul=native is not None and native())
     if mode == "off" or not hopper:
         return REFERENCE
     return KernelPolicy(matmul=True, bf16_matmul=devices == 1 and (mode == "all" or BF16_KERNEL), attention=True)
-
-
-def _native(folder: Path | None) -> bool:
-    """Whether the native CPU kernel is built (into ``folder``) and registered in this process."""
-    from imp_jax.ops import native_cpu  # (ops.native_cpu's module imports this one's package)
-
-    return folder is not None and native_cpu.enable(folder)
 
 
 @contextlib.contextmanager

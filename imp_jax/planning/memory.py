@@ -329,7 +329,7 @@ def plan_memory(
     store = compile_cache_mod.configure(compile_cache, root)
     mf = open_model_file(path_or_name, root=root)
     on = sharding.make_mesh(devices, mesh)
-    policy = resolve_kernels(kernels, devices=sharding.tp_size(on), native_folder=root / "native")
+    policy = resolve_kernels(kernels, devices=sharding.tp_size(on), native=ops.native_cpu.in_cache(root))
     config = sharding.on_mesh(config_from_gguf(mf.metadata, mf.tensors), on)
     specs = param_specs(mf, config, dtype)
     return plan_specs(

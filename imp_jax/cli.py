@@ -122,6 +122,17 @@ def _note(message: str) -> None:
     say(message)
 
 
+def _fraction(value: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value!r}")
+    return f
+
+
 def _port(value: str) -> int:
     """--port: an integer in 0..65535, refused by argparse before anything loads."""
     try:
@@ -270,13 +281,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from imp_jax.serving.server import serve
 
     _check_listen(args.host, args.port)
-    model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=args.parallel,
+    # load() checks one sequence of max_context; the engine's pool then takes memory_utilization of what is left,
+    # sized by the programs it runs (a plan of parallel x max_context prefilled at once would overstate it)
+    model = imp_jax.load(args.model, dtype=args.dtype, max_context=args.max_context, batch=1,
                          device_memory=args.device_memory, progress=True, kernels=args.kernels, devices=args.tp,
                          debug=args.debug, compile_cache=args.compile_cache, cache_dir=args.cache_dir)  # fmt: skip
     name = args.model_name or (Path(args.model).stem if args.model.endswith(".gguf") else args.model)
     settings = ServerSettings(name, api_key=args.api_key or os.environ.get("IMP_JAX_API_KEY"),
-                              max_queue=args.max_queue, max_seqs=args.parallel,
-                              token_budget=args.batch_tokens)  # fmt: skip
+                              max_queue=args.max_queue, max_seqs=args.parallel, token_budget=args.batch_tokens,
+                              memory_utilization=args.memory_utilization, warm_up=args.warm_up)  # fmt: skip
     serve(model, settings, host=args.host, port=args.port)
 
 
@@ -412,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=2048, help="tokens one engine step feeds (default 2048)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default 256)")
     p.add_argument("--device-memory", default=None, help="device memory budget, e.g. 8GiB (default: what is free)")
+    p.add_argument("--memory-utilization", type=_fraction, default=0.9,
+                   help="share of the budget weights, workspace and KV pages may fill (default 0.9)")  # fmt: skip
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="serve at once, compiling each step's program when it first comes (the first requests wait)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help=_DTYPE_HELP)
     _add_tp(p)
     _add_threads(p)

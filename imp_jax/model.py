@@ -227,6 +227,20 @@ def engine_for(model: Model):
     return model._engine
 
 
+def replace_engine(model: Model, **options):
+    """Give the model a new engine made with ``options`` (Engine's: a server's slots, token budget, pool size)
+    and return it. The engine load() made is dropped first, so its pages are freed before the new pool is
+    allocated; generate() on the model runs on the new one."""
+    import gc
+
+    from imp_jax.runtime.engine import Engine
+
+    model._engine = None
+    gc.collect()
+    model._engine = Engine(model, **options)
+    return model._engine
+
+
 def generate(
     model: Model,
     prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],

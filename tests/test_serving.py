@@ -199,6 +199,30 @@ def test_warm_engine_does_not_recompile(arch):
     assert len(model.programs.compiled) == before
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_warmed_up_engine_never_waits_for_a_compile_and_gives_the_same_tokens(arch):
+    """After warm_up, steps whose own programs are not compiled run padded to a covering one (non-greedy,
+    penalty, logprobs, chunked, the largest buckets) while theirs compile on a worker: no step waits, and every
+    request gets the tokens an engine that compiled each exact program gives."""
+    prompts = _prompts(_model(arch).config.vocab_size, lengths=(3, 29, 11, 40), seed=4)
+    kinds = [dict(), dict(temperature=0.8, seed=5), dict(logprobs=2), dict(repeat_penalty=1.3)]
+    requests = {0: [dict(prompt=p, max_tokens=9, **kw) for p, kw in zip(prompts, kinds, strict=True)]}
+    requests[3] = [dict(prompt=prompts[1][:5], max_tokens=6)]  # joins a running batch
+    model = imp_jax.load(FIXTURES / arch / "model-f32.gguf", dtype="float32", max_context=64)  # nothing compiled
+    engine = Engine(model, **ENGINE)
+    engine.warm_up()
+    assert {(v.decode, v.rows, v.tokens) for v in engine.cover_variants()} == {(True, 4, 1), (False, 1, 32),
+                                                                            (False, 2, 16)}  # fmt: skip
+    warmed = _drive(engine, requests)
+    assert engine.compile_waits == 0 and engine.covered_steps > 0
+    exact = _drive(Engine(model, **ENGINE), requests)
+    assert [ids for ids, *_ in warmed.values()] == [ids for ids, *_ in exact.values()]
+    for (_, _, lp_w), (_, _, lp_e) in zip(warmed.values(), exact.values(), strict=True):
+        assert (lp_w is None) == (lp_e is None)
+        if lp_w:
+            np.testing.assert_allclose([c for c, _ in lp_w], [c for c, _ in lp_e], atol=1e-4)
+
+
 def test_thousand_requests_leave_no_pages_behind():
     model = _model("llama")
     engine = Engine(model, page_size=8, n_pages=32, max_seqs=32, token_budget=256)
@@ -274,7 +298,11 @@ def test_engine_takes_its_pool_from_the_plan_and_a_budget_sizes_it():
     plan = dataclasses.replace(model.plan, budget=budget)
     sized = plan_pool(plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
     assert sized.n_pages == 13 and sized.needed_bytes <= budget.available_bytes
-    assert [s.name.split(" [")[0] for s in sized.steps] == ["engine_step decode", "engine_step prefill"]
+    assert [s.name for s in sized.steps] == [
+        "engine_step decode [4 x 1]",
+        "engine_step prefill [1 x 32]",
+        "engine_step prefill [2 x 16]",
+    ]  # the warmed-up programs
     assert all(s.workspace_bytes > 0 for s in sized.steps)
     capped = plan_pool(dataclasses.replace(plan, budget=dataclasses.replace(budget, available_bytes=2**40)),
                        page_size=8, max_seqs=4, token_budget=32, utilization=0.5)  # fmt: skip

@@ -9,8 +9,7 @@ page of the full group costs only the full layers' bytes and the budget holds mo
 
 With ``utilization`` the pool fills that fraction of the budget (capped at what ``max_seqs`` full contexts can
 reference), so the workspace is measured on the step the engine actually runs, ``engine_step``, lowered and
-compiled at its largest buckets (a decode batch of every slot reading a full context's page table; a prefill
-chunk of the whole token budget in every row; the sampling variant that needs most). Without it the pool is the
+compiled at the buckets a warmed-up engine runs (``_engine_workspace``). Without it the pool is the
 ``batch`` x ``max_context`` that load() planned and checked, with that plan's workspace: no extra compile on the
 way to a first generate().
 """
@@ -167,26 +166,25 @@ def plan_pool(
 def _engine_workspace(
     plan: MemoryPlan, page_size: int, max_seqs: int, token_budget: int, pages_per_seq: int, decode_steps: int
 ):
-    """XLA's accounting of engine_step at its largest decode (``decode_steps`` per dispatch) and prefill buckets
-    (as Engine._run pads them)."""
+    """XLA's accounting of the engine_step programs a warmed-up engine runs (``steps.cover_buckets``, every slot
+    reading a full context's page table, the sampling variant that needs most): the decode of ``decode_steps``
+    per dispatch, and the two ends of the prefill buckets (one row of the longest chunk, the most rows of the
+    shortest), between which a prefill step's activations and page reads trade places."""
     cfg, dtype = plan.config, jnp.dtype(plan.dtype)
     params = abstract_params(plan.specs, plan.kernels)
     n_pg = steps.table_width(pages_per_seq, page_size, pages_per_seq)
     probe = Cache(**paged_shapes(cfg, n_pg, page_size, max_seqs, dtype))  # the pool's size does not change temp
     persistent = plan.weights_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(probe))
-    rows = steps.pow2(max_seqs)
-    chunk = steps.pow2(min(token_budget, plan.max_context), steps.MIN_BUCKET)
+    buckets = steps.cover_buckets(max_seqs, token_budget, plan.max_context, decode_steps)
+    prefill = [b for b in buckets if not b[2]]
     out = []
-    for name, t, decode, k in (
-        ("engine_step decode", 1, True, decode_steps),
-        ("engine_step prefill", chunk, False, 1),
-    ):
+    for rows, t, decode, k in (max(b for b in buckets if b[2]), *dict.fromkeys((prefill[0], prefill[-1]))):
         args = steps.engine_step_args(cfg, probe, rows, t, n_pg)
         compiled = steps.engine_step.lower(
             params, **args, decode=decode, chunked=True, greedy=False, penalty=True, n_logprobs=steps.MAX_LOGPROBS,
             kernels=plan.kernels, n_steps=k,
         ).compile()  # fmt: skip
-        out.append(step_memory(f"{name} [{rows} x {t}]", compiled, persistent))
+        out.append(step_memory(f"engine_step {'decode' if decode else 'prefill'} [{rows} x {t}]", compiled, persistent))
     return tuple(out)
 
 

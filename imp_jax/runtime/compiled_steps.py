@@ -15,6 +15,7 @@ lowering), and one compiled here is written for the next process.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -63,18 +64,29 @@ class CompiledSteps:
         self._workers: list[threading.Thread] = []
         self._stopped = threading.Event()
 
-    def ahead(self, fn: Callable, calls: Sequence[Call]) -> None:
-        """Compile ``fn`` for each call (arguments may be ShapeDtypeStructs) on a worker thread, in order."""
-        todo = []
+    def ahead(self, fn: Callable, calls: Sequence[Call], *, workers: int = 1) -> list[concurrent.futures.Future]:
+        """Compile ``fn`` for each call (arguments may be ShapeDtypeStructs) on ``workers`` threads, in order;
+        returns each call's future executable (one already compiled or compiling is not compiled again)."""
+        futures, todo = [], collections.deque()
         for args, statics in calls:
             key = signature(fn, args, statics)
             future, new = self._claim(key)
+            futures.append(future)
             if new:
                 todo.append((key, future, args, statics))
-        if todo:
+        self._workers = [w for w in self._workers if w.is_alive()]
+        for _ in range(min(workers, len(todo))):
             worker = threading.Thread(target=self._compile_all, args=(fn, todo), name="imp-jax-compile-ahead")
             self._workers.append(worker)
             worker.start()
+        return futures
+
+    def ready(self, fn: Callable, args: tuple, statics: dict[str, Hashable]) -> bool:
+        """Whether a call of this signature would run at once: its executable compiled (none pending, none
+        failed)."""
+        with self._lock:
+            future = self._programs.get(signature(fn, args, statics))
+        return future is not None and future.done() and not future.cancelled() and future.exception() is None
 
     def stop(self) -> None:
         """Drop the compiles ahead not yet begun and wait for the one in flight. A load that fails calls this, so
@@ -99,8 +111,12 @@ class CompiledSteps:
             self.compiled.append(key)
             return future, True
 
-    def _compile_all(self, fn: Callable, todo: list) -> None:
-        for key, future, args, statics in todo:
+    def _compile_all(self, fn: Callable, todo: collections.deque) -> None:
+        while True:
+            try:
+                key, future, args, statics = todo.popleft()
+            except IndexError:
+                return
             if self._stopped.is_set():  # forgotten: a later call of this signature compiles it afresh
                 with self._lock:
                     self._programs.pop(key, None)

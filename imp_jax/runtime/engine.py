@@ -30,6 +30,7 @@ import functools
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -44,7 +45,7 @@ from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
 from imp_jax.runtime.compiled_steps import Call
 from imp_jax.runtime.pages import PagePool, chain_hashes, window_pool_pages
-from imp_jax.runtime.steps import MAX_LOGPROBS, engine_step, pow2, table_width
+from imp_jax.runtime.steps import MAX_LOGPROBS, cover_buckets, engine_step, pow2, table_width
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
@@ -65,6 +66,45 @@ class StepOutput:
     text: str = ""
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     cached_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled program of engine_step: its bucket (rows, tokens per row, page-table width) and static flags.
+    A program runs any step whose bucket fits in its own and whose flags it serves: a non-greedy sampler serves
+    greedy rows (temperature 0 takes the argmax), the repeat penalty leaves a row with penalty 1 unchanged,
+    logprobs nobody asked for are dropped, and a chunked prefill attends over pages that hold the chunk too."""
+
+    rows: int
+    tokens: int
+    width: int
+    decode: bool
+    chunked: bool
+    greedy: bool
+    penalty: bool
+    n_logprobs: int
+    n_steps: int
+
+    def covers(self, other: Variant) -> bool:
+        return (
+            self.rows >= other.rows
+            and self.tokens >= other.tokens
+            and self.width >= other.width
+            and self.decode == other.decode
+            and self.n_steps == other.n_steps
+            and (self.chunked or not other.chunked)
+            and (other.greedy or not self.greedy)
+            and (self.penalty or not other.penalty)
+            and self.n_logprobs >= other.n_logprobs
+        )
+
+    @property
+    def cost(self) -> int:
+        return self.rows * self.tokens * self.width * self.n_steps
+
+    def flags(self) -> dict:
+        names = ("decode", "chunked", "greedy", "penalty", "n_logprobs", "n_steps")
+        return {k: getattr(self, k) for k in names}
 
 
 @dataclasses.dataclass
@@ -155,6 +195,12 @@ class Engine:
         self.requests: dict[int, _Request] = {}
         self.pending: list[StepOutput] = []  # outputs decided outside step() (abort, max_tokens=0)
         self.preemptions = 0
+        self.compile_waits = 0  # steps that waited for their program to compile
+        self.covered_steps = 0  # steps run on a covering program while their own compiled (warm_up)
+        self.warm_up_s: float | None = None
+        self._covers: tuple[Variant, ...] = ()  # set by warm_up
+        self._ready: set[Variant] = set()
+        self._background = None  # the on-demand compile in flight (one at a time)
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
@@ -445,12 +491,18 @@ class Engine:
             samp=samp,
         )
 
-    def _step_call(self, params, cache: Cache, x: dict, **flags) -> Call:
+    def _step_call(self, params, cache: Cache, x: dict, v: Variant) -> Call:
         """engine_step's (arguments, static arguments) for params, cache and inputs ``x`` (arrays or shapes)."""
         rows = Rows(x["pages"], x["slot"], x["window_pages"])
         args = (params, cache, x["tokens"], x["pos"], x["valid"], rows, x["samp"], x["recent"], x["seeds"],
                 x["counts"])  # fmt: skip
-        return args, dict(cfg=self.cfg, **flags)
+        return args, dict(cfg=self.cfg, kernels=self.model.kernels, **v.flags())
+
+    def _abstract_call(self, v: Variant, params=None) -> Call:
+        """The call of program ``v`` with shapes for arguments (``params``: the model's when not given)."""
+        shape = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+        params = self.model.params if params is None else params
+        return self._step_call(params, shape(self.cache), shape(self._blank(v.rows, v.tokens, v.width)), v)
 
     def compile_ahead(self, params, prompt_tokens: int = 16) -> None:
         """Start compiling, on a worker thread, the steps the first greedy generation of a prompt of up to
@@ -458,20 +510,71 @@ class Engine:
         multi-step one first, then the single step its last tokens take). ``params`` may be the abstract params
         the planner has, so this runs while the weights are still streaming."""
         n = min(prompt_tokens, self.token_budget, self.max_context)
-        shape = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-        calls = []
         runs = [(False, -(-n // self.page_size), 1)]  # the prompt's chunk, then the decode steps
         runs += [(True, -(-(n + k) // self.page_size), k) for k in sorted({self.decode_steps, 1}, reverse=True)]
+        calls = []
         for is_decode, pages, k in runs:
-            x = shape(self._blank(*self._bucket(1, n, pages, is_decode)))
-            flags = dict(decode=is_decode, chunked=is_decode, greedy=True, penalty=False, n_logprobs=0, n_steps=k)
-            flags["kernels"] = self.model.kernels
-            calls.append(self._step_call(params, shape(self.cache), x, **flags))
+            b, t, n_pg = self._bucket(1, n, pages, is_decode)
+            v = Variant(b, t, n_pg, is_decode, chunked=is_decode, greedy=True, penalty=False, n_logprobs=0, n_steps=k)
+            calls.append(self._abstract_call(v, params))
         self.model.programs.ahead(engine_step, calls)
+
+    def cover_variants(self) -> tuple[Variant, ...]:
+        """The programs that together run every step this engine can schedule (``steps.cover_buckets``), each
+        over a full context's page table with the flags that serve every request (``Variant.covers``)."""
+        width = table_width(self.pages_per_seq, self.page_size, self.pages_per_seq)
+        most = dict(chunked=True, greedy=False, penalty=True, n_logprobs=MAX_LOGPROBS)
+        buckets = cover_buckets(self.max_seqs, self.token_budget, self.max_context, self.decode_steps)
+        return tuple(Variant(r, t, width, decode, n_steps=k, **most) for r, t, decode, k in buckets)
+
+    def warm_up(self, workers: int = 4) -> None:
+        """Compile (on ``workers`` threads) and wait for ``cover_variants``. From then on no step waits for a
+        compile: a step whose own program is not compiled yet runs padded to the cheapest compiled program that
+        covers it (a multi-step decode falls back to one step), while its own compiles on a worker thread, one
+        at a time, for the next steps of that shape. A server calls this before it takes requests."""
+        t0 = time.perf_counter()
+        covers = self.cover_variants()
+        futures = self.model.programs.ahead(engine_step, [self._abstract_call(v) for v in covers], workers=workers)
+        for future in futures:
+            future.result()
+        self.warm_up_s = time.perf_counter() - t0
+        with self._lock:
+            self._ready.update(covers)
+            self._covers = covers
+
+    def _is_ready(self, v: Variant) -> bool:
+        if v not in self._ready and self.model.programs.ready(engine_step, *self._abstract_call(v)):
+            self._ready.add(v)
+        return v in self._ready
+
+    def _program(self, exact: Variant) -> Variant:
+        """The program a step of bucket and flags ``exact`` runs (see warm_up)."""
+        if not self._covers or self._is_ready(exact):
+            return exact
+        if self._background is None or self._background.done():
+            self._background = self.model.programs.ahead(engine_step, [self._abstract_call(exact)])[0]
+        for k in dict.fromkeys((exact.n_steps, 1)):
+            want = dataclasses.replace(exact, n_steps=k)
+            fits = [c for c in self._covers if c.covers(want) and self._is_ready(c)]
+            if fits:
+                self.covered_steps += 1
+                return min(fits, key=lambda c: c.cost)
+        return exact
 
     def _run(self, batch: list[tuple[_Request, int]], is_decode: bool, n_steps: int = 1) -> list[StepOutput]:
         b, t, n_pg = self._bucket(len(batch), max(n for _, n in batch), max(len(r.pages) for r, _ in batch), is_decode)
-        x = self._blank(b, t, n_pg)
+        v = self._program(
+            Variant(
+                b, t, n_pg, is_decode,
+                chunked=is_decode or any(req.n_cached > 0 for req, _ in batch),
+                greedy=all(req.params.greedy for req, _ in batch),
+                penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
+                n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
+                n_steps=n_steps,
+            )
+        )  # fmt: skip
+        t, n_steps = v.tokens, v.n_steps
+        x = self._blank(v.rows, t, v.width)
         for i, (req, n) in enumerate(batch):
             start = req.n_cached
             x["tokens"][i, :n] = req.tokens[start : start + n]
@@ -485,18 +588,10 @@ class Engine:
             x["seeds"][i], x["counts"][i] = req.seed, req.n_generated
             for f in SAMPLING_FIELDS:
                 x["samp"][f][i] = getattr(req.params, f)
-        args, statics = self._step_call(
-            self.model.params,
-            self.cache,
-            jax.device_put(x),  # jnp.asarray would compile a program per input shape
-            decode=is_decode,
-            chunked=is_decode or any(req.n_cached > 0 for req, _ in batch),
-            greedy=all(req.params.greedy for req, _ in batch),
-            penalty=any(req.params.repeat_penalty != 1.0 for req, _ in batch),
-            n_logprobs=MAX_LOGPROBS if any(req.n_logprobs for req, _ in batch) else 0,
-            kernels=self.model.kernels,
-            n_steps=n_steps,
-        )
+        if not self._is_ready(v):
+            self.compile_waits += 1
+        # jax.device_put: jnp.asarray would compile a program per input shape
+        args, statics = self._step_call(self.model.params, self.cache, jax.device_put(x), v)
         out, self.cache = self.model.programs.call(engine_step, args, statics)
         out = jax.device_get(out)
         results = []
@@ -508,7 +603,7 @@ class Engine:
                 self._trim_window(req)
                 if req.n_cached < len(req.tokens):
                     break  # a prompt chunk that does not reach its end samples nothing
-                produced.append(self._accept(req, {k: v[j] for k, v in out.items()}, i))
+                produced.append(self._accept(req, {k: a[j] for k, a in out.items()}, i))
                 if produced[-1].finished:
                     break  # what the device sampled after the row's end is dropped
             if produced:

@@ -47,6 +47,21 @@ def table_width(n_pages: int, page_size: int, pages_per_seq: int) -> int:
     return min(pow2(n_pages, -(-MIN_READ_TOKENS // page_size)), pow2(pages_per_seq))
 
 
+def cover_buckets(max_seqs: int, token_budget: int, max_context: int, decode_steps: int) -> list[tuple]:
+    """(rows, tokens per row, decode, steps per dispatch) of the engine_step programs that together run every step
+    the serving engine can schedule (runtime.engine.Engine.cover_variants): a decode of every slot, one step and
+    ``decode_steps`` per dispatch, and for each power-of-two row count of a prefill the longest chunk the token
+    budget lets those rows take (the engine keeps a padded prefill within pow2(token_budget) tokens)."""
+    rows = pow2(max_seqs)
+    out = [(rows, 1, True, k) for k in sorted({decode_steps, 1})]
+    total, longest = pow2(token_budget, MIN_BUCKET), pow2(min(token_budget, max_context), MIN_BUCKET)
+    r = 1
+    while r <= rows and total // r >= MIN_BUCKET:
+        out.append((r, min(total // r, longest), False, 1))
+        r *= 2
+    return out
+
+
 def bucket(n: int, limit: int) -> int:
     """The padded length for a prompt of n tokens: the next power of two (at least MIN_BUCKET), capped."""
     b = MIN_BUCKET

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from imp_jax.errors import ImpError
+from imp_jax.model import replace_engine
 from imp_jax.runtime.engine import Engine, StepOutput
 from imp_jax.serving import errors, schemas
 from imp_jax.serving.driver import EngineDriver, Failed
@@ -34,13 +35,18 @@ DISCONNECT_POLL_S = 0.5
 class ServerSettings:
     """model_name: the id clients give as ``model``; api_key: None serves anyone; max_queue: requests that may
     wait beyond the engine's running batch before new ones get 429; max_seqs: the engine's running batch;
-    token_budget: tokens one engine step may feed (prompt chunks beside the decode rows)."""
+    token_budget: tokens one engine step may feed (prompt chunks beside the decode rows); memory_utilization: the
+    fraction of the device budget the engine's pool may fill beside the weights and its compiled workspace (None:
+    the batch x max_context load() planned); warm_up: compile the programs that cover every step before serving
+    (``Engine.warm_up``), so no request waits for a compile."""
 
     model_name: str
     api_key: str | None = None
     max_queue: int = 256
     max_seqs: int | None = None
     token_budget: int = 2048
+    memory_utilization: float | None = None
+    warm_up: bool = False
 
 
 @dataclasses.dataclass
@@ -54,7 +60,10 @@ class _State:
 
 def create_app(model, settings: ServerSettings) -> FastAPI:
     """The app; its engine thread starts with the app (lifespan) and stops with it."""
-    engine = Engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget)
+    engine = replace_engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget,
+                            memory_utilization=settings.memory_utilization)  # fmt: skip
+    if settings.warm_up:
+        engine.warm_up()
     metrics = Metrics(engine.n_pages, engine.n_window_pages)
     state = _State(model, settings, engine, EngineDriver(engine, metrics), metrics)
 

@@ -169,7 +169,9 @@ want decode && { echo "=== decode"; grep -h "engine\|copy bandwidth" "$R/decode.
 want serving && { echo "=== serving"; tail -14 "$R/serving.log"; }
 want serveprof && { echo "=== serving profile"; grep -v "^INFO\|^W" "$R/serveprof.log" | tail -60; }
 want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
-want serve && { echo "=== serve"; grep -h "^|\|^##" "$R/serve_imp.log" "$R/serve_llama.log" | head -24; tail -3 "$R/serve/imp-jax-serve.log"; }
+want serve && { echo "=== serve"; grep -h "^|\|^##" "$R/serve_imp.log" "$R/serve_llama.log" | head -24
+    grep -h "compiled the\|KV pages\|workspace\|sequences that fit\|available\|Error\|error" "$R/serve/imp-jax-serve.log" | head -12
+    cat "$R/serve/imp-jax-metrics.txt"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
 want kernels_ab && for t in before mid after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log" | cut -c1-230; done

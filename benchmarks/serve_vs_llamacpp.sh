@@ -26,6 +26,7 @@ python -m imp_jax.cli serve --model "$GGUF" --port 8000 --model-name bench --max
 PID=$!
 wait_health 8000 $PID "$OUT/imp-jax-serve.log"
 python benchmarks/serve.py --url http://127.0.0.1:8000/v1 --label imp-jax --json "$OUT/serve-imp-jax.json" "$@"
+curl -s http://127.0.0.1:8000/metrics | grep -E "^imp_jax_(steps|kv_pages_total)" >"$OUT/imp-jax-metrics.txt" || true
 kill $PID && wait $PID || true
 fi
 

@@ -97,8 +97,7 @@ class EngineDriver:
                 now = time.perf_counter()
                 for out in outputs:
                     self._deliver(out, now)
-            e = self.engine
-            self.metrics.engine_state(len(e.waiting), len(e.running), e.pages_in_use(), e.window_pages_in_use())
+            self.metrics.engine_state(self.engine)
 
     def _take_commands(self, *, block: bool) -> None:
         try:

@@ -35,12 +35,21 @@ class Metrics:
         )
         self.tokens_in = Counter("imp_jax_prompt_tokens", "prompt tokens received", registry=r)
         self.tokens_out = Counter("imp_jax_generation_tokens", "tokens generated", registry=r)
+        # runtime.engine.Engine.warm_up: after it, steps whose program is still compiling run on a covering one
+        self.compile_waits = Gauge("imp_jax_steps_waiting_for_compile", "engine steps that waited for a compile",
+                                   registry=r)  # fmt: skip
+        self.covered_steps = Gauge("imp_jax_steps_on_covering_program",
+                                   "engine steps run padded to a covering program while theirs compiled",
+                                   registry=r)  # fmt: skip
 
-    def engine_state(self, waiting: int, running: int, pages_used: int, window_pages_used: int = 0) -> None:
-        self.waiting.set(waiting)
-        self.running.set(running)
-        self.pages_used.set(pages_used)
-        self.window_pages_used.set(window_pages_used)
+    def engine_state(self, engine) -> None:
+        """The engine's queue, batch, pages and compile counters (runtime.engine.Engine)."""
+        self.waiting.set(len(engine.waiting))
+        self.running.set(len(engine.running))
+        self.pages_used.set(engine.pages_in_use())
+        self.window_pages_used.set(engine.window_pages_in_use())
+        self.compile_waits.set(engine.compile_waits)
+        self.covered_steps.set(engine.covered_steps)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,8 @@
 # every thread's stack dumped every 10 s into load_stacks.txt: where a slow load is, even if cut off) and serving
 # (benchmarks/serving.py, synthetic Qwen3-8B and Qwen3-30B-A3B MXFP4 at 1, 4, 16 and 64 sequences) and serveprof (the same at 16 and 64,
 # each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
-# benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and cmdbuf
+# benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and serveimp (imp-jax serve alone
+# again, on the compile cache the first process filled) and cmdbuf
 # (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and wall
 # (benchmarks/load.py's whole `imp-jax generate` beside llama-completion on the Q4_K_M file; builds llama.cpp too) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
@@ -99,7 +100,7 @@ want serving && step serving 400 python3 benchmarks/serving.py --models qwen3-8b
     --concurrency 1,4,16,64 --decode-steps 8 --json "$R/serving.json"
 want serveprof && step serveprof 300 python3 benchmarks/serving.py --models qwen3-8b:mxfp4 --concurrency 16,64 \
     --decode-steps 8 --profile 16,64 --json "$R/serveprof.json"
-if want serve || want wall; then  # both need the llama.cpp build (carry .llama: its tree, the wheels, the tokenizer)
+if want serve || want serveimp || want wall; then  # both need the llama.cpp build (carry .llama: its tree, the wheels, the tokenizer)
     [[ -f /tmp/g/q4_k_m.gguf ]] || step write_q4_k_m 60 python3 benchmarks/random_gguf.py write --shape qwen3-8b \
         --quant q4_k_m --tokenizer .llama/qwen2.5-tokenizer.gguf --out /tmp/g/q4_k_m.gguf
     [[ -f /tmp/llama-build.rc ]] || pgrep -f "ninja -C /tmp/llama-build" >/dev/null || bash benchmarks/device_llamacpp.sh start
@@ -108,6 +109,9 @@ SERVE_ARGS=(--concurrency 1,16,64 --requests 64 --time-limit 40)
 # imp-jax serve (while llama.cpp builds), then llama-server, on the Q4_K_M file
 want serve && ONLY=imp-jax step serve_imp 300 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf \
     /tmp/llama-build/bin/llama-server "$R/serve" "${SERVE_ARGS[@]}"
+# serveimp: imp-jax's half alone, again (a second process: the compile cache the first filled)
+want serveimp && ONLY=imp-jax step serve_imp2 300 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf \
+    /tmp/llama-build/bin/llama-server "$R/serve2" "${SERVE_ARGS[@]}"
 want serve || want wall && step llama_build 450 bash benchmarks/device_llamacpp.sh wait 440
 want serve && ONLY=llama-server step serve_llama 150 bash benchmarks/serve_vs_llamacpp.sh /tmp/g/q4_k_m.gguf \
     /tmp/llama-build/bin/llama-server "$R/serve" "${SERVE_ARGS[@]}"
@@ -134,7 +138,7 @@ want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwe
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want q4file || want ncu || want gpue2e || want vsprep || want vs || want load || want quickload || want serving || want serveprof || want serve || want wall || want cmdbuf || want probe \
+want q4file || want ncu || want gpue2e || want vsprep || want vs || want load || want quickload || want serving || want serveprof || want serve || want serveimp || want wall || want cmdbuf || want probe \
     || want decode || want tp || want kgpu || want kernels_ab || want e2e_ab && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
@@ -172,6 +176,8 @@ want cmdbuf && { echo "=== command buffers"; grep "^|" "$R/cmdbuf.log"; }
 want serve && { echo "=== serve"; grep -h "^|\|^##" "$R/serve_imp.log" "$R/serve_llama.log" | head -24
     grep -h "compiled the\|KV pages\|workspace\|sequences that fit\|available\|Error\|error" "$R/serve/imp-jax-serve.log" | head -12
     cat "$R/serve/imp-jax-metrics.txt"; }
+want serveimp && { echo "=== serve, imp-jax again"; grep -h "^|\|^##" "$R/serve_imp2.log" | head -12
+    grep -h "compiled the\|Error\|error" "$R/serve2/imp-jax-serve.log" | head -6; cat "$R/serve2/imp-jax-metrics.txt"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
 want kernels_ab && for t in before mid after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log" | cut -c1-230; done

@@ -15,7 +15,8 @@
 # (benchmarks/serving.py, synthetic Qwen3-8B and Qwen3-30B-A3B MXFP4 at 1, 4, 16 and 64 sequences) and serveprof (the same at 16 and 64,
 # each decode window also profiled) and serve (imp-jax serve then llama-server on the Q4_K_M file, measured by
 # benchmarks/serve.py: carry .llama, with server-wheels from scripts/llamacpp_tree.py) and serveimp (imp-jax serve alone
-# again, on the compile cache the first process filled) and cmdbuf
+# again, on the compile cache the first process filled) and stepmem (benchmarks/step_memory.py: engine_step's XLA
+# memory at two pool sizes, kernels and reference) and cmdbuf
 # (benchmarks/command_buffers.py: the MXFP4 decode step and an 8-step loop under XLA's command-buffer settings) and wall
 # (benchmarks/load.py's whole `imp-jax generate` beside llama-completion on the Q4_K_M file; builds llama.cpp too) and probe
 # (benchmarks/compile_probe.py: the Q4_K_M decode step's kernel compiles, with and without stable names) and tp
@@ -131,6 +132,8 @@ for tree in after:. before:.baseline; do
     want e2e_ab && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 benchmarks/e2e.py \
         --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
 done
+want stepmem && step stepmem 200 python3 benchmarks/step_memory.py --shape qwen3-8b --quant mxfp4 --pages 1024,8192 \
+    --dump "$R/hlo"
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py
 want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwen3-8b --quant mxfp4 \
@@ -138,7 +141,7 @@ want cmdbuf && step cmdbuf 240 python3 benchmarks/command_buffers.py --shape qwe
 want probe && step probe_q4_k_m_repeat 150 python3 benchmarks/compile_probe.py --quant q4_k_m --repeat-names \
     --json "$R/probe.json"
 want probe && step probe_q4_k_m 120 python3 benchmarks/compile_probe.py --quant q4_k_m --json "$R/probe.json"
-want q4file || want ncu || want gpue2e || want vsprep || want vs || want load || want quickload || want serving || want serveprof || want serve || want serveimp || want wall || want cmdbuf || want probe \
+want q4file || want stepmem || want ncu || want gpue2e || want vsprep || want vs || want load || want quickload || want serving || want serveprof || want serve || want serveimp || want wall || want cmdbuf || want probe \
     || want decode || want tp || want kgpu || want kernels_ab || want e2e_ab && pack
 want gptoss && step e2e_gptoss 150 python3 benchmarks/e2e.py --shapes gpt-oss-20b --quants mxfp4 --pp 512 --batches 1,8 \
     --out "$R/e2e_gptoss.json"
@@ -178,6 +181,7 @@ want serve && { echo "=== serve"; grep -h "^|\|^##" "$R/serve_imp.log" "$R/serve
     cat "$R/serve/imp-jax-metrics.txt"; }
 want serveimp && { echo "=== serve, imp-jax again"; grep -h "^|\|^##" "$R/serve_imp2.log" | head -12
     grep -h "compiled the\|Error\|error" "$R/serve2/imp-jax-serve.log" | head -6; cat "$R/serve2/imp-jax-metrics.txt"; }
+want stepmem && { echo "=== step memory"; grep -h "^|\|Error" "$R/stepmem.log"; tail -3 "$R/stepmem.log"; }
 want tp && { echo "=== sharded"; tail -5 "$R/gpu_sharded.log"; }
 want kgpu && { echo "=== kernel gpu tests"; tail -8 "$R/kernel_gpu_tests.log"; }
 want kernels_ab && for t in before mid after; do echo "=== kernels $t"; grep -h "matmul\|FAILED\|HBM" "$R/kernels_$t.log" | cut -c1-230; done

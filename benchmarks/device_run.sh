@@ -132,7 +132,7 @@ for tree in after:. before:.baseline; do
     want e2e_ab && PYTHONPATH=/tmp/site:${tree#*:} step "e2e_${tree%%:*}" 170 python3 benchmarks/e2e.py \
         --shapes qwen3-8b --quants q4_k_m,q5_k_m --pp 512 --batches 1 --out "$R/e2e_${tree%%:*}.json"
 done
-want stepmem && step stepmem 200 python3 benchmarks/step_memory.py --shape qwen3-8b --quant mxfp4 --pages 1024,8192 \
+want stepmem && step stepmem 200 python3 benchmarks/step_memory.py --shape qwen3-8b --quant mxfp4 --pages 8192 \
     --dump "$R/hlo"
 want tp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step gpu_sharded 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu_sharded.py

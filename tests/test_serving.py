@@ -223,6 +223,36 @@ def test_warmed_up_engine_never_waits_for_a_compile_and_gives_the_same_tokens(ar
             np.testing.assert_allclose([c for c, _ in lp_w], [c for c, _ in lp_e], atol=1e-4)
 
 
+def test_warm_up_shrinks_a_pool_whose_compiled_steps_outgrow_the_plan(monkeypatch):
+    """The pool plan measures engine_step on a small probe pool. Where the programs compiled for the real pool
+    need more (XLA keeping a copy of the pages: here a workspace inflated by the cache's size), warm_up shrinks
+    the pool until pages and workspace fit the plan's room, instead of running out of memory mid-step; the
+    requests still get their tokens."""
+    import imp_jax.runtime.engine as engine_mod
+    from imp_jax.planning.memory import StepMemory, step_memory
+
+    model = imp_jax.load(FIXTURES / "llama" / "model-f32.gguf", dtype="float32", max_context=64)
+    probe = plan_pool(model.plan, page_size=8, max_seqs=4, token_budget=32, utilization=1.0)
+    fixed = probe.weights_bytes + probe.slot_bytes + probe.workspace_bytes + probe.budget.headroom_bytes
+    budget = dataclasses.replace(probe.budget, available_bytes=fixed + 24 * probe.page_bytes, source="test")
+    model.plan = dataclasses.replace(model.plan, budget=budget)
+
+    def copies_the_pages(name, compiled, persistent):  # as if each step held one more copy of the whole pool
+        real = step_memory(name, compiled, persistent)
+        return StepMemory(real.name, real.temp_bytes + persistent - probe.weights_bytes, real.io_bytes)
+
+    monkeypatch.setattr(engine_mod, "step_memory", copies_the_pages)
+    engine = Engine(model, page_size=8, max_seqs=4, token_budget=32, memory_utilization=1.0)
+    assert engine.n_pages == 24
+    engine.warm_up()
+    assert engine.shrunk_from == 24 and 9 <= engine.n_pages <= 12  # pages + their copy fit 24 pages' room
+    assert engine.cache.k.shape[1] == engine.n_pages == engine.pool.n_pages == engine.pool_plan.n_pages
+    prompts = _prompts(model.config.vocab_size, lengths=(5, 20))
+    got = _drive(engine, {0: [dict(prompt=p, max_tokens=6) for p in prompts]})
+    assert engine.compile_waits == 0
+    assert [ids for ids, *_ in got.values()] == [_alone(_model("llama"), p, max_tokens=6)[0] for p in prompts]
+
+
 def test_thousand_requests_leave_no_pages_behind():
     model = _model("llama")
     engine = Engine(model, page_size=8, n_pages=32, max_seqs=32, token_budget=256)

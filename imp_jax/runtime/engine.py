@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax import user_input
-from imp_jax.errors import ImpError, RequestTooLarge
+from imp_jax.errors import ImpError, ModelTooLarge, RequestTooLarge, gib
 from imp_jax.models.config import ModelConfig
+from imp_jax.planning.memory import step_memory
 from imp_jax.planning.pool import PoolPlan, plan_pool
 from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
@@ -49,6 +50,8 @@ from imp_jax.runtime.steps import MAX_LOGPROBS, cover_buckets, engine_step, pow2
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
+MAX_SHRINKS = 3  # warm_up's pool shrinks at most this often before it serves on what fits
+GROWTH_SLACK = 0.01  # the pool and a compiled step's workspace may exceed the plan's room by this share of it
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
@@ -97,6 +100,10 @@ class Variant:
             and (self.penalty or not other.penalty)
             and self.n_logprobs >= other.n_logprobs
         )
+
+    @property
+    def label(self) -> str:
+        return f"{'decode' if self.decode else 'prefill'} [{self.rows} x {self.tokens}] x{self.n_steps}"
 
     @property
     def cost(self) -> int:
@@ -184,11 +191,10 @@ class Engine:
             n_window = self.pool_plan.n_window_pages
         else:
             n_window = min(n_pages, window_pool_pages(self.window, page_size, self.max_seqs, token_budget))
-        reuse = prefix_caching and self.cfg.n_recurrent_layers == 0
-        self.pool = PagePool(self.n_pages, prefix_caching=reuse)
-        self.window_pool = PagePool(n_window, prefix_caching=reuse) if self.window else None
-        self.cache = init_paged_cache(self.cfg, self.n_pages, page_size, self.max_seqs, jnp.dtype(model.dtype),
-                                      n_window if self.window else 0)  # fmt: skip
+        self._reuse = prefix_caching and self.cfg.n_recurrent_layers == 0
+        self._allocate(n_pages, n_window)
+        self.shrunk_from: int | None = None  # the pool's planned pages, when warm_up had to shrink it
+        self._probe_workspace: int | None = None
         self.free_slots = list(range(self.max_seqs))
         self.waiting: list[_Request] = []  # in arrival order (preempted requests go back in theirs)
         self.running: list[_Request] = []
@@ -204,6 +210,15 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
+
+    def _allocate(self, n_pages: int, n_window: int) -> None:
+        """The page pools and the paged cache: n_pages pages of the full group, n_window of the window group."""
+        self.n_pages = n_pages
+        self.pool = PagePool(n_pages, prefix_caching=self._reuse)
+        self.window_pool = PagePool(n_window, prefix_caching=self._reuse) if self.window else None
+        self.cache = None  # the old pages are freed before the new ones are allocated
+        self.cache = init_paged_cache(self.cfg, n_pages, self.page_size, self.max_seqs, jnp.dtype(self.model.dtype),
+                                      n_window if self.window else 0)  # fmt: skip
 
     # ---- requests
 
@@ -528,19 +543,61 @@ class Engine:
         return tuple(Variant(r, t, width, decode, n_steps=k, **most) for r, t, decode, k in buckets)
 
     def warm_up(self, workers: int = 4) -> None:
-        """Compile (on ``workers`` threads) and wait for ``cover_variants``. From then on no step waits for a
-        compile: a step whose own program is not compiled yet runs padded to the cheapest compiled program that
-        covers it (a multi-step decode falls back to one step), while its own compiles on a worker thread, one
-        at a time, for the next steps of that shape. A server calls this before it takes requests."""
+        """Compile (on ``workers`` threads) and wait for ``cover_variants``, shrinking the pool first where the
+        compiled programs need more memory than the plan measured (``_shrink_to_fit``). From then on no step
+        waits for a compile: a step whose own program is not compiled yet runs padded to the cheapest compiled
+        program that covers it (a multi-step decode falls back to one step), while its own compiles on a worker
+        thread, one at a time, for the next steps of that shape. A server calls this before it takes requests."""
         t0 = time.perf_counter()
         covers = self.cover_variants()
-        futures = self.model.programs.ahead(engine_step, [self._abstract_call(v) for v in covers], workers=workers)
-        for future in futures:
-            future.result()
+        for attempt in range(MAX_SHRINKS + 1):
+            calls = [self._abstract_call(v) for v in covers]
+            compiled = [f.result() for f in self.model.programs.ahead(engine_step, calls, workers=workers)]
+            if attempt == MAX_SHRINKS or not self._shrink_to_fit(covers, compiled):
+                break
         self.warm_up_s = time.perf_counter() - t0
         with self._lock:
             self._ready.update(covers)
             self._covers = covers
+
+    def _shrink_to_fit(self, covers: tuple[Variant, ...], compiled: list) -> bool:
+        """Check the pool plan against XLA's accounting of the programs compiled for the real pool. The plan
+        measured them on a small probe pool, assuming the pool's size does not change a step's workspace (the
+        cache is donated and updated in place); where XLA keeps a copy of pages after all, the workspace grows
+        with the pool and the planned pool would run out of memory mid-step. Then the pool shrinks so that pages
+        and the grown workspace fit what the plan gave both (the growth taken as proportional to the pool), and
+        True says the covers must be compiled again for it. Raises ModelTooLarge when not one page fits."""
+        plan = self.pool_plan
+        if plan is None:
+            return False
+        persistent = plan.weights_bytes + sum(a.nbytes for a in jax.tree.leaves(self.cache))
+        measured = tuple(step_memory(f"engine_step {v.label} at {self.n_pages} pages", c, persistent)
+                         for v, c in zip(covers, compiled, strict=True))  # fmt: skip
+        workspace = max(s.workspace_bytes for s in measured)
+        # what the pool and a step's workspace may take together: the budget's share less weights, slots, headroom
+        room = plan.budget.available_bytes * (plan.utilization or 1.0) - plan.needed_bytes
+        room += plan.pool_bytes + plan.workspace_bytes
+        if plan.pool_bytes + workspace <= room * (1 + GROWTH_SLACK):
+            return False
+        base = self._probe_workspace = self._probe_workspace or plan.workspace_bytes  # as the plan measured it
+        growth = max(workspace - base, 1)
+        scale = min((room - base) / (plan.pool_bytes + growth), 1.0)
+        n_pages = int(self.n_pages * scale)
+        if n_pages < 1:
+            raise ModelTooLarge(
+                f"{plan.label}: engine_step's compiled workspace grows with the page pool ({gib(growth)} more at "
+                f"{self.n_pages} pages than planned) and leaves no room for a page; lower max_seqs or "
+                f"token_budget, or give the engine more memory",
+                needed=plan.needed_bytes + growth,
+                available=plan.budget.available_bytes,
+            )
+        if self.shrunk_from is None:
+            self.shrunk_from = self.n_pages
+        n_window = min(int(plan.n_window_pages * scale), n_pages) if self.window else 0
+        self.pool_plan = dataclasses.replace(plan, n_pages=n_pages, n_window_pages=n_window, steps=measured)
+        self._ready.clear()
+        self._allocate(n_pages, n_window)
+        return True
 
     def _is_ready(self, v: Variant) -> bool:
         if v not in self._ready and self.model.programs.ready(engine_step, *self._abstract_call(v)):

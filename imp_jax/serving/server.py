@@ -15,6 +15,9 @@ def serve(model, settings: ServerSettings, *, host: str, port: int, log_level: s
     engine = app.state.imp.engine
     if engine.pool_plan is not None:
         say(engine.pool_plan.report())
+    if engine.shrunk_from is not None:
+        say(f"the page pool shrank from {engine.shrunk_from} to {engine.n_pages} pages: the step programs compiled "
+            f"for it needed more memory than the plan measured on a small pool")  # fmt: skip
     if engine.warm_up_s is not None:
         say(f"compiled the {len(engine.cover_variants())} step programs that cover every request in "
             f"{engine.warm_up_s:.1f} s")  # fmt: skip

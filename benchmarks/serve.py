@@ -45,6 +45,8 @@ async def one_request(client: httpx.AsyncClient, args, i: int, max_tokens: int) 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])
+            if data.get("error"):  # a stream that began with 200 and then failed (the engine's error event)
+                return {"ok": False, "status": data["error"].get("message", "error")}
             if data.get("usage"):
                 usage_tokens = data["usage"].get("completion_tokens")
             if any(c.get("text") for c in data.get("choices", [])):

@@ -227,18 +227,14 @@ def engine_for(model: Model):
     return model._engine
 
 
-def replace_engine(model: Model, **options):
-    """Give the model a new engine made with ``options`` (Engine's: a server's slots, token budget, pool size)
-    and return it. The engine load() made is dropped first, so its pages are freed before the new pool is
-    allocated; generate() on the model runs on the new one."""
+def release_engine(model: Model) -> None:
+    """Free the pages of the engine generate() runs on (load() makes one), so a server's own engine can take the
+    memory: a server drives its engine from its own thread, which generate() must not step beside it. A later
+    generate() on the model makes a new one."""
     import gc
-
-    from imp_jax.runtime.engine import Engine
 
     model._engine = None
     gc.collect()
-    model._engine = Engine(model, **options)
-    return model._engine
 
 
 def generate(

@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from imp_jax.errors import ImpError
-from imp_jax.model import replace_engine
+from imp_jax.model import release_engine
 from imp_jax.runtime.engine import Engine, StepOutput
 from imp_jax.serving import errors, schemas
 from imp_jax.serving.driver import EngineDriver, Failed
@@ -60,8 +60,9 @@ class _State:
 
 def create_app(model, settings: ServerSettings) -> FastAPI:
     """The app; its engine thread starts with the app (lifespan) and stops with it."""
-    engine = replace_engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget,
-                            memory_utilization=settings.memory_utilization)  # fmt: skip
+    release_engine(model)  # load()'s engine: its pages go before the server's pool is allocated
+    engine = Engine(model, max_seqs=settings.max_seqs, token_budget=settings.token_budget,
+                    memory_utilization=settings.memory_utilization)  # fmt: skip
     if settings.warm_up:
         engine.warm_up()
     metrics = Metrics(engine.n_pages, engine.n_window_pages)

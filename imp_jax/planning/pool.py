@@ -173,7 +173,9 @@ def _engine_workspace(
     cfg, dtype = plan.config, jnp.dtype(plan.dtype)
     params = abstract_params(plan.specs, plan.kernels)
     n_pg = steps.table_width(pages_per_seq, page_size, pages_per_seq)
-    probe = Cache(**paged_shapes(cfg, n_pg, page_size, max_seqs, dtype))  # the pool's size does not change temp
+    # A probe pool of one table's pages: XLA:CPU's temp does not grow with the pool (the cache is donated); on an
+    # H100 it did, which Engine.warm_up checks on the programs compiled for the real pool.
+    probe = Cache(**paged_shapes(cfg, n_pg, page_size, max_seqs, dtype))
     persistent = plan.weights_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(probe))
     buckets = steps.cover_buckets(max_seqs, token_budget, plan.max_context, decode_steps)
     prefill = [b for b in buckets if not b[2]]
@@ -181,9 +183,8 @@ def _engine_workspace(
     for rows, t, decode, k in (max(b for b in buckets if b[2]), *dict.fromkeys((prefill[0], prefill[-1]))):
         args = steps.engine_step_args(cfg, probe, rows, t, n_pg)
         compiled = steps.engine_step.lower(
-            params, **args, decode=decode, chunked=True, greedy=False, penalty=True, n_logprobs=steps.MAX_LOGPROBS,
-            kernels=plan.kernels, n_steps=k,
-        ).compile()  # fmt: skip
+            params, **args, decode=decode, kernels=plan.kernels, n_steps=k, **dict(steps.COVER_FLAGS)
+        ).compile()
         out.append(step_memory(f"engine_step {'decode' if decode else 'prefill'} [{rows} x {t}]", compiled, persistent))
     return tuple(out)
 

@@ -46,7 +46,7 @@ from imp_jax.runtime import sampling
 from imp_jax.runtime.cache import Cache, Rows, init_paged_cache
 from imp_jax.runtime.compiled_steps import Call
 from imp_jax.runtime.pages import PagePool, chain_hashes, window_pool_pages
-from imp_jax.runtime.steps import MAX_LOGPROBS, cover_buckets, engine_step, pow2, table_width
+from imp_jax.runtime.steps import COVER_FLAGS, MAX_LOGPROBS, cover_buckets, engine_step, pow2, table_width
 from imp_jax.text.detok import StopDetokenizer
 
 PAGE_SIZE = 16
@@ -538,9 +538,8 @@ class Engine:
         """The programs that together run every step this engine can schedule (``steps.cover_buckets``), each
         over a full context's page table with the flags that serve every request (``Variant.covers``)."""
         width = table_width(self.pages_per_seq, self.page_size, self.pages_per_seq)
-        most = dict(chunked=True, greedy=False, penalty=True, n_logprobs=MAX_LOGPROBS)
         buckets = cover_buckets(self.max_seqs, self.token_budget, self.max_context, self.decode_steps)
-        return tuple(Variant(r, t, width, decode, n_steps=k, **most) for r, t, decode, k in buckets)
+        return tuple(Variant(r, t, width, decode, n_steps=k, **dict(COVER_FLAGS)) for r, t, decode, k in buckets)
 
     def warm_up(self, workers: int = 4) -> None:
         """Compile (on ``workers`` threads) and wait for ``cover_variants``, shrinking the pool first where the

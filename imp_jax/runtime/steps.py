@@ -31,6 +31,9 @@ MIN_BUCKET = 16
 
 MIN_READ_TOKENS = 256  # the narrowest page-table bucket: below it a wider gather costs less than a recompile
 MAX_LOGPROBS = 20  # top-N logprobs engine_step computes when any row asks (static: one compiled variant)
+# engine_step's static flags that serve every request (a cover program's, runtime.engine.Variant.covers): a chunked
+# prefill, the non-greedy sampler, the repeat penalty and logprobs.
+COVER_FLAGS = (("chunked", True), ("greedy", False), ("penalty", True), ("n_logprobs", MAX_LOGPROBS))
 
 
 def pow2(n: int, least: int = 1) -> int:
